@@ -1,0 +1,645 @@
+"""Tests of records/package.py: log parsing, rule checks, Welch t-test, packaging, compact code.
+
+Hand-made logs follow docs/LOG_FORMAT.md; the `real_runs` fixture trains 3 seeds of a tiny config with the
+repo's train_gpt.py on the offline smoke dataset (plus one run of its compact copy) and the tests re-check
+everything on those real logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_GPT = REPO / "train_gpt.py"
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pk = _load("records_package", REPO / "records" / "package.py")
+
+RECORD_NATS = [1.88976776, 1.89110239, 1.88919190]
+RECORD_BPB = [1.11922988, 1.12002032, 1.11888882]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hand-made logs (docs/LOG_FORMAT.md)
+# ----------------------------------------------------------------------------------------------------------
+
+def make_log(seed=1337, *, sha="ab" * 32, code_bytes=90000, model_bytes=15_887_928, iterations=9000,
+             steps=7179, step_avg=83.59, train_ms=None, stop_early=True, eval_total_ms=495_100,
+             ttt=True, sliding=True, val_loss=1.88976776, val_bpb=1.11922988, extra_config=None):
+    train_ms = round(steps * step_avg) if train_ms is None else train_ms
+    total = model_bytes + code_bytes
+    cfg = {"DATA_PATH": "/data/datasets/fineweb10B_sp1024", "NUM_LAYERS": "11", "MODEL_DIM": "512",
+           "SEED": str(seed), "RUN_ID": f"seed{seed}", "TTT_ENABLED": "1" if ttt else "0"}
+    cfg.update(extra_config or {})
+    L = [f"logs/seed{seed}.txt", f"code_sha256:{sha} code_bytes:{code_bytes}",
+         "versions python:3.12.3 torch:2.9.1+cu128 cuda:12.8 device:NVIDIA H100 80GB HBM3",
+         "attention_backend:fa3"]
+    L += [f"config {k}={v}" for k, v in cfg.items()]
+    L += ["val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path=/data/tokenizers/fineweb_1024_bpe.model",
+          "train_loader:dataset:fineweb10B_sp1024 train_shards:80",
+          "val_loader:shards pattern=/data/datasets/fineweb10B_sp1024/fineweb_val_*.bin tokens:62021632",
+          "model_params:26928220", "XSA:last_4 active_layers:[7, 8, 9, 10]", "world_size:8 grad_accum_steps:1",
+          f"seed:{seed}"]
+    L += [f"warmup_step:{k}/20" for k in range(1, 21)]
+    L.append(f"step:0/{iterations} val_loss:6.9310 val_bpb:4.1049 train_time:0ms step_avg:0.01ms")
+    for s in list(range(1, 11)) + list(range(500, steps, 500)):
+        loss = 2.2 + 4.7 * math.exp(-s / 300.0)
+        L.append(f"step:{s}/{iterations} train_loss:{loss:.4f} train_time:{round(s * step_avg)}ms "
+                 f"step_avg:{step_avg:.2f}ms")
+        if s == 4000:
+            L.append(f"step:4000/{iterations} val_loss:2.0580 val_bpb:1.2189 train_time:{round(s * step_avg)}ms "
+                     f"step_avg:{step_avg:.2f}ms")
+    L += ["swa:start step:6500", "late_qat:enabled step:6662 scale:0.1499"]
+    L.append(f"step:{steps}/{iterations} val_loss:1.9195 val_bpb:1.1368 train_time:{train_ms}ms "
+             f"step_avg:{step_avg:.2f}ms")
+    if stop_early:
+        L.append(f"stopping_early: wallclock_cap train_time:{train_ms}ms step:{steps}/{iterations}")
+    L += ["peak memory allocated: 21471 MiB reserved: 22002 MiB", "export_weights:ema",
+          "DIAGNOSTIC post_ema val_loss:1.9196 val_bpb:1.1369 eval_time:2043ms",
+          "DIAGNOSTIC post_ema_exact val_loss:1.91963210 val_bpb:1.13690001",
+          "Serialized model: 106047497 bytes", f"Code size: {code_bytes} bytes",
+          f"Serialized model int6+zstd: {model_bytes} bytes",
+          f"Total submission size int6+zstd: {total} bytes",
+          f"size_check total:{total} limit:16000000 {'ok' if total <= 16_000_000 else 'OVER'}",
+          "export_time:31012ms",
+          "final_int6_roundtrip val_loss:1.9336 val_bpb:1.1452 eval_time:6612ms",
+          "final_int6_roundtrip_exact val_loss:1.93358000 val_bpb:1.14518023"]
+    if sliding:
+        L += ["final_int6_sliding_window val_loss:1.8939 val_bpb:1.1217 stride:64 eval_time:73688ms",
+              "final_int6_sliding_window_exact val_loss:1.89386000 val_bpb:1.12165091"]
+    if ttt:
+        L += ["ttt_sliding:start chunks=1893 chunk_tokens=32768 total_windows=969088 stride=64 ttt_lr=0.002 "
+              "ttt_epochs=3 freeze_blocks=0",
+              "  ttt_chunk [1/1893] bpb=1.150000 time=0.3s",
+              "  ttt_chunk [1893/1893] bpb=1.119000 time=410.1s",
+              f"ttt_sliding:done val_loss={val_loss:.6f} val_bpb={val_bpb:.6f} elapsed=410.3s",
+              f"legal_ttt val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:410300ms",
+              f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}",
+              "eval_projection phase:legal_ttt measured_s:410.3 tokens:62021632 world_size:8 "
+              "projected_8gpu_full_val_s:410.3"]
+    L += [f"eval_projection total_8gpu_full_val_s:{eval_total_ms / 1000:.1f} budget_s:600 "
+          f"fits:{eval_total_ms <= 600000}", f"eval_time_total:{eval_total_ms}ms"]
+    return "\n".join(L) + "\n"
+
+
+def write_logs(tmp_path, texts):
+    paths = []
+    for i, t in enumerate(texts):
+        p = tmp_path / f"log{i}.txt"
+        p.write_text(t)
+        paths.append(p)
+    return paths
+
+
+def three_record_logs(tmp_path, **kw):
+    texts = [make_log(s, val_loss=n, val_bpb=b, **kw)
+             for s, n, b in zip((1337, 42, 2025), RECORD_NATS, RECORD_BPB)]
+    return write_logs(tmp_path, texts)
+
+
+def status(checks, prefix):
+    got = [c for c in checks if c.rule.startswith(prefix)]
+    assert len(got) == 1, (prefix, [c.rule for c in checks])
+    return got[0].status
+
+
+def quiet(*a, **k):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing of hand-made logs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_parse_fixture_log_fields():
+    r = pk.parse_log_text(make_log(1337))
+    assert r.seed == 1337 and r.code_sha256 == "ab" * 32 and r.code_bytes == 90000
+    assert r.headline_key == "legal_ttt_exact"
+    assert (r.val_loss, r.val_bpb) == (1.88976776, 1.11922988)
+    assert (r.pre_quant_val_loss, r.pre_quant_val_bpb, r.pre_quant_weights) == (1.91963210, 1.13690001, "ema")
+    assert (r.roundtrip_val_loss, r.roundtrip_val_bpb) == (1.93358, 1.14518023)
+    assert (r.sliding_val_bpb, r.sliding_stride) == (1.12165091, 64)
+    assert (r.roundtrip_eval_ms, r.sliding_eval_ms, r.ttt_eval_ms) == (6612, 73688, 410300)
+    assert r.eval_time_total_ms == 495100 and r.eval_time_s == 495.1
+    assert r.steps == 7179 and r.iterations == 9000 and r.step_avg_ms == 83.59
+    assert r.train_time_ms == round(7179 * 83.59) and r.stopped_early
+    assert r.artifact_bytes == 15_887_928 + 90000 and r.model_bytes == 15_887_928 and r.compressor == "zstd"
+    assert r.size_check == "ok"
+    assert (r.torch_version, r.device, r.world_size) == ("2.9.1+cu128", "NVIDIA H100 80GB HBM3", 8)
+    assert r.train_curve[0][:2] == (1, round(2.2 + 4.7 * math.exp(-1 / 300), 4))
+    assert [v[0] for v in r.val_curve] == [0, 4000, 7179]
+    assert r.config["NUM_LAYERS"] == "11" and r.model_params == 26928220
+    assert (r.swa_start_step, r.late_qat_step, r.peak_mem_mib) == (6500, 6662, 21471)
+    assert r.eval_projection_total_s == 495.1 and r.eval_projection_fits is True
+
+
+def test_headline_priority_falls_back():
+    r = pk.parse_log_text(make_log(1, ttt=False))
+    assert r.headline_key == "final_int6_sliding_window_exact" and r.val_bpb == 1.12165091
+    r = pk.parse_log_text(make_log(1, ttt=False, sliding=False))
+    assert r.headline_key == "final_int6_roundtrip_exact" and r.val_bpb == 1.14518023
+    # The s64 extra pass must not be mistaken for the headline sliding line.
+    text = make_log(1, ttt=False).replace(
+        "final_int6_sliding_window_exact", "final_int6_sliding_window_s64_exact val_loss:9.0 val_bpb:9.0\n"
+        "final_int6_sliding_window_exact")
+    assert pk.parse_log_text(text).val_bpb == 1.12165091
+
+
+def test_appended_runs_use_last_one():
+    text = make_log(7, val_loss=2.5, val_bpb=1.5) + make_log(7, val_loss=1.9, val_bpb=1.1)
+    r = pk.parse_log_text(text)
+    assert (r.val_loss, r.val_bpb) == (1.9, 1.1) and r.warnings
+    # a complete run followed by a killed re-run with the same RUN_ID has no headline
+    killed = make_log(7).split("DIAGNOSTIC")[0]
+    assert not pk.parse_log_text(make_log(7) + killed).has_headline
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules on hand-made logs
+# ----------------------------------------------------------------------------------------------------------
+
+def _checks(texts, **kw):
+    runs = [pk.parse_log_text(t, f"log{i}") for i, t in enumerate(texts)]
+    return pk.check_rules(runs, **kw)
+
+
+def test_rules_pass_on_record_like_logs():
+    checks = _checks([make_log(s) for s in (1337, 42, 2025)])
+    assert not [c for c in checks if c.failed], pk.format_checks(checks)
+    # 7179 x 83.59 ms = 600.09 s: passes only thanks to the one-step wallclock overshoot
+    assert status(checks, "training") == "pass"
+
+
+def test_rule_oversize_artifact():
+    texts = [make_log(1337), make_log(42, model_bytes=15_910_001), make_log(2025)]  # + 90000 code = 16,000,001
+    c = [x for x in _checks(texts) if x.rule.startswith("artifact")][0]
+    assert c.status == "fail" and "seed 42" in c.detail and "by 1" in c.detail
+    texts[1] = make_log(42, model_bytes=15_910_000)  # exactly 16,000,000: allowed
+    assert status(_checks(texts), "artifact") == "pass"
+
+
+def test_rule_training_overtime():
+    # beyond one step of overshoot
+    texts = [make_log(1337), make_log(42, train_ms=600_200), make_log(2025)]
+    assert status(_checks(texts), "training") == "fail"
+    # without a wallclock stop there is no tolerance at all
+    texts = [make_log(1337), make_log(42, train_ms=600_001, stop_early=False), make_log(2025)]
+    assert status(_checks(texts), "training") == "fail"
+    texts = [make_log(s, train_ms=599_000, stop_early=False) for s in (1, 2, 3)]
+    assert status(_checks(texts), "training") == "pass"
+
+
+def test_rule_eval_overtime():
+    texts = [make_log(1337), make_log(42), make_log(2025, eval_total_ms=600_001)]
+    c = [x for x in _checks(texts) if x.rule.startswith("evaluation")][0]
+    assert c.status == "fail" and "seed 2025" in c.detail
+
+
+def test_rule_too_few_seeds():
+    assert status(_checks([make_log(1), make_log(2)]), ">= 3") == "fail"
+    assert status(_checks([make_log(1), make_log(2), make_log(2)]), ">= 3") == "fail"  # repeated seed
+    assert status(_checks([make_log(1), make_log(2), make_log(3)]), ">= 3") == "pass"
+
+
+def test_rule_mixed_code_hashes():
+    texts = [make_log(1), make_log(2, sha="cd" * 32), make_log(3)]
+    assert status(_checks(texts), "same code") == "fail"
+
+
+def test_rule_missing_headline_truncated_log():
+    truncated = make_log(3).split("final_int6_roundtrip val_loss")[0]
+    checks = _checks([make_log(1), make_log(2), truncated])
+    c = [x for x in checks if x.rule == "headline metric present"][0]
+    assert c.status == "fail" and "seed 3" in c.detail and "truncated" in c.detail
+    # nan is no score either
+    nan_log = make_log(3).replace("legal_ttt_exact val_loss:1.88976776", "legal_ttt_exact val_loss:nan")
+    assert status(_checks([make_log(1), make_log(2), nan_log]), "headline metric present") == "fail"
+
+
+def test_rule_mixed_headline_kinds():
+    checks = _checks([make_log(1), make_log(2), make_log(3, ttt=False)])
+    assert status(checks, "same headline") == "fail"
+
+
+def test_rule_script_matches_logs(tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text("print('hi')\n")
+    h = hashlib.sha256(script.read_bytes()).hexdigest()
+    assert status(_checks([make_log(s, sha=h) for s in (1, 2, 3)], script_path=script), "script") == "pass"
+    assert status(_checks([make_log(s) for s in (1, 2, 3)], script_path=script), "script") == "fail"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Welch t-test
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("new,base,delta", [
+    ([1.8820, 1.8826, 1.8815], RECORD_NATS, 0.005),
+    ([1.8820, 1.8826, 1.8815], RECORD_NATS, 0.0),
+    ([1.8860, 1.8901, 1.8842, 1.8877], RECORD_NATS, 0.005),  # unequal n
+    ([1.8950, 1.8930, 1.8960], RECORD_NATS, 0.005),  # worse: p near 1
+    ([1.10, 1.12, 1.11], [1.119, 1.120, 1.1189, 1.1201, 1.1195], 0.003),
+])
+def test_welch_matches_scipy(new, base, delta):
+    from scipy import stats
+    res = pk.welch_one_sided(new, base, delta)
+    ref = stats.ttest_ind(new, [b - delta for b in base], equal_var=False, alternative="less")
+    assert res.t == pytest.approx(float(ref.statistic), rel=1e-10)
+    assert res.p == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-15)
+    if hasattr(ref, "df"):
+        assert res.df == pytest.approx(float(ref.df), rel=1e-10)
+    # greater-alternative consistency: p_less + p_greater = 1
+    ref_g = stats.ttest_ind(new, [b - delta for b in base], equal_var=False, alternative="greater")
+    assert res.p + float(ref_g.pvalue) == pytest.approx(1.0)
+
+
+def test_welch_on_record_numbers():
+    improved = [1.88217853 - 0.0004, 1.88217853 + 0.0003, 1.88217853 + 0.0001]
+    res = pk.welch_one_sided(improved, RECORD_NATS, 0.005)
+    assert res.mean_base == pytest.approx(1.89002068, abs=1e-8)
+    assert res.diff == pytest.approx(1.88217853 - 1.89002068, abs=1e-8)
+    # hand-computed Welch df for these numbers
+    v1 = sum((x - sum(improved) / 3) ** 2 for x in improved) / 2 / 3
+    v2 = sum((x - 1.89002068) ** 2 for x in RECORD_NATS) / 2 / 3
+    assert res.df == pytest.approx((v1 + v2) ** 2 / (v1 ** 2 / 2 + v2 ** 2 / 2), rel=1e-6)
+    assert res.t < 0 and res.p < 0.01
+    # an improvement of only 0.003 nats does not clear a 0.005 bar
+    small = [x - 0.003 for x in RECORD_NATS]
+    assert pk.welch_one_sided(small, RECORD_NATS, 0.005).p > 0.5
+
+
+def test_significance_bpb_conversion():
+    runs = [pk.parse_log_text(make_log(s, val_loss=n - 0.008, val_bpb=(n - 0.008) * 0.5923))
+            for s, n in zip((1, 2, 3), RECORD_NATS)]
+    sig = pk.significance(runs, baseline_values=RECORD_NATS, min_delta_nats=0.005, alpha=0.01)
+    assert sig.bpb_per_nat == pytest.approx(0.5923)
+    assert sig.min_delta_bpb == pytest.approx(0.005 * 0.5923)
+    assert sig.nats.diff == pytest.approx(-0.008) and sig.bpb.diff == pytest.approx(-0.008 * 0.5923)
+    assert sig.passed
+    sig2 = pk.significance(runs, baseline_values=[v * 0.5923 for v in RECORD_NATS], baseline_metric="val_bpb")
+    assert sig2.nats.p == pytest.approx(sig.nats.p, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packaging (hand-made logs)
+# ----------------------------------------------------------------------------------------------------------
+
+def _script_for(tmp_path, sha_text="print('x')\n"):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(sha_text)
+    return script, hashlib.sha256(script.read_bytes()).hexdigest()
+
+
+def _png_ok(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # walk the chunks and verify every CRC; must end with IEND
+    pos, types = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        typ = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(typ + body) & 0xFFFFFFFF == crc
+        types.append(typ)
+        pos += 12 + n
+    assert types[0] == b"IHDR" and types[-1] == b"IEND"
+    w, h = struct.unpack(">II", data[16:24])
+    assert w > 300 and h > 200
+
+
+def _readme_rows(readme):
+    rows = {}
+    for line in readme.splitlines():
+        m = re.match(r"^\| (\d+) \|", line)
+        if m:
+            rows[int(m.group(1))] = [c.strip() for c in line.strip("|").split("|")]
+    return rows
+
+
+def test_package_fixture_logs(tmp_path):
+    script, h = _script_for(tmp_path)
+    logs = write_logs(tmp_path, [make_log(s, sha=h, val_loss=n - 0.008, val_bpb=b - 0.0047)
+                                 for s, n, b in zip((1337, 42, 2025), RECORD_NATS, RECORD_BPB)])
+    folder, sub, checks = pk.package(logs, name="Test Run", author="A", github_id="a", blurb="b",
+                                     out_root=tmp_path / "rec", date="2026-05-01", script=script,
+                                     baseline_values=RECORD_NATS, out=quiet)
+    assert folder == tmp_path / "rec" / "track_10min_16mb" / "2026-05-01_Test_Run"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py", "requirements.txt", "curves.png",
+         "train_seed1337.log", "train_seed42.log", "train_seed2025.log"])
+    assert (folder / "train_seed42.log").read_text() == logs[1].read_text()
+    js = json.loads((folder / "submission.json").read_text())
+    assert js["val_loss"] == round(sum(RECORD_NATS) / 3 - 0.008, 8)
+    assert js["delta_vs_baseline_nats"] == pytest.approx(-0.008, abs=1e-8)
+    assert js["p_value"] < 0.01 and js["welch_df"] > 1 and js["t_statistic"] < 0
+    assert js["bytes_total"] == 15_887_928 + 90000 and js["hardware"] == "8x NVIDIA H100 80GB HBM3"
+    assert js["pytorch_version"] == "2.9.1+cu128" and js["track"] == "10min_16mb"
+    assert not [k for k, v in js["compliance"].items() if v == "fail"]
+    _png_ok(folder / "curves.png")
+    assert not list((tmp_path / "rec" / "track_10min_16mb").glob(".*"))  # no staging leftovers
+
+
+@pytest.mark.parametrize("breaker", [
+    lambda s, h: make_log(s, sha=h, model_bytes=16_000_000),
+    lambda s, h: make_log(s, sha=h, train_ms=700_000),
+    lambda s, h: make_log(s, sha=h, eval_total_ms=650_000),
+    lambda s, h: make_log(s, sha="0" * 64),
+    lambda s, h: make_log(s, sha=h).split("legal_ttt")[0].split("final_int6")[0],
+])
+def test_package_refuses_and_writes_nothing(tmp_path, breaker):
+    script, h = _script_for(tmp_path)
+    logs = write_logs(tmp_path, [make_log(1337, sha=h), make_log(42, sha=h), breaker(2025, h)])
+    out = tmp_path / "rec"
+    with pytest.raises(pk.PackagingError, match="rule"):
+        pk.package(logs, name="X", out_root=out, script=script, date="2026-05-01", out=quiet)
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+    # CLI: exit 1
+    rc = pk.main(["--name", "X", "--out-root", str(out), "--script", str(script), *map(str, logs)])
+    assert rc == 1 and (not out.exists() or not any(p.is_file() for p in out.rglob("*")))
+
+
+def test_package_refuses_insignificant(tmp_path):
+    script, h = _script_for(tmp_path)
+    logs = three_record_logs(tmp_path, sha=h)  # identical to the record: no improvement
+    with pytest.raises(pk.PackagingError, match="significance"):
+        pk.package(logs, name="X", out_root=tmp_path / "rec", script=script, baseline_values=RECORD_NATS,
+                   out=quiet)
+    assert not (tmp_path / "rec" / "track_10min_16mb" / f"{pk._dt.date.today()}_X").exists()
+
+
+def test_non_record_marks_failures(tmp_path):
+    script, h = _script_for(tmp_path)
+    logs = write_logs(tmp_path, [make_log(1337, sha=h), make_log(42, sha=h, eval_total_ms=650_000)])
+    folder, sub, _ = pk.package(logs, name="Two Seeds", out_root=tmp_path / "rec", script=script,
+                                date="2026-05-02", non_record=True, out=quiet)
+    assert folder.parent.name == "track_non_record_16mb"
+    assert sub["track"] == "non_record_16mb"
+    assert sub["compliance"]["evaluation <= 600 s"] == "fail" and sub["compliance"][">= 3 distinct seeds"] == "fail"
+    readme = (folder / "README.md").read_text()
+    assert "Non-record submission" in readme and "**FAIL**" in readme and "seed 42: 650.000 s" in readme
+
+
+def test_cli_check_only(tmp_path, capsys):
+    script, h = _script_for(tmp_path)
+    logs = three_record_logs(tmp_path, sha=h)
+    rc = pk.main(["--name", "X", "--check-only", "--out-root", str(tmp_path / "rec"), "--script", str(script),
+                  *map(str, logs)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "artifact <= 16,000,000 bytes" in out and "PASS" in out
+    assert not (tmp_path / "rec").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compact code (pure, no training)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_compact_pure_roundtrip(tmp_path):
+    src = ("import hashlib, sys\n"
+           "s = open(__file__, 'rb').read()\n"
+           "def f(x):\n    return x * 2  # ünïcode comment\n"
+           "if __name__ == '__main__':\n"
+           "    print('val', f(21), sys.argv[1:], len(s), hashlib.sha256(s).hexdigest())\n") + "# pad\n" * 2000
+    orig = tmp_path / "orig.py"
+    orig.write_text(src, encoding="utf-8")
+    comp = tmp_path / "comp.py"
+    n = pk.write_compact(orig, comp)
+    data = comp.read_bytes()
+    assert n == len(data) < len(src) / 10 and data.count(b"\n") == 2
+    assert pk.unpack_compact(data) == src.encode("utf-8")
+    o1 = subprocess.run([sys.executable, str(orig), "a"], capture_output=True, text=True, check=True).stdout
+    o2 = subprocess.run([sys.executable, str(comp), "a"], capture_output=True, text=True, check=True).stdout
+    assert o1.split()[:3] == o2.split()[:3] == ["val", "42", "['a']"]
+    # the compact file counts and hashes itself
+    assert o2.split()[3] == str(len(data)) and o2.split()[4] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(SyntaxError):
+        pk.make_compact("def broken(:\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Top-level submission.json of the repo
+# ----------------------------------------------------------------------------------------------------------
+
+def test_repo_submission_json():
+    js = json.loads((REPO / "submission.json").read_text())
+    for k in ("name", "blurb", "track", "author", "github_id"):
+        assert k in js
+    assert js["track"] in ("10min_16mb", "non_record_16mb")
+    for k in ("XSA", "RoPE", "LeakyReLU", "BigramHash", "SmearGate", "VE128", "EMA", "QAT", "int6", "zstd", "TTT"):
+        assert k in js["blurb"], k
+    measured = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "bytes_total", "bytes_code")
+    for k in measured:
+        assert k in js and (js[k] is None or (isinstance(js[k], (int, float)) and not isinstance(js[k], bool))), k
+    if js.get("seed_results"):
+        for v in js["seed_results"].values():
+            for k in ("val_loss", "val_bpb", "artifact_bytes"):
+                assert v[k] is None or isinstance(v[k], (int, float))
+    if js["bytes_total"] is not None:
+        assert js["bytes_total"] <= 16_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real tiny CPU runs of train_gpt.py
+# ----------------------------------------------------------------------------------------------------------
+
+SEEDS = (1337, 42, 2025)
+TINY_ENV = dict(VOCAB_SIZE="1024", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+                MLP_MULT="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="12",
+                WARMUP_STEPS="1", WARMDOWN_ITERS="6", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
+                MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="4096", EVAL_STRIDE="32", TTT_ENABLED="1",
+                TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="4", XSA_LAST_N="1", VE_LAYERS="1",
+                BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", ROPE_DIMS="16", COMPILE="0")
+
+
+def _run_tiny(script, cwd, seed, data_path, tok_path, run_id):
+    env = dict(os.environ)
+    env.update(TINY_ENV)
+    env.update(DATA_PATH=str(data_path), TOKENIZER_PATH=str(tok_path), SEED=str(seed), RUN_ID=run_id,
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cwd.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    log = cwd / "logs" / f"{run_id}.txt"
+    if p.returncode != 0 or not log.is_file():
+        raise RuntimeError(f"tiny run {run_id} failed (rc={p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return log
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    if not TRAIN_GPT.is_file():
+        pytest.fail(f"{TRAIN_GPT} missing: the real-run tests need the repo's train_gpt.py")
+    smoke = _load("make_smoke_dataset", REPO / "data" / "make_smoke_dataset.py")
+    base = tmp_path_factory.mktemp("records_real")
+    smoke.build_smoke_dataset(base / "data")
+    data_path = base / "data" / "datasets" / "fineweb10B_sp1024"
+    tok_path = base / "data" / "tokenizers" / "smoke_1024_bpe.model"
+    assert data_path.is_dir() and tok_path.is_file()
+    compact = base / "compact" / "train_gpt.py"
+    compact.parent.mkdir()
+    pk.write_compact(TRAIN_GPT, compact)
+    jobs = [(TRAIN_GPT, base / "run", s, f"seed{s}") for s in SEEDS]
+    jobs.append((compact, base / "compact", SEEDS[0], f"seed{SEEDS[0]}"))
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        logs = list(ex.map(lambda j: _run_tiny(j[0], j[1], j[2], data_path, tok_path, j[3]), jobs))
+    return {"logs": logs[:3], "compact_log": logs[3], "compact": compact, "base": base}
+
+
+def test_real_logs_parse(real_runs):
+    src = TRAIN_GPT.read_bytes()
+    for seed, path in zip(SEEDS, real_runs["logs"]):
+        r = pk.parse_log(path)
+        assert r.seed == seed
+        assert r.headline_key == "legal_ttt_exact" and r.has_headline
+        assert 0 < r.val_bpb < 10 and 0 < r.val_loss < 10
+        assert r.val_bpb == r.ttt_val_bpb and r.sliding_val_bpb is not None and r.roundtrip_val_bpb is not None
+        assert r.pre_quant_val_bpb is not None and r.pre_quant_weights
+        assert r.code_sha256 == hashlib.sha256(src).hexdigest()
+        assert r.code_bytes == len(src)
+        assert r.steps == 12 and r.iterations == 12
+        assert [s for s, _, _ in r.train_curve] == list(range(1, 13))
+        assert [s for s, *_ in r.val_curve] == [0, 6, 12]
+        assert r.train_time_ms is not None and r.train_time_ms == r.val_curve[-1][3]
+        assert r.artifact_bytes == r.model_bytes + r.code_bytes
+        assert r.eval_time_total_ms is not None and r.ttt_eval_ms is not None
+        assert r.torch_version and r.device and r.world_size == 1
+        assert r.config.get("SEED") == str(seed)
+        # the exact headline line is literally in the log
+        assert f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}" in path.read_text()
+    checks = pk.check_rules([pk.parse_log(p) for p in real_runs["logs"]], script_path=TRAIN_GPT)
+    assert not [c for c in checks if c.failed], pk.format_checks(checks)
+    assert status(checks, "same config") == "pass"
+
+
+def _edit(src: Path, dst: Path, pattern, repl):
+    text = src.read_text()
+    new, n = re.subn(pattern, repl, text, flags=re.M)
+    assert n >= 1, pattern
+    dst.write_text(new)
+    return dst
+
+
+def test_real_logs_rule_failures(real_runs, tmp_path):
+    logs = real_runs["logs"]
+    runs = lambda ps: [pk.parse_log(p) for p in ps]  # noqa: E731
+
+    def only(ps, prefix):
+        checks = pk.check_rules(runs(ps), script_path=TRAIN_GPT)
+        failed = sorted(c.rule for c in checks if c.failed)
+        return status(checks, prefix), failed
+
+    big = _edit(logs[1], tmp_path / "big.txt", r"^(Total submission size int6\+\w+: )\d+", r"\g<1>16000001")
+    assert only([logs[0], big, logs[2]], "artifact") == ("fail", ["artifact <= 16,000,000 bytes"])
+    slow = _edit(logs[2], tmp_path / "slow.txt", r"^(step:12/12 val_loss:\S+ val_bpb:\S+ train_time:)\d+ms",
+                 r"\g<1>600001ms")
+    assert only([logs[0], logs[1], slow], "training") == ("fail", ["training <= 600 s"])
+    slow_eval = _edit(logs[0], tmp_path / "slow_eval.txt", r"^eval_time_total:\d+ms", "eval_time_total:600001ms")
+    assert only([slow_eval, logs[1], logs[2]], "evaluation") == ("fail", ["evaluation <= 600 s"])
+    assert only(logs[:2], ">= 3")[0] == "fail"
+    other = _edit(logs[2], tmp_path / "other.txt", r"^code_sha256:[0-9a-f]{64}", "code_sha256:" + "1" * 64)
+    st, failed = only([logs[0], logs[1], other], "same code")
+    assert st == "fail" and "script matches logs" in failed
+    text = logs[1].read_text()
+    (tmp_path / "trunc.txt").write_text(text[: text.index("final_int6_roundtrip")])
+    st, failed = only([logs[0], tmp_path / "trunc.txt", logs[2]], "headline metric present")
+    assert st == "fail"
+
+
+def test_real_package_end_to_end(real_runs, tmp_path):
+    logs = real_runs["logs"]
+    parsed = {r.seed: r for r in map(pk.parse_log, logs)}
+    # a baseline 0.5 nats worse than our runs -> significant improvement
+    base = [parsed[s].val_loss + 0.5 + 0.001 * i for i, s in enumerate(SEEDS)]
+    rc = pk.main(["--name", "Tiny CPU", "--author", "T", "--github-id", "t", "--blurb", "tiny",
+                  "--out-root", str(tmp_path / "rec"), "--date", "2026-05-03", "--script", str(TRAIN_GPT),
+                  "--baseline-values", ",".join(map(str, base)), *map(str, logs)])
+    assert rc == 0
+    folder = tmp_path / "rec" / "track_10min_16mb" / "2026-05-03_Tiny_CPU"
+    js = json.loads((folder / "submission.json").read_text())
+    types = {"author": str, "github_id": str, "name": str, "blurb": str, "date": str, "track": str,
+             "val_loss": float, "val_bpb": float, "val_loss_std": float, "val_bpb_std": float, "seeds": list,
+             "seed_results": dict, "bytes_total": int, "bytes_code": int, "hardware": str,
+             "pytorch_version": str, "code_sha256": str, "p_value": float, "t_statistic": float,
+             "welch_df": float, "delta_vs_baseline_nats": float, "delta_vs_baseline_bpb": float}
+    for k, t in types.items():
+        assert isinstance(js[k], t), (k, js[k])
+    assert sorted(js["seeds"]) == sorted(SEEDS)
+    mean = sum(r.val_bpb for r in parsed.values()) / 3
+    assert js["val_bpb"] == round(mean, 8)
+    for s in SEEDS:
+        sr, r = js["seed_results"][str(s)], parsed[s]
+        assert sr["val_loss"] == r.val_loss and sr["val_bpb"] == r.val_bpb
+        assert sr["pre_quant_val_bpb"] == r.pre_quant_val_bpb and sr["roundtrip_val_bpb"] == r.roundtrip_val_bpb
+        assert sr["artifact_bytes"] == r.artifact_bytes and sr["steps"] == 12
+        assert sr["train_time_s"] == round(r.train_time_ms / 1000, 3)
+        assert sr["eval_time_s"] == round(r.eval_time_total_ms / 1000, 3)
+        assert (folder / f"train_seed{s}.log").read_bytes() == Path(logs[SEEDS.index(s)]).read_bytes()
+    assert js["bytes_total"] == max(r.artifact_bytes for r in parsed.values())
+    assert js["bytes_code"] == len(TRAIN_GPT.read_bytes())
+    assert js["code_sha256"] == hashlib.sha256(TRAIN_GPT.read_bytes()).hexdigest()
+    assert js["hardware"] == f"1x {parsed[SEEDS[0]].device}"
+    assert js["p_value"] < 0.01 and js["delta_vs_baseline_nats"] < -0.4
+    assert (folder / "train_gpt.py").read_bytes() == TRAIN_GPT.read_bytes()
+    assert (folder / "requirements.txt").read_bytes() == (REPO / "requirements.txt").read_bytes()
+    # README table = parsed values
+    readme = (folder / "README.md").read_text()
+    rows = _readme_rows(readme)
+    assert sorted(rows) == sorted(SEEDS)
+    for s, cells in rows.items():
+        r = parsed[s]
+        assert int(cells[1].replace(",", "")) == r.steps
+        assert float(cells[4]) == r.pre_quant_val_bpb and float(cells[5]) == r.roundtrip_val_bpb
+        assert float(cells[6]) == r.sliding_val_bpb
+        assert float(cells[7]) == r.val_loss and float(cells[8]) == r.val_bpb
+        assert int(cells[10].replace(",", "")) == r.artifact_bytes
+    m = re.search(r"^\| \*\*Mean ± std\*\* \|(.*)$", readme, re.M)
+    cells = [c.strip() for c in m.group(1).strip("|").split("|")]
+    assert cells[7].startswith(f"{mean:.8f} ± ")
+    assert "| artifact <= 16,000,000 bytes | pass |" in readme and "## Significance" in readme
+    _png_ok(folder / "curves.png")
+
+
+def test_real_compact_matches_original(real_runs, tmp_path):
+    orig = pk.parse_log(real_runs["logs"][0])
+    comp = pk.parse_log(real_runs["compact_log"])
+    compact_bytes = real_runs["compact"].read_bytes()
+    assert len(compact_bytes) < len(TRAIN_GPT.read_bytes()) / 2
+    assert comp.code_bytes == len(compact_bytes)
+    assert comp.code_sha256 == hashlib.sha256(compact_bytes).hexdigest()
+    assert comp.artifact_bytes == comp.model_bytes + len(compact_bytes)
+    assert comp.seed == orig.seed and comp.has_headline
+    for attr in ("val_loss", "val_bpb", "pre_quant_val_bpb", "roundtrip_val_bpb", "sliding_val_bpb",
+                 "ttt_val_bpb", "steps"):
+        assert getattr(comp, attr) == getattr(orig, attr), attr
+    assert [v[:3] for v in comp.val_curve] == [v[:3] for v in orig.val_curve]
+    assert [t[:2] for t in comp.train_curve] == [t[:2] for t in orig.train_curve]
+    # packaging with --compact ships the compact file and counts its bytes
+    folder, sub, _ = pk.package(real_runs["logs"], name="Compact", out_root=tmp_path / "rec", script=TRAIN_GPT,
+                                date="2026-05-04", compact=True, out=quiet)
+    shipped = (folder / "train_gpt.py").read_bytes()
+    assert shipped == compact_bytes and sub["bytes_code"] == len(shipped)
+    for s, sr in sub["seed_results"].items():
+        r = pk.parse_log(folder / f"train_seed{s}.log")
+        assert sr["artifact_bytes"] == r.model_bytes + len(shipped)

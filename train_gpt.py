@@ -1,0 +1,1138 @@
+"""Parameter Golf: train, quantize, export and evaluate an 11-layer U-Net GPT in one file.
+
+Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (python3 train_gpt.py runs single-process).
+Every knob is an environment variable; defaults reproduce the 2026-03-23 record recipe.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except Exception:
+    _fa3_func = None
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+CONFIG: dict[str, object] = {}
+
+
+def env(name: str, default):
+    """Read one knob from the environment, typed like its default; a malformed value stops the run."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        value = default
+    else:
+        try:
+            if isinstance(default, bool):
+                if raw.strip() not in ("0", "1"):
+                    raise ValueError
+                value = raw.strip() == "1"
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            kind = "0 or 1" if isinstance(default, bool) else type(default).__name__
+            raise SystemExit(f"error: environment variable {name}={raw!r} is not a valid {kind}") from None
+    CONFIG[name] = value
+    return value
+
+
+def env_int_list(name: str, default: str) -> list[int]:
+    raw = env(name, default)
+    try:
+        return [int(v) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={raw!r} must be a comma-separated list of ints") from None
+
+
+class Hyperparameters:
+    def __init__(self):
+        # data and run
+        self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = env("RUN_ID", str(uuid.uuid4()))
+        self.seed = env("SEED", 1337)
+        self.val_tokens = env("VAL_TOKENS", 0)  # cap on validation tokens for quick runs (0 = the full split)
+        # schedule
+        self.iterations = env("ITERATIONS", 9000)
+        self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up steps, state restored afterwards
+        self.lr_warmup_steps = env("LR_WARMUP_STEPS", 0)  # linear LR warm-up (the record uses none)
+        self.warmdown_iters = env("WARMDOWN_ITERS", 3500)
+        self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786432)
+        self.train_seq_len = env("TRAIN_SEQ_LEN", 2048)
+        self.grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0 = 8 // WORLD_SIZE
+        self.max_wallclock_seconds = env("MAX_WALLCLOCK_SECONDS", 600.0)
+        self.val_loss_every = env("VAL_LOSS_EVERY", 4000)
+        self.train_log_every = env("TRAIN_LOG_EVERY", 500)
+        self.compile = env("COMPILE", torch.cuda.is_available())
+        self.attention_backend = env("ATTENTION_BACKEND", "auto")  # auto | fa3 | sdpa
+        # model
+        self.vocab_size = env("VOCAB_SIZE", 1024)
+        self.num_layers = env("NUM_LAYERS", 11)
+        self.model_dim = env("MODEL_DIM", 512)
+        self.num_heads = env("NUM_HEADS", 8)
+        self.num_kv_heads = env("NUM_KV_HEADS", 4)
+        self.mlp_mult = env("MLP_MULT", 3.0)
+        self.rope_base = env("ROPE_BASE", 10000.0)
+        self.rope_dims = env("ROPE_DIMS", 16)  # rotated dims per head (0 = whole head)
+        # The record builds RoPE for length 1024, so NTK rescaling is always on at 2048 (base ~22,082).
+        # Reproduced on purpose to keep its numbers; set ROPE_TRAIN_SEQ_LEN=2048 for the plain base.
+        self.rope_train_seq_len = env("ROPE_TRAIN_SEQ_LEN", 1024)
+        self.xsa_last_n = env("XSA_LAST_N", 4)
+        self.bigram_vocab_size = env("BIGRAM_VOCAB_SIZE", 1536)  # record run value (script default 2048)
+        self.bigram_dim = env("BIGRAM_DIM", 128)
+        self.ve_enabled = env("VE_ENABLED", True)
+        self.ve_dim = env("VE_DIM", 128)
+        self.ve_layers = env_int_list("VE_LAYERS", "9,10")
+        self.ln_scale = env("LN_SCALE", True)
+        self.smear_enabled = env("SMEAR_ENABLED", True)
+        self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
+        self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
+        self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
+        # optimizers
+        self.matrix_lr = env("MATRIX_LR", 0.025)
+        self.scalar_lr = env("SCALAR_LR", 0.025)
+        self.tied_embed_lr = env("TIED_EMBED_LR", 0.035)
+        self.muon_momentum = env("MUON_MOMENTUM", 0.99)
+        self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
+        self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
+        self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
+        self.muon_wd = env("MUON_WD", 0.04)
+        self.adam_wd = env("ADAM_WD", 0.04)
+        self.beta1 = env("BETA1", 0.9)
+        self.beta2 = env("BETA2", 0.95)
+        self.adam_eps = env("ADAM_EPS", 1e-8)
+        self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # on the rank-averaged gradient (record: per rank)
+        # averaging and QAT
+        self.ema_enabled = env("EMA_ENABLED", True)
+        self.ema_decay = env("EMA_DECAY", 0.997)
+        self.swa_enabled = env("SWA_ENABLED", True)
+        self.swa_every = env("SWA_EVERY", 50)
+        self.swa_threshold = env("SWA_THRESHOLD", 0.2)  # snapshot while lr_scale is below this
+        self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
+        self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
+        self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once lr_scale < this
+        # export
+        self.compressor = env("COMPRESSOR", "zstd")  # zstd | lzma
+        self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
+        self.size_limit = env("SIZE_LIMIT", 16_000_000)
+        self.clip_fracs = [float(v) for v in env("GPTQ_CLIP_FRACS", "1.0,0.97,0.94,0.91,0.88,0.85,0.8").split(",")]
+        # evaluation
+        self.eval_only_path = env("EVAL_ONLY_PATH", "")
+        self.eval_seq_len = env("EVAL_SEQ_LEN", 2048)
+        self.eval_stride = env("EVAL_STRIDE", 64)
+        self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32)
+        self.ttt_enabled = env("TTT_ENABLED", True)
+        self.ttt_lr = env("TTT_LR", 0.002)
+        self.ttt_epochs = env("TTT_EPOCHS", 3)
+        self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
+        self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
+        self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
+        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)
+        self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
+        self.validate()
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise SystemExit(f"error: {msg}")
+        need(self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim, "ROPE_DIMS must be even and <= head dim")
+        need(self.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0")
+        need(self.export_weights in ("ema", "swa", "ema_swa", "live"), "EXPORT_WEIGHTS must be ema|swa|ema_swa|live")
+        need(self.compressor in ("zstd", "lzma"), "COMPRESSOR must be zstd or lzma")
+        need(self.attention_backend in ("auto", "fa3", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|sdpa")
+        need(all(0 <= i < self.num_layers for i in self.ve_layers), "VE_LAYERS must name layers < NUM_LAYERS")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
+        need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
+        need(all(0 < f <= 1 for f in self.clip_fracs), "GPTQ_CLIP_FRACS must lie in (0, 1]")
+
+
+ARCH_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
+             "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "ve_enabled",
+             "ve_dim", "ve_layers", "ln_scale", "smear_enabled", "logit_softcap", "qk_gain_init",
+             "tied_embed_init_std")
+
+# ----------------------------------------------------------------------------- distributed + logging
+
+
+class Dist:
+    def __init__(self):
+        self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def mean_(self, tensors: list[torch.Tensor]):
+        """Average tensors over ranks in place, with one collective."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled:
+            dist.destroy_process_group()
+
+
+class Logger:
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+# ----------------------------------------------------------------------------- data
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def load_shard(path: str) -> np.ndarray:
+    """Memory-map one token shard after checking its header against the file size."""
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise ValueError(f"shard {path}: file of {size} bytes is shorter than the {HEADER_INTS * 4}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"shard {path}: bad magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * n:
+        raise ValueError(f"shard {path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but file has {size} bytes")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(f"data directory {data_path!r} does not exist (set DATA_PATH; see data/README.md)")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = [f for f in files if "_bytes_" not in os.path.basename(f)]
+    if not files:
+        raise FileNotFoundError(f"no fineweb_{split}_*.bin shards in {data_path!r}")
+    return files
+
+
+class TokenStream:
+    """Reads training shards in order, wrapping around; `skip` advances without reading."""
+
+    def __init__(self, files: list[str]):
+        if any("_val_" in os.path.basename(f) for f in files):
+            raise ValueError("training stream was given a validation shard")
+        self.files, self.cache, self.idx, self.pos = files, {}, 0, 0
+
+    def _shard(self) -> np.ndarray:
+        if self.idx not in self.cache:
+            self.cache = {self.idx: load_shard(self.files[self.idx])}
+        return self.cache[self.idx]
+
+    def take(self, n: int, read: bool = True):
+        parts = []
+        while n > 0:
+            shard = self._shard()
+            k = min(n, len(shard) - self.pos)
+            if read:
+                parts.append(np.asarray(shard[self.pos:self.pos + k]))
+            self.pos, n = self.pos + k, n - k
+            if self.pos == len(shard):
+                self.idx, self.pos = (self.idx + 1) % len(self.files), 0
+        return np.concatenate(parts) if read else None
+
+
+class TrainLoader:
+    """Every micro-step consumes W contiguous segments of (local_tokens + 1); rank r reads segment r."""
+
+    def __init__(self, files, rank, world_size, local_tokens, seq_len, device):
+        self.stream = TokenStream(files)
+        self.rank, self.world_size, self.local_tokens, self.seq_len, self.device = rank, world_size, local_tokens, seq_len, device
+
+    def next_batch(self):
+        seg = self.local_tokens + 1
+        self.stream.take(self.rank * seg, read=False)
+        chunk = torch.from_numpy(self.stream.take(seg).astype(np.int64))
+        self.stream.take((self.world_size - 1 - self.rank) * seg, read=False)
+        x = chunk[:-1].view(-1, self.seq_len).to(self.device, non_blocking=True)
+        y = chunk[1:].view(-1, self.seq_len).to(self.device, non_blocking=True)
+        return x, y
+
+
+def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
+    tokens = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
+    if limit > 0:
+        tokens = tokens[:limit + 1]
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path!r} not found (set TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise ValueError(f"tokenizer {path} has no standalone '\u2581' piece; its byte accounting would be wrong")
+    return sp
+
+
+def byte_luts(sp, vocab_size: int):
+    """Per-token UTF-8 byte counts for val_bpb, the challenge's SentencePiece accounting."""
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
+    base, space, boundary = luts
+    return base[tgt].double() + (space[tgt] & ~boundary[prev]).double()
+
+# ----------------------------------------------------------------------------- quantization (shared by QAT and export)
+
+
+def quantize_rows(w: torch.Tensor, qmax: int, clip_fracs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of the last dim; each row keeps the clip (a fraction of its max |w|)
+    with the least squared reconstruction error. Returns integer codes and fp16 scales (one per row)."""
+    w = w.float()
+    row_max = w.abs().amax(dim=-1, keepdim=True)
+    best_q = best_s = best_err = None
+    for frac in clip_fracs:
+        s = (row_max * frac / qmax).clamp_min(1e-7).half().float()
+        q = torch.clamp(torch.round(w / s), -qmax, qmax)
+        err = (q * s - w).square().sum(dim=-1, keepdim=True)
+        if best_q is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better, q, best_q)
+            best_s = torch.where(better, s, best_s)
+            best_err = torch.where(better, err, best_err)
+    return best_q.to(torch.int8), best_s.squeeze(-1).half()
+
+
+def fake_quant(w: torch.Tensor, clip_fracs) -> torch.Tensor:
+    """Forward = the int6 export's quantize-dequantize; backward = identity (straight-through)."""
+    q, s = quantize_rows(w.detach(), 31, clip_fracs)
+    return w + (q.float() * s.float().unsqueeze(-1) - w).detach()
+
+# ----------------------------------------------------------------------------- model
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope_tables(seq_len, rot_dims, base, train_seq_len, device):
+    if seq_len > train_seq_len and rot_dims > 2:  # NTK-aware base rescaling
+        base = base * (seq_len / train_seq_len) ** (rot_dims / (rot_dims - 2))
+    inv_freq = base ** (-torch.arange(0, rot_dims, 2, device=device, dtype=torch.float32) / rot_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on the first 2*cos.size(-1) dims of the head; the rest pass through."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive_self_attention(y, v):
+    """XSA: remove from each head's output its component along its own position's (unit) value vector."""
+    b, t, h, d = y.shape
+    y = y.view(b, t, v.size(2), h // v.size(2), d)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(b, t, h, d)
+
+
+ATTENTION_BACKEND = "sdpa"
+
+
+def attention(q, k, v):
+    """Causal GQA attention on [B, T, H, D] tensors."""
+    if ATTENTION_BACKEND == "fa3":
+        out = _fa3_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, idx: int):
+        super().__init__()
+        d = args.model_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d // args.num_heads
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+        self.ln_factor = 1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0
+        self.xsa = idx >= args.num_layers - args.xsa_last_n
+
+    def forward(self, x, x0, w, ve, cos, sin):
+        dt = x.dtype
+        mix = self.resid_mix.to(dt)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * self.ln_factor, w, ve, cos, sin)
+        u = rms_norm(x) * self.ln_factor
+        h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
+        return x + self.mlp_scale.to(dt) * F.linear(h, w["down"].to(dt))
+
+    def attn(self, u, w, ve, cos, sin):
+        b, t, _ = u.shape
+        dt = u.dtype
+        q = F.linear(u, w["q"].to(dt)).view(b, t, self.num_heads, self.head_dim)
+        k = F.linear(u, w["k"].to(dt)).view(b, t, self.num_kv_heads, self.head_dim)
+        v = F.linear(u, w["v"].to(dt))
+        if ve is not None:
+            v = v + ve
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(dt)[:, None]
+        y = attention(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        return F.linear(y.reshape(b, t, -1), w["o"].to(dt))
+
+
+class BigramHash(nn.Module):
+    def __init__(self, buckets, dim, model_dim):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids):
+        prev = F.pad(ids[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
+        h[:, 0] = self.buckets - 1  # the first position of every row has no previous token
+        return self.proj(self.embed(h)) * self.scale
+
+
+class SmearGate(nn.Module):
+    """x_t <- x_t + sigmoid(g) * (x_{t-1} - x_t), except at BOS, which never mixes in the previous document."""
+
+    def __init__(self, dim, bos_id=1):
+        super().__init__()
+        self.gate, self.bos_id = nn.Parameter(torch.zeros(dim)), bos_id
+
+    def forward(self, x, ids):
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        keep = (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return x + torch.sigmoid(self.gate).to(x.dtype) * (prev - x) * keep
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab, dim, kv_dim):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids)) * self.scale
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.args = args
+        L, d, V = args.num_layers, args.model_dim, args.vocab_size
+        kv_dim = args.num_kv_heads * (d // args.num_heads)
+        hidden = int(args.mlp_mult * d)
+        self.rot_dims = args.rope_dims or d // args.num_heads
+        self.tok_emb = nn.Embedding(V, d)
+        self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, d) if args.bigram_vocab_size else None
+        self.smear = SmearGate(d) if args.smear_enabled else None
+        self.num_encoder = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), d))
+        # banks: qo = [Q of layers 0..L-1, O of layers 0..L-1], kv likewise; weights stored [out, in]
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(L))
+        self.ve_layers = list(args.ve_layers) if args.ve_enabled else []
+        self.ve_shared = ValueEmbedding(V, args.ve_dim, kv_dim) if self.ve_layers else None
+        self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
+        self.act_dtype = torch.float32
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        L = self.args.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=self.args.tied_embed_init_std)
+        for i in range(L):
+            for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
+                nn.init.orthogonal_(w)
+        self.qo_bank[L:].zero_()
+        self.mlp_down_bank.zero_()
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+            nn.init.orthogonal_(self.ve_shared.proj.weight)
+
+    def banks(self):
+        return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+
+    def hidden(self, ids: torch.Tensor, qat: bool = False) -> torch.Tensor:
+        L = self.args.num_layers
+        qo, kv, up, down = [fake_quant(b, self.args.clip_fracs) if qat else b for b in self.banks()]
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x).to(self.act_dtype)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x0 = x
+        ve_base = self.ve_shared(ids).to(x.dtype) if self.ve_shared is not None else None
+        cos, sin = rope_tables(ids.size(1), self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            if 0 <= j < self.skip_weights.size(0) and skips:
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
+            w = {"q": qo[i], "o": qo[L + i], "k": kv[i], "v": kv[L + i], "up": up[i], "down": down[i]}
+            x = block(x, x0, w, ve, cos, sin)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.act_dtype)).float()
+        cap = self.args.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, ids, targets, qat: bool = False):
+        logits = F.linear(self.hidden(ids, qat), self.tok_emb.weight.to(self.act_dtype)).float()
+        cap = self.args.logit_softcap
+        logits = cap * torch.tanh(logits / cap)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Quintic Newton-Schulz orthogonalization of a batch of matrices [B, m, n]."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    transpose = X.size(-2) > X.size(-1)
+    if transpose:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if transpose else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum (Nesterov) + Newton-Schulz orthogonalized update, decoupled weight decay; on 3-D banks."""
+
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                shape_scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * shape_scale)
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
+    bank_ids = {id(p) for p in model.banks()}
+    tables = [model.tok_emb.weight]
+    if model.bigram is not None:
+        tables.append(model.bigram.embed.weight)
+    if model.ve_shared is not None:
+        tables.append(model.ve_shared.embed.weight)
+    table_ids = {id(p) for p in tables}
+    scalars = [p for p in model.parameters() if id(p) not in bank_ids and id(p) not in table_ids]
+    adam = torch.optim.AdamW(
+        [dict(params=tables, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr),
+         dict(params=scalars, lr=args.scalar_lr, base_lr=args.scalar_lr)],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_wd, fused=fused)
+    muon = Muon(model.banks(), lr=args.matrix_lr, momentum=args.muon_momentum,
+                backend_steps=args.muon_backend_steps, weight_decay=args.muon_wd)
+    for g in muon.param_groups:
+        g["base_lr"] = args.matrix_lr
+    return [adam, muon]
+
+
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """LR multiplier: optional linear warm-up, then flat, then a linear warmdown that ends at the wall-clock
+    cap (projected from the mean step time so far) or at ITERATIONS when there is no cap."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+    if args.warmdown_iters <= 0:
+        return warm
+    if args.max_wallclock_seconds > 0:
+        warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        down = remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms and step > 0 else 1.0
+    else:
+        down = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    return warm * down
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def window_plan(total: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window starts and the first scored offset of each: window 0 scores all its positions, every later
+    window scores its last `stride`, so each of the `total` target positions is scored exactly once."""
+    later = torch.arange(stride, max(total - seq_len + stride, stride), stride, dtype=torch.long)
+    starts = torch.cat((torch.zeros(1, dtype=torch.long), later))
+    first = torch.full_like(starts, seq_len - stride)
+    first[0] = 0
+    return starts, first
+
+
+def score_windows(logits_fn, val, luts, starts, first, seq_len, batch, device):
+    """Sum of NLL, scored-token count and byte count over the scored positions of the given windows."""
+    total = val.numel() - 1
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    offsets = torch.arange(seq_len + 1, device=device)
+    for i in range(0, len(starts), batch):
+        ws, lo = starts[i:i + batch].to(device), first[i:i + batch].to(device)
+        n = ws.numel()
+        if n < batch:  # pad to a fixed batch so compiled graphs see one shape
+            ws, lo = F.pad(ws, (0, batch - n)), F.pad(lo, (0, batch - n), value=seq_len)
+        idx = (ws[:, None] + offsets).clamp_max(total)
+        tok = val[idx].long()
+        x, y = tok[:, :-1], tok[:, 1:]
+        pos = torch.arange(seq_len, device=device)
+        mask = (pos >= lo[:, None]) & (ws[:, None] + pos < total)
+        mask[n:] = False
+        with torch.no_grad(), autocast(device):
+            logits = logits_fn(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        m = mask.reshape(-1)
+        sums[0] += nll.double()[m].sum()
+        sums[1] += m.sum()
+        sums[2] += target_bytes(x.reshape(-1)[m], y.reshape(-1)[m], luts).sum()
+    return sums
+
+
+def bpb_from(sums: torch.Tensor) -> tuple[float, float]:
+    loss = (sums[0] / sums[1]).item()
+    return loss, loss / math.log(2) * (sums[1] / sums[2]).item()
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def evaluate(logits_fn, val, luts, seq_len, stride, batch, dctx: Dist) -> tuple[float, float]:
+    """val_loss and val_bpb over every target position; stride == seq_len is the plain block eval."""
+    starts, first = window_plan(val.numel() - 1, seq_len, stride)
+    part = rank_slice(len(starts), dctx.rank, dctx.world_size)
+    sums = score_windows(logits_fn, val, luts, starts[part], first[part], seq_len, batch, dctx.device)
+    return bpb_from(dctx.all_reduce(sums))
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def freeze_grad_rows(model: GPT, blocks: int):
+    """Zero the bank gradients of the first `blocks` layers (their per-block params are frozen outright)."""
+    if blocks <= 0:
+        return
+    L = model.args.num_layers
+    for bank in model.banks():
+        if bank.grad is not None:
+            bank.grad[:blocks].zero_()
+            if bank.size(0) == 2 * L:
+                bank.grad[L:L + blocks].zero_()
+
+
+def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
+    """Legal score-first TTT. Chunk c's windows are scored under no_grad, and only then does the model train
+    on chunk c's positions; `scored_end` is the legality guard: training never reads a target past it."""
+    L, C, stride = args.eval_seq_len, args.ttt_chunk_tokens, args.eval_stride
+    total = val.numel() - 1
+    starts, first = window_plan(total, L, stride)
+    n_chunks = max(1, math.ceil(total / C))
+    chunk_of = torch.clamp((starts + first) // C, max=n_chunks - 1)
+    frozen = tuple(f"blocks.{i}." for i in range(args.ttt_freeze_blocks))
+    params = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(starts)} stride={stride} "
+        f"ttt_lr={args.ttt_lr} ttt_epochs={args.ttt_epochs} freeze_blocks={args.ttt_freeze_blocks}")
+    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
+    t0 = time.perf_counter()
+    scored_end = 0
+    for c in range(n_chunks):
+        sel = torch.nonzero(chunk_of == c).squeeze(1)
+        part = sel[rank_slice(len(sel), dctx.rank, dctx.world_size)]
+        model.eval()
+        sums += score_windows(logits_fn, val, luts, starts[part], first[part], L, args.ttt_batch_seqs, dctx.device)
+        scored_end = min((c + 1) * C, total) if c < n_chunks - 1 else total
+        if c < n_chunks - 1:
+            lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            ttt_train_chunk(model, loss_fn, opt, params, val, c * C, scored_end, lr, args, dctx)
+        if dctx.master and (c % 10 == 0 or c == n_chunks - 1):
+            _, bpb = bpb_from(sums) if sums[1] > 0 else (0.0, 0.0)
+            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss, bpb = bpb_from(dctx.all_reduce(sums))
+    log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
+    return loss, bpb
+
+
+def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist):
+    """SGD on sequences whose targets lie in [start, scored_end): all already scored."""
+    L = args.eval_seq_len
+    n_seq = (scored_end - start) // L
+    if n_seq == 0:
+        return
+    assert start + n_seq * L <= scored_end, "TTT would train on unscored tokens"
+    mine = list(range(n_seq))[rank_slice(n_seq, dctx.rank, dctx.world_size)]
+    steps = math.ceil(math.ceil(n_seq / dctx.world_size) / args.ttt_batch_seqs)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    offsets = torch.arange(L + 1, device=dctx.device)
+    for _ in range(args.ttt_epochs):
+        for s in range(steps):
+            batch = mine[s * args.ttt_batch_seqs:(s + 1) * args.ttt_batch_seqs]
+            opt.zero_grad(set_to_none=False)
+            if batch:
+                idx = start + torch.tensor(batch, device=dctx.device)[:, None] * L + offsets
+                tok = val[idx].long()
+                with autocast(dctx.device):
+                    loss = loss_fn(tok[:, :-1], tok[:, 1:])
+                loss.backward()
+            freeze_grad_rows(model, args.ttt_freeze_blocks)
+            dctx.mean_([p.grad for p in params])
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            opt.step()
+
+# ----------------------------------------------------------------------------- export
+
+
+ARTIFACT_MAGIC = b"PGOLF1"
+TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
+
+
+def quantize_state(state: dict[str, torch.Tensor], clip_fracs) -> dict[str, torch.Tensor]:
+    """int6 per-row for the attention/MLP banks, int8 per-row for embedding tables, fp16 for the rest."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("_bank"):
+            q, s = quantize_rows(t.reshape(-1, t.size(-1)), 31, clip_fracs)
+            out[name + ".q6"], out[name + ".qscale"] = q.view_as(t).cpu(), s.cpu()
+        elif name in TABLE_NAMES:
+            q, s = quantize_rows(t, 127, clip_fracs)
+            out[name + ".q8"], out[name + ".qscale"] = q.cpu(), s.cpu()
+        else:
+            out[name] = t.detach().half().cpu()
+    return out
+
+
+def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, t in packed.items():
+        if key.endswith(".qscale"):
+            continue
+        if key.endswith((".q6", ".q8")):
+            name = key[:-3]
+            s = packed[name + ".qscale"].float()
+            state[name] = (t.reshape(-1, t.size(-1)).float() * s[:, None]).view(t.shape)
+        else:
+            state[key] = t.float()
+    return state
+
+
+def pack_artifact(state, arch: dict, compressor: str, clip_fracs) -> tuple[bytes, int]:
+    buf = io.BytesIO()
+    torch.save({"arch": arch, "weights": quantize_state(state, clip_fracs)}, buf)
+    raw = buf.getvalue()
+    if compressor == "zstd":
+        import zstandard
+        blob = zstandard.ZstdCompressor(level=22).compress(raw)
+    else:
+        blob = lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+    return ARTIFACT_MAGIC + compressor.encode().ljust(4, b"\0") + blob, len(raw)
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"artifact {path!r} not found")
+    data = Path(path).read_bytes()
+    if not data.startswith(ARTIFACT_MAGIC):
+        raise ValueError(f"artifact {path} is not a train_gpt.py artifact (bad magic)")
+    compressor = data[6:10].rstrip(b"\0").decode(errors="replace")
+    try:
+        if compressor == "zstd":
+            import zstandard
+            raw = zstandard.ZstdDecompressor().decompress(data[10:])
+        elif compressor == "lzma":
+            raw = lzma.decompress(data[10:])
+        else:
+            raise ValueError(f"unknown compressor {compressor!r}")
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return obj["arch"], dequantize_state(obj["weights"])
+    except Exception as e:
+        raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None
+
+
+def model_from_artifact(path: str, args: Hyperparameters, device) -> GPT:
+    arch, state = load_artifact(path)
+    for key, value in arch.items():
+        setattr(args, key, value)
+    model = GPT(args).to(device)
+    model.load_state_dict(state, strict=True)
+    return model
+
+# ----------------------------------------------------------------------------- main
+
+
+def code_info() -> tuple[bytes, str]:
+    code = Path(__file__).read_bytes()
+    return code, hashlib.sha256(code).hexdigest()
+
+
+def project_eval(log, phase, seconds, tokens, world_size, projections):
+    full = seconds * (62_021_632 / tokens) * (world_size / 8)
+    projections.append(full)
+    log(f"eval_projection phase:{phase} measured_s:{seconds:.1f} tokens:{tokens} world_size:{world_size} "
+        f"projected_8gpu_full_val_s:{full:.1f}")
+
+
+def main():
+    global ATTENTION_BACKEND
+    args = Hyperparameters()
+    dctx = Dist()
+    device = dctx.device
+    log = Logger(f"logs/{args.run_id}.txt" if dctx.master else None)
+    code, code_hash = code_info()
+    log(f"logs/{args.run_id}.txt")
+    log(f"code_sha256:{code_hash} code_bytes:{len(code)}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
+    fa3_ok = _fa3_func is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if args.attention_backend == "fa3" and not fa3_ok:
+        raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
+    ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend != "sdpa" else "sdpa"
+    log(f"attention_backend:{ATTENTION_BACKEND}")
+    for name, value in CONFIG.items():
+        log(f"config {name}={value}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = tuple(t.to(device) for t in byte_luts(sp, args.vocab_size))
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
+    seq_for_val = max(args.train_seq_len, args.eval_seq_len)
+    val = load_val_tokens(args.data_path, seq_for_val, args.val_tokens).to(device)
+    if args.eval_only_path:
+        log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
+        log(f"eval_only:{args.eval_only_path}")
+        status = final_evaluation(args, dctx, log, val, luts, code)
+        dctx.close()
+        return status
+
+    world = dctx.world_size
+    grad_accum = args.grad_accum_steps or (8 // world if 8 % world == 0 else 0)
+    if grad_accum <= 0:
+        raise SystemExit(f"error: WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
+    if args.train_batch_tokens % (world * grad_accum * args.train_seq_len):
+        raise SystemExit(f"error: TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by WORLD_SIZE*"
+                         f"grad_accum*TRAIN_SEQ_LEN = {world}*{grad_accum}*{args.train_seq_len}")
+    train_files = shard_files(args.data_path, "train")
+    log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
+    log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model = GPT(args).to(device)
+    model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    log(f"XSA:last_{args.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.xsa]}")
+    log(f"world_size:{world} grad_accum_steps:{grad_accum}")
+    log(f"seed:{args.seed}")
+    train_loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+    optimizers = build_optimizers(model, args, fused=device.type == "cuda")
+    params = list(model.parameters())
+    local_tokens = args.train_batch_tokens // (world * grad_accum)
+    new_loader = lambda: TrainLoader(train_files, dctx.rank, world, local_tokens, args.train_seq_len, device)
+
+    def train_step(loader, qat: bool) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            x, y = loader.next_batch()
+            with autocast(device):
+                loss = train_loss_fn(x, y, qat)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        dctx.mean_([p.grad for p in params])
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss_sum / grad_accum
+
+    qat_possible = args.qat_enabled or args.late_qat_threshold > 0
+    if args.warmup_steps > 0:  # compile (both QAT variants) outside the timed run, then restore everything
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opt_states = [opt.state_dict() for opt in optimizers]
+        opt_states = [torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, s) for s in opt_states]
+        loader = new_loader()
+        for i in range(args.warmup_steps):
+            train_step(loader, qat_possible and i == args.warmup_steps - 1)
+            log(f"warmup_step:{i + 1}/{args.warmup_steps}")
+        model.load_state_dict(snapshot)
+        for opt, state in zip(optimizers, opt_states):
+            opt.load_state_dict(state)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    loader = new_loader()
+
+    ema = [p.detach().float().clone() for p in params] if args.ema_enabled else None
+    swa_sum, swa_count = None, 0
+    qat = args.qat_enabled
+    train_ms, step, stop_after = 0.0, 0, None
+    sync(device)
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or (stop_after is not None and step >= stop_after)
+        if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            sync(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            vl, vb = evaluate(logits_fn, val, luts, args.train_seq_len, args.train_seq_len, args.eval_batch_seqs, dctx)
+            log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync(device)
+            t0 = time.perf_counter()
+        if last:
+            if stop_after is not None and step < args.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+            break
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(args, step, elapsed)
+        if not qat and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
+            qat = True
+            log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        train_loss = train_step(loader, qat)
+        step += 1
+        with torch.no_grad():
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
+            if args.swa_enabled and scale < args.swa_threshold and step % args.swa_every == 0:
+                if swa_sum is None:
+                    swa_sum = [p.detach().float().clone() for p in params]
+                    log(f"swa:start step:{step}")
+                else:
+                    torch._foreach_add_(swa_sum, [p.detach().float() for p in params])
+                swa_count += 1
+        if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
+            ms = train_ms + 1000 * (time.perf_counter() - t0)
+            log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
+                f"step_avg:{ms / step:.2f}ms")
+        if stop_after is None and args.max_wallclock_seconds > 0:
+            reached = torch.tensor(float(train_ms + 1000 * (time.perf_counter() - t0) >= 1000 * args.max_wallclock_seconds), device=device)
+            if dctx.all_reduce(reached, dist.ReduceOp.MAX).item() > 0:
+                stop_after = step
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    weights = args.export_weights
+    if weights in ("ema", "ema_swa") and ema is None:
+        log("export_weights: EMA is disabled; exporting live weights")
+        weights = "live"
+    if weights in ("swa", "ema_swa") and swa_count == 0:
+        log("export_weights: no SWA snapshot was taken; falling back to " + ("ema" if ema is not None else "live"))
+        weights = "ema" if ema is not None else "live"
+    with torch.no_grad():
+        if weights != "live":
+            swa = [s / swa_count for s in swa_sum] if swa_count else None
+            chosen = {"ema": ema, "swa": swa, "ema_swa": [(e + s) / 2 for e, s in zip(ema or [], swa or [])]}[weights]
+            for p, w in zip(params, chosen):
+                p.copy_(w)
+    log(f"export_weights:{weights}")
+    t = time.perf_counter()
+    vl, vb = evaluate(logits_fn, val, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, dctx)
+    log(f"DIAGNOSTIC post_{weights} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+    log(f"DIAGNOSTIC post_{weights}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+
+    t = time.perf_counter()
+    arch = {k: getattr(args, k) for k in ARCH_KEYS}
+    blob, raw_bytes = pack_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch,
+                                    args.compressor, args.clip_fracs)
+    total = len(blob) + len(code)
+    log(f"Serialized model: {raw_bytes} bytes")
+    log(f"Code size: {len(code)} bytes")
+    log(f"Serialized model int6+{args.compressor}: {len(blob)} bytes")
+    log(f"Total submission size int6+{args.compressor}: {total} bytes")
+    if dctx.master:
+        write_atomic(args.artifact_path, blob)
+    log(f"export_time:{1000 * (time.perf_counter() - t):.0f}ms")
+    if total > args.size_limit:
+        log(f"size_check total:{total} limit:{args.size_limit} OVER")
+        log(f"ERROR: artifact {args.artifact_path} is {total - args.size_limit} bytes OVER the {args.size_limit}-byte "
+            f"limit (code {len(code)} + model {len(blob)}); this run cannot be submitted")
+        dctx.close()
+        return 1
+    log(f"size_check total:{total} limit:{args.size_limit} ok")
+    dctx.barrier()
+    del model, train_loss_fn, logits_fn, optimizers, params, ema, swa_sum
+    args.eval_only_path = args.artifact_path
+    status = final_evaluation(args, dctx, log, val, luts, code)
+    dctx.close()
+    return status
+
+
+def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, code: bytes) -> int:
+    """Round-trip the saved artifact into a fresh model, then block, sliding-window and TTT evaluation."""
+    device = dctx.device
+    torch._dynamo.reset()
+    t_all = time.perf_counter()
+    model = model_from_artifact(args.eval_only_path, args, device)
+    model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+    tokens = val.numel() - 1
+    projections = []
+    L = args.eval_seq_len
+    t = time.perf_counter()
+    vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx)
+    secs = time.perf_counter() - t
+    log(f"final_int6_roundtrip val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
+    log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    project_eval(log, "roundtrip", secs, tokens, dctx.world_size, projections)
+    if args.eval_stride < L:
+        t = time.perf_counter()
+        vl, vb = evaluate(logits_fn, val, luts, L, args.eval_stride, args.eval_batch_seqs, dctx)
+        secs = time.perf_counter() - t
+        log(f"final_int6_sliding_window val_loss:{vl:.4f} val_bpb:{vb:.4f} stride:{args.eval_stride} "
+            f"eval_time:{1000 * secs:.0f}ms")
+        log(f"final_int6_sliding_window_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        project_eval(log, "sliding_window", secs, tokens, dctx.world_size, projections)
+    if args.ttt_enabled:
+        t = time.perf_counter()
+        loss_fn = torch.compile(model, dynamic=False) if args.compile else model
+        vl, vb = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
+        secs = time.perf_counter() - t
+        log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
+        log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+        project_eval(log, "legal_ttt", secs, tokens, dctx.world_size, projections)
+    projected = sum(projections)
+    log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:600 fits:{projected <= 600}")
+    log(f"eval_time_total:{1000 * (time.perf_counter() - t_all):.0f}ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
