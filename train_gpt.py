@@ -453,12 +453,14 @@ class Block(nn.Module):
     def attn(self, u, w, ve, cos, sin):
         b, t, _ = u.shape
         dt = u.dtype
-        q = F.linear(u, w["q"].to(dt)).view(b, t, self.num_heads, self.head_dim)
-        k = F.linear(u, w["k"].to(dt)).view(b, t, self.num_kv_heads, self.head_dim)
-        v = F.linear(u, w["v"].to(dt))
+        kv_dim = self.num_kv_heads * self.head_dim
+        qkv = F.linear(u, torch.cat((w["q"], w["k"], w["v"])).to(dt))  # one GEMM for q, k and v
+        q, k, v = qkv.split((qkv.size(-1) - 2 * kv_dim, kv_dim, kv_dim), dim=-1)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if ve is not None:
             v = v + ve
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(dt)[:, None]
         y = attention(q, k, v)
@@ -529,6 +531,10 @@ class GPT(nn.Module):
         self.ve_shared = ValueEmbedding(V, args.ve_dim, kv_dim) if self.ve_layers else None
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
+        for T in {args.train_seq_len, args.eval_seq_len}:  # precomputed RoPE tables for the lengths in use
+            cos, sin = rope_tables(T, self.rot_dims, args.rope_base, args.rope_train_seq_len, None)
+            self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
         self._init_weights()
 
     @torch.no_grad()
@@ -561,7 +567,10 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0 = x
         ve_base = self.ve_shared(ids).to(x.dtype) if self.ve_shared is not None else None
-        cos, sin = rope_tables(ids.size(1), self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
+        T = ids.size(1)
+        cos, sin = getattr(self, f"rope_cos_{T}", None), getattr(self, f"rope_sin_{T}", None)
+        if cos is None:
+            cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
         skips = []
         for i, block in enumerate(self.blocks):
             j = i - self.num_encoder
@@ -1042,8 +1051,11 @@ def main():
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
                 f"step_avg:{ms / step:.2f}ms")
         if stop_after is None and args.max_wallclock_seconds > 0:
-            reached = torch.tensor(float(train_ms + 1000 * (time.perf_counter() - t0) >= 1000 * args.max_wallclock_seconds), device=device)
-            if dctx.all_reduce(reached, dist.ReduceOp.MAX).item() > 0:
+            reached = train_ms + 1000 * (time.perf_counter() - t0) >= 1000 * args.max_wallclock_seconds
+            if dctx.enabled:  # all ranks must stop at the same step; one process needs no device sync here
+                flag = torch.tensor(float(reached), device=device)
+                reached = dctx.all_reduce(flag, dist.ReduceOp.MAX).item() > 0
+            if reached:
                 stop_after = step
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "

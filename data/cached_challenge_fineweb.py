@@ -51,6 +51,10 @@ TOKENIZER_ARTIFACT_KEYS = ("model_path", "vocab_path", "path")
 class DownloadError(Exception):
     """A failure reported to the user as one line (no traceback)."""
 
+    def __init__(self, message: str, *, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable  # the endpoint could not be reached at all
+
 
 # --------------------------------------------------------------------------------------------------
 # Validation of local files
@@ -134,12 +138,14 @@ class Hub:
         self.revision = revision
         self._hf = None
         self._checked = False
+        self._preflight_error: DownloadError | None = None
 
     @property
     def hf(self):
         if self._hf is None:
             try:
                 import huggingface_hub
+                import huggingface_hub.constants  # noqa: F401  (a lazily loaded submodule)
             except ImportError:
                 raise DownloadError("huggingface_hub is not installed (pip install huggingface_hub)") from None
             self._hf = huggingface_hub
@@ -152,25 +158,30 @@ class Hub:
         except (AttributeError, DownloadError):
             return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
-    def describe(self, e: BaseException, remote: str) -> str:
+    def error(self, e: BaseException, remote: str) -> DownloadError:
+        """A one-line DownloadError describing a huggingface_hub failure."""
         names = [type(x).__name__ for x in _exception_chain(e)]
         where = f"dataset repo {self.repo_id} at {self.endpoint}"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if names[0] in ("RepositoryNotFoundError", "GatedRepoError"):
-            return f"{where}: repository not found or not accessible (check MATCHED_FINEWEB_REPO_ID / HF_TOKEN)"
+            return DownloadError(f"{where}: repository not found or not accessible "
+                                 "(check MATCHED_FINEWEB_REPO_ID / HF_TOKEN)")
         if names[0] == "RevisionNotFoundError":
-            return f"{where}: revision {self.revision!r} not found"
+            return DownloadError(f"{where}: revision {self.revision!r} not found")
         if names[0] in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-            return f"{where}: file {remote} not found"
+            return DownloadError(f"{where}: file {remote} not found")
         if any(n in _CONNECTION_ERRORS for n in names):
             cause = next((x for x in _exception_chain(e) if type(x).__name__ not in ("LocalEntryNotFoundError",)), e)
             detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
-            return f"cannot reach {self.endpoint} for {where} ({remote}): {type(cause).__name__}: {detail}"
-        return f"failed to fetch {remote} from {where}: {type(e).__name__}: {first}"
+            return DownloadError(f"cannot reach {self.endpoint} (dataset repo {self.repo_id}, file {remote}): "
+                                 f"{type(cause).__name__}: {detail}", unreachable=True)
+        return DownloadError(f"failed to fetch {remote} from {where}: {type(e).__name__}: {first}")
 
     def _preflight(self, remote: str) -> None:
         """One quick HEAD without retries, so an unreachable endpoint fails fast (the download itself
         retries with backoff for ~20 s)."""
+        if self._preflight_error is not None:
+            raise self._preflight_error
         if self._checked:
             return
         self._checked = True
@@ -179,9 +190,14 @@ class Hub:
             return  # offline mode: hf_hub_download serves from the cache or fails
         try:
             url = hf.hf_hub_url(self.repo_id, remote, repo_type=REPO_TYPE, revision=self.revision)
-            hf.get_hf_file_metadata(url=url, timeout=10)
+            hf.get_hf_file_metadata(url=url, timeout=getattr(hf.constants, "HF_HUB_ETAG_TIMEOUT", 10))
         except Exception as e:
-            raise DownloadError(self.describe(e, remote)) from None
+            err = self.error(e, remote)
+            if err.unreachable:
+                self._preflight_error = err  # do not let later files wait through the client's retries
+            else:
+                self._checked = False
+            raise err from None
 
     def download(self, remote: str, *, force: bool) -> Path:
         self._preflight(remote)
@@ -193,7 +209,7 @@ class Hub:
         except DownloadError:
             raise
         except Exception as e:
-            raise DownloadError(self.describe(e, remote)) from None
+            raise self.error(e, remote) from None
         return Path(path)
 
 
@@ -223,13 +239,33 @@ def place(src: Path, final: Path, kind: str) -> None:
             tmp.unlink()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return a.read_bytes() == b.read_bytes()  # only used for small files (the manifest)
+    except OSError:
+        return False
+
+
 def fetch_file(hub: Hub, remote: str, final: Path, *, force: bool, log: Callable[[str], None],
-               label: str) -> str:
-    """Make `final` a valid copy of `remote`; return "present" or "downloaded"."""
+               label: str, refresh: bool = False) -> str:
+    """Make `final` a valid copy of `remote`; return "present" or "downloaded".
+
+    A valid local file is kept without any network access, unless `refresh` (ask the Hub; the HF
+    cache makes an unchanged file cost one HEAD request) or `force` (download again).
+    """
     kind = kind_of(final.name)
     if final.exists():
         problem = problem_with(final, kind)
-        if problem is None and not force:
+        if problem is None and refresh and not force:
+            cached = hub.download(remote, force=False)
+            if problem_with(cached, kind) is None and _same_file(cached, final):
+                log(f"{label} {final.name} {human_size(final.stat().st_size)} (up to date)")
+                return "present"
+        elif problem is None and not force:
             log(f"{label} {final.name} {human_size(final.stat().st_size)} (present)")
             return "present"
         if problem is not None:
@@ -315,8 +351,13 @@ def run(args, log: Callable[[str], None] = print) -> dict:
     else:
         # Always refreshed (cheap: the HF cache answers unchanged files with a HEAD request only), so a
         # manifest from another repo never lingers.
-        fetch_file(hub, _remote(prefix, "manifest.json"), manifest_path, force=args.force, log=log,
-                   label="[manifest]")
+        try:
+            fetch_file(hub, _remote(prefix, "manifest.json"), manifest_path, force=args.force, log=log,
+                       label="[manifest]", refresh=True)
+        except DownloadError as e:
+            if not (e.unreachable and problem_with(manifest_path, "json") is None):
+                raise
+            log(f"[manifest] warning: {e}; using the local {manifest_path}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

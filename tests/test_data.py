@@ -1,0 +1,595 @@
+"""Tests of the data tools: shard builder, train/val split, smoke dataset, Hub downloader.
+
+CPU only, no network except a local HTTP server on 127.0.0.1 that plays the Hugging Face Hub for the
+real `huggingface_hub` client (the downloader runs as a subprocess with HF_ENDPOINT pointing at it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+sys.path.insert(0, str(DATA))
+
+import build_shards as bs  # noqa: E402
+import make_smoke_dataset as smoke  # noqa: E402
+from shard_format import HEADER_BYTES, SHARD_MAGIC, ShardError, inspect_shard, read_shard, write_shard  # noqa: E402
+
+DOWNLOADER = DATA / "cached_challenge_fineweb.py"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers / fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_a")
+    t0 = time.time()
+    paths = smoke.build_smoke_dataset(out, log=None)
+    paths["seconds"] = time.time() - t0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sp(smoke_build):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(smoke_build["tokenizer_path"]))
+
+
+def split_docs(tokens: np.ndarray) -> list[list[int]]:
+    """Split a BOS-separated stream into documents (BOS dropped); the stream must start with BOS."""
+    assert tokens.size and tokens[0] == bs.BOS_ID, "stream must start with BOS"
+    starts = np.flatnonzero(tokens == bs.BOS_ID)
+    ends = list(starts[1:]) + [tokens.size]
+    return [tokens[s + 1:e].tolist() for s, e in zip(starts, ends)]
+
+
+def split_stream(shards: list[Path]) -> np.ndarray:
+    return np.concatenate([read_shard(p) for p in shards]) if shards else np.zeros(0, np.uint16)
+
+
+# Documents whose text survives nmt_nfkc normalization unchanged (single spaces, no newlines, NFKC).
+STABLE_DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Python 3.11 added exception groups in 2022; the number 123456 is split into digits.",
+    "A for loop iterates over the items of any sequence, in the order that they appear.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 accented text and an em dash.",
+    "Rare characters \u4e2d\u6587 and \U0001f600 fall back to bytes.",
+    "Short.",
+    "If the class defines __eq__ but not __hash__, its instances are unhashable.",
+    "The with statement wraps the execution of a block with methods defined by a context manager.",
+    "Numbers like 3.14159 and 2.71828 appear here, with 42 and 1024 too.",
+    "Lists are mutable sequences, typically used to store collections of homogeneous items.",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# shard format
+# --------------------------------------------------------------------------------------------------
+
+
+def test_shard_format_roundtrip_and_rejections(tmp_path):
+    toks = np.array([1, 5, 65535, 0, 7], dtype=np.uint16)
+    p = tmp_path / "fineweb_val_000000.bin"
+    assert write_shard(p, toks) == 5
+    raw = p.read_bytes()
+    assert len(raw) == HEADER_BYTES + 2 * 5
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert header[0] == SHARD_MAGIC and header[1] == 1 and header[2] == 5 and not header[3:].any()
+    assert np.array_equal(read_shard(p), toks)
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")], "temp file left behind"
+
+    bad = {
+        "empty.bin": b"",
+        "truncated.bin": raw[:-1],
+        "short_header.bin": raw[:100],
+        "bad_magic.bin": (12345).to_bytes(4, "little") + raw[4:],
+        "bad_version.bin": raw[:4] + (2).to_bytes(4, "little") + raw[8:],
+        "too_long.bin": raw + b"\0\0",
+    }
+    for name, data in bad.items():
+        q = tmp_path / name
+        q.write_bytes(data)
+        with pytest.raises(ShardError) as ei:
+            read_shard(q)
+        assert name in str(ei.value)
+    with pytest.raises(ValueError):
+        write_shard(tmp_path / "x.bin", np.array([70000]))
+
+
+# --------------------------------------------------------------------------------------------------
+# builder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_build_roundtrip_multi_shard(tmp_path, smoke_build, sp):
+    tok = smoke_build["tokenizer_path"]
+    # A document with newlines / repeated spaces is normalized by nmt_nfkc: compare to encode->decode.
+    docs = STABLE_DOCS + ["Line one.\nLine  two,\twith a tab.\n\nAnd a paragraph."]
+    shard_tokens = 37
+    res = bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=tok, val_docs=3, seed=7,
+                          shard_tokens=shard_tokens, log=None)
+    val_idx, train_idx = bs.split_documents(len(docs), val_docs=3, seed=7)
+
+    for split, idx in (("val", val_idx), ("train", train_idx)):
+        shards = res[split]["shards"]
+        assert shards == sorted((tmp_path / "ds").glob(f"fineweb_{split}_*.bin"))
+        assert [p.name for p in shards] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(shards))]
+        counts = [inspect_shard(p) for p in shards]
+        for p, n in zip(shards, counts):  # header count == payload size
+            assert p.stat().st_size == HEADER_BYTES + 2 * n
+            assert read_shard(p).size == n
+        # size limit: all shards full except possibly the last, which is non-empty
+        assert all(n == shard_tokens for n in counts[:-1]) and 0 < counts[-1] <= shard_tokens
+        stream = split_stream(shards)
+        assert stream.size == res[split]["tokens"] == sum(counts)
+        assert -(-stream.size // shard_tokens) == len(shards)
+        decoded = [sp.decode(ids) for ids in split_docs(stream)]
+        expected = [docs[i] for i in idx]
+        assert len(decoded) == len(expected) == res[split]["docs"]
+        # each document is exactly [BOS] + sp.encode(text); no EOS
+        assert split_docs(stream) == [sp.encode(d) for d in expected]
+        assert sp.eos_id() not in stream.tolist()
+        for got, want in zip(decoded, expected):
+            if want in STABLE_DOCS:
+                assert got == want
+            else:
+                assert got == sp.decode(sp.encode(want))
+        assert res[split]["bytes"] == sum(len(d.encode()) for d in expected)
+    assert len(res["train"]["shards"]) >= 3, "the shard size limit should split train across several shards"
+    assert len(res["val"]["shards"]) >= 2
+    # refuses to silently mix with an old build
+    with pytest.raises(FileExistsError):
+        bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=tok, val_docs=3, log=None)
+
+
+def test_split_disjoint_and_seeded(tmp_path, smoke_build, sp):
+    v1, t1 = bs.split_documents(1000, val_docs=100, seed=1)
+    v1b, t1b = bs.split_documents(1000, val_docs=100, seed=1)
+    v2, _ = bs.split_documents(1000, val_docs=100, seed=2)
+    assert np.array_equal(v1, v1b) and np.array_equal(t1, t1b)
+    assert set(v1.tolist()) != set(v2.tolist())
+    assert not set(v1.tolist()) & set(t1.tolist())
+    assert sorted(v1.tolist() + t1.tolist()) == list(range(1000))
+    vf, tf = bs.split_documents(1000, val_fraction=0.05, seed=1)
+    assert vf.size == 50 and tf.size == 950
+    with pytest.raises(ValueError):
+        bs.split_documents(10, val_docs=10)
+
+    # on real shards: no document on both sides; same seed -> identical bytes; other seed -> other split
+    tok = smoke_build["tokenizer_path"]
+    docs = [f"Document number {i} talks about topic {i * 7 % 13} and nothing else." for i in range(40)]
+
+    def build(name, seed):
+        res = bs.build_shards(tmp_path / name, documents=docs, tokenizer=tok, val_docs=8, seed=seed, log=None)
+        out = {}
+        for split in ("val", "train"):
+            out[split] = [sp.decode(ids) for ids in split_docs(split_stream(res[split]["shards"]))]
+        out["bytes"] = b"".join(p.read_bytes() for s in ("val", "train") for p in res[s]["shards"])
+        return out
+
+    a, b, c = build("a", 5), build("b", 5), build("c", 6)
+    assert len(a["val"]) == 8 and len(a["train"]) == 32
+    assert not set(a["val"]) & set(a["train"])
+    assert sorted(a["val"] + a["train"]) == sorted(docs)
+    assert a["bytes"] == b["bytes"]
+    assert set(a["val"]) != set(c["val"])
+
+
+def test_build_from_files_cli_and_workers(tmp_path, smoke_build, sp):
+    """jsonl + txt inputs through the command line, 1 vs 2 encoding processes give identical shards."""
+    src = tmp_path / "src"
+    src.mkdir()
+    jl = [{"text": d, "id": i} for i, d in enumerate(STABLE_DOCS)]
+    (src / "a.jsonl").write_text("\n".join(json.dumps(o) for o in jl[:6]) + "\n\n" +
+                                 "\n".join(json.dumps(o) for o in jl[6:]) + "\n", encoding="utf-8")
+    (src / "b.txt").write_text("A whole file is one document here.", encoding="utf-8")
+    (src / "empty.txt").write_text("", encoding="utf-8")
+    tok = str(smoke_build["tokenizer_path"])
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        rc = bs.main([str(src), "--out", str(out), "--tokenizer", tok, "--val-docs", "2",
+                      "--shard-tokens", "50", "--workers", str(workers), "--seed", "3"])
+        assert rc == 0
+        outs[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+    assert outs[1] == outs[2] and len(outs[1]) >= 3
+    all_docs = []
+    for split in ("val", "train"):
+        stream = split_stream(sorted((tmp_path / "w1").glob(f"fineweb_{split}_*.bin")))
+        all_docs += [sp.decode(ids) for ids in split_docs(stream)]
+    assert sorted(all_docs) == sorted(STABLE_DOCS + ["A whole file is one document here."])
+
+    # --txt-docs-per-line: one document per non-blank line
+    (src2 := tmp_path / "src2").mkdir()
+    (src2 / "lines.txt").write_text("first doc\n\nsecond doc\nthird doc\n", encoding="utf-8")
+    res = bs.build_shards(tmp_path / "lines", [src2], tokenizer=tok, val_docs=1, txt_docs_per_line=True, log=None)
+    assert res["val"]["docs"] + res["train"]["docs"] == 3
+
+    # errors are one line + non-zero
+    assert bs.main([str(src / "nope.jsonl"), "--out", str(tmp_path / "x"), "--tokenizer", tok]) == 1
+
+
+def _proto_fields(b: bytes) -> dict[int, list]:
+    """Minimal protobuf wire-format reader (protobuf itself is not a dependency)."""
+    import struct
+
+    def varint(i):
+        r = sh = 0
+        while True:
+            x = b[i]
+            i += 1
+            r |= (x & 0x7F) << sh
+            sh += 7
+            if x < 0x80:
+                return r, i
+
+    out: dict[int, list] = {}
+    i = 0
+    while i < len(b):
+        key, i = varint(i)
+        f, w = key >> 3, key & 7
+        if w == 0:
+            v, i = varint(i)
+        elif w == 1:
+            v, i = b[i:i + 8], i + 8
+        elif w == 2:
+            n, i = varint(i)
+            v, i = b[i:i + n], i + n
+        elif w == 5:
+            v, i = struct.unpack("<f", b[i:i + 4])[0], i + 4
+        else:
+            raise ValueError(f"wire type {w}")
+        out.setdefault(f, []).append(v)
+    return out
+
+
+def test_train_tokenizer_settings(tmp_path):
+    import sentencepiece as spm
+
+    assert bs.TOKENIZER_SETTINGS == dict(
+        model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        hard_vocab_limit=False)
+    texts = smoke.topic_documents()[:40]
+    path = bs.train_tokenizer(texts, 512, tmp_path / "t_512_bpe.model")
+    assert path.name == "t_512_bpe.model" and (tmp_path / "t_512_bpe.vocab").is_file()
+    model = _proto_fields(path.read_bytes())  # ModelProto: 2 = trainer_spec, 3 = normalizer_spec
+    ts, ns = _proto_fields(model[2][0]), _proto_fields(model[3][0])
+    assert ts[3] == [2] and ts[4] == [512]  # model_type BPE, vocab_size
+    assert abs(ts[10][0] - 0.999) < 1e-6  # character_coverage
+    assert ts[25] == [1] and ts[35] == [1] and ts[33] == [0]  # split_digits, byte_fallback, hard_vocab_limit
+    assert (ts[43], ts[41], ts[42], ts[40]) == ([0], [1], [2], [3])  # pad, bos, eos, unk ids
+    assert ns[1] == [b"nmt_nfkc"] and ns[3] == [0]  # normalizer name, add_dummy_prefix
+    s = spm.SentencePieceProcessor(model_file=str(path))
+    assert s.piece_to_id("\u2581") != s.unk_id()
+    assert s.encode("12345", out_type=str) == ["1", "2", "3", "4", "5"]
+    assert not s.encode("hello world", out_type=str)[0].startswith("\u2581")
+    assert any(p.startswith("<0x") for p in s.encode("\U0001f600", out_type=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# smoke dataset
+# --------------------------------------------------------------------------------------------------
+
+
+def test_smoke_dataset(smoke_build, tmp_path):
+    p = smoke_build
+    assert p["built"] and p["seconds"] < 30
+    assert p["data_path"].name == "fineweb10B_sp1024" and p["data_path"].parent.name == "datasets"
+    assert p["tokenizer_path"] == p["out_dir"] / "tokenizers" / "smoke_1024_bpe.model"
+    names = sorted(q.name for q in p["data_path"].iterdir())
+    assert names == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    val, train = read_shard(p["val_shards"][0]), read_shard(p["train_shards"][0])
+    assert val.size == p["val_tokens"] >= 40_000
+    assert train.size == p["train_tokens"] > val.size
+    assert val[0] == 1 and train[0] == 1 and val.max() < 1024 and train.max() < 1024
+
+    import sentencepiece as spm
+
+    s = spm.SentencePieceProcessor(model_file=str(p["tokenizer_path"]))
+    assert s.vocab_size() == 1024
+    assert s.piece_to_id("\u2581") != s.unk_id()
+    # val documents are prose from the language reference, not seen in train
+    val_docs = {s.decode(ids) for ids in split_docs(val)}
+    train_docs = {s.decode(ids) for ids in split_docs(train)}
+    assert val_docs and not val_docs & train_docs
+
+    # deterministic: a second build elsewhere is byte-identical
+    other = smoke.build_smoke_dataset(tmp_path / "smoke_b", log=None)
+    for a, b in [(p["tokenizer_path"], other["tokenizer_path"])] + list(
+            zip(p["val_shards"] + p["train_shards"], other["val_shards"] + other["train_shards"])):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+    # existing outputs are reused; --force rebuilds; a damaged output triggers a rebuild
+    mtime = other["train_shards"][0].stat().st_mtime_ns
+    again = smoke.build_smoke_dataset(tmp_path / "smoke_b", log=None)
+    assert again["built"] is False and other["train_shards"][0].stat().st_mtime_ns == mtime
+    other["val_shards"][0].write_bytes(b"")
+    fixed = smoke.build_smoke_dataset(tmp_path / "smoke_b", log=None)
+    assert fixed["built"] is True and inspect_shard(fixed["val_shards"][0]) == p["val_tokens"]
+
+
+# --------------------------------------------------------------------------------------------------
+# downloader against a local fake Hub
+# --------------------------------------------------------------------------------------------------
+
+REPO_ID = "test-org/parameter-golf"
+
+
+class FakeHub:
+    """Enough of the Hub's `resolve` endpoint for hf_hub_download on a dataset repo."""
+
+    def __init__(self, files: dict[str, bytes], repo_id: str = REPO_ID):
+        self.files = dict(files)
+        self.repo_id = repo_id
+        self.log: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _serve(self, body: bool):
+                path = unquote(self.path.split("?", 1)[0])
+                hub.log.append((self.command, path))
+                prefix = f"/datasets/{hub.repo_id}/resolve/"
+                if not path.startswith(prefix):
+                    return self._error(404, "RepoNotFound", "Repository not found")
+                revision, _, filename = path[len(prefix):].partition("/")
+                if revision not in ("main", hub.commit):
+                    return self._error(404, "RevisionNotFound", "Invalid rev id")
+                data = hub.files.get(filename)
+                if data is None:
+                    return self._error(404, "EntryNotFound", "Entry not found")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.send_header("X-Repo-Commit", hub.commit)
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def _error(self, code, error_code, message):
+                self.send_response(code)
+                self.send_header("X-Error-Code", error_code)
+                self.send_header("X-Error-Message", message)
+                self.send_header("X-Repo-Commit", hub.commit)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._serve(body=False)
+
+            def do_GET(self):
+                self._serve(body=True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def commit(self) -> str:
+        """Like git: any change of the repo's content is a new commit."""
+        h = hashlib.sha1()
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + hashlib.sha256(self.files[name]).digest())
+        return h.hexdigest()
+
+    def gets(self, suffix=".bin") -> list[str]:
+        return [p for m, p in self.log if m == "GET" and p.endswith(suffix)]
+
+    def hits(self, suffix=".bin") -> list[str]:
+        return [p for m, p in self.log if p.endswith(suffix)]
+
+
+def closed_port_endpoint() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}"
+
+
+def shard_bytes(tokens) -> bytes:
+    arr = np.asarray(tokens, dtype="<u2")
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, 1, arr.size)
+    return header.tobytes() + arr.tobytes()
+
+
+def fake_repo(tokenizer_path: Path, files_train=3, files_val=1) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    files = {}
+    d = "datasets/datasets/fineweb10B_sp1024"
+    for i in range(files_val):
+        files[f"{d}/fineweb_val_{i:06d}.bin"] = shard_bytes(np.r_[1, rng.integers(4, 1024, 300 + i)])
+    for i in range(files_train):
+        files[f"{d}/fineweb_train_{i:06d}.bin"] = shard_bytes(np.r_[1, rng.integers(4, 1024, 500 + 7 * i)])
+    files["datasets/tokenizers/fineweb_1024_bpe.model"] = tokenizer_path.read_bytes()
+    files["datasets/tokenizers/fineweb_1024_bpe.vocab"] = tokenizer_path.with_suffix(".vocab").read_bytes()
+    manifest = {
+        "version": 1,
+        "datasets": [
+            {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+             "stats": {"files_train": files_train, "files_val": files_val}},
+            {"name": "fineweb10B_sp4096", "tokenizer_name": "sp_bpe_4096",
+             "stats": {"files_train": 1, "files_val": 1}},
+        ],
+        "tokenizers": [
+            {"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
+             "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
+        ],
+    }
+    files["datasets/manifest.json"] = json.dumps(manifest, indent=1).encode()
+    files["datasets/docs_selected.jsonl"] = b'{"text": "hello"}\n'
+    files["datasets/docs_selected.source_manifest.json"] = b"{}"
+    return files
+
+
+def run_downloader(endpoint: str, hf_home: Path, out: Path, *args: str, repo_id: str = REPO_ID,
+                   timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING_FACE", "MATCHED_FINEWEB")) and k.lower() not in
+           ("http_proxy", "https_proxy", "all_proxy")}
+    env.update({
+        "HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        "MATCHED_FINEWEB_REPO_ID": repo_id, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+    })
+    return subprocess.run([sys.executable, str(DOWNLOADER), "--out", str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_downloader_fetch_layout_and_skip(tmp_path, smoke_build):
+    files = fake_repo(smoke_build["tokenizer_path"])
+    out, hf_home = tmp_path / "data", tmp_path / "hf"
+    ds = out / "datasets" / "fineweb10B_sp1024"
+    with FakeHub(files) as hub:
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "2")
+        assert r.returncode == 0, r.stderr
+        expected = {
+            ds / "fineweb_val_000000.bin", ds / "fineweb_train_000000.bin", ds / "fineweb_train_000001.bin",
+            out / "tokenizers" / "fineweb_1024_bpe.model", out / "tokenizers" / "fineweb_1024_bpe.vocab",
+            out / "manifest.json",
+        }
+        got = {p for p in out.rglob("*") if p.is_file()}
+        assert got == expected, "unexpected files (temp leftovers or extra shards)"
+        for p in expected:
+            assert p.read_bytes() == files["datasets/" + str(p.relative_to(out))], p
+        assert "[1/5] fineweb_val_000000.bin" in r.stdout and "(downloaded)" in r.stdout
+        assert sorted(hub.gets()) == sorted(f"/datasets/{REPO_ID}/resolve/main/datasets/{p.relative_to(out)}"
+                                            for p in expected if p.suffix == ".bin")
+
+        # second run: nothing re-downloaded, shards not even asked for
+        n_log, n_bin = len(hub.log), len(hub.hits(".bin"))
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "2")
+        assert r.returncode == 0, r.stderr
+        assert len(hub.hits(".bin")) == n_bin, "a present shard was requested again"
+        assert not [p for m, p in hub.log[n_log:] if m == "GET" and not p.endswith("manifest.json")]
+        assert r.stdout.count("(present)") == 5
+
+        # bare positional integer overrides --train-shards: only the missing shard is fetched
+        n_gets = len(hub.gets())
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "1", "3")
+        assert r.returncode == 0, r.stderr
+        assert hub.gets()[n_gets:] == [f"/datasets/{REPO_ID}/resolve/main/datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+
+        # a local shard damaged in place (it is hard-linked to the HF cache blob) is detected and re-fetched
+        with open(ds / "fineweb_train_000000.bin", "r+b") as f:
+            f.truncate(0)
+        (ds / "fineweb_train_000001.bin").write_bytes(b"\x00" * 1024)  # bad magic
+        r = run_downloader(hub.endpoint, hf_home, out, "3")
+        assert r.returncode == 0, r.stderr
+        for i in range(3):
+            name = f"fineweb_train_{i:06d}.bin"
+            assert (ds / name).read_bytes() == files[f"datasets/datasets/fineweb10B_sp1024/{name}"]
+        assert "local file is bad" in r.stdout
+
+        # more shards than the manifest lists -> clear error
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "4")
+        assert r.returncode != 0 and "has 3 train shards; 4 were requested" in r.stderr
+        assert "Traceback" not in r.stderr
+
+        # --skip-manifest: no network needed when everything is present
+        down = closed_port_endpoint()
+        r = run_downloader(down, hf_home, out, "--skip-manifest", "3")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("(present)") == 6
+        # endpoint down but everything present: falls back to the local manifest, still succeeds
+        r = run_downloader(down, hf_home, out, "3")
+        assert r.returncode == 0, r.stderr
+        assert f"cannot reach {down}" in r.stdout and r.stdout.count("(present)") == 6
+
+        # the manifest is refreshed from the repo on every run (not with --skip-manifest)
+        m = json.loads(files["datasets/manifest.json"])
+        m["note"] = "changed upstream"
+        hub.files["datasets/manifest.json"] = json.dumps(m).encode()
+        # --with-docs
+        r = run_downloader(hub.endpoint, hf_home, out, "0", "--with-docs")
+        assert json.loads((out / "manifest.json").read_text())["note"] == "changed upstream"
+        assert r.returncode == 0, r.stderr
+        assert (out / "docs_selected.jsonl").read_bytes() == files["datasets/docs_selected.jsonl"]
+        assert (out / "docs_selected.source_manifest.json").is_file()
+
+
+def test_downloader_rejects_bad_served_shard(tmp_path, smoke_build):
+    files = fake_repo(smoke_build["tokenizer_path"])
+    bad_key = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    good = files[bad_key]
+    files[bad_key] = (999).to_bytes(4, "little") + good[4:]  # bad magic, right size
+    out, hf_home = tmp_path / "data", tmp_path / "hf"
+    ds = out / "datasets" / "fineweb10B_sp1024"
+    with FakeHub(files) as hub:
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "3")
+        assert r.returncode != 0
+        err = r.stderr.strip()
+        assert "fineweb_train_000001.bin" in err and "bad magic" in err and "Traceback" not in err
+        assert len(err.splitlines()) == 1
+        assert not (ds / "fineweb_train_000001.bin").exists()
+        assert not (ds / "fineweb_train_000002.bin").exists()  # stopped at the bad file
+        assert not [p for p in ds.iterdir() if p.name.startswith(".")], "temp file left behind"
+        assert len([p for p in hub.gets() if p.endswith("fineweb_train_000001.bin")]) == 2  # forced re-download
+
+        # truncated body (wrong header count) is rejected too; once fixed upstream, a rerun succeeds
+        files[bad_key] = good[:-2]
+        hub.files[bad_key] = good[:-2]
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "3")
+        assert r.returncode != 0 and "fineweb_train_000001.bin" in r.stderr
+        hub.files[bad_key] = good
+        r = run_downloader(hub.endpoint, hf_home, out, "--train-shards", "3")
+        assert r.returncode == 0, r.stderr
+        assert (ds / "fineweb_train_000001.bin").read_bytes() == good
+
+
+def test_downloader_unreachable_and_missing_repo(tmp_path, smoke_build):
+    endpoint = closed_port_endpoint()
+    t0 = time.time()
+    r = run_downloader(endpoint, tmp_path / "hf", tmp_path / "data", "1")
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot reach" in err and endpoint in err and REPO_ID in err
+    assert time.time() - t0 < 20
+    assert not (tmp_path / "data" / "datasets").exists()
+
+    with FakeHub(fake_repo(smoke_build["tokenizer_path"])) as hub:
+        r = run_downloader(hub.endpoint, tmp_path / "hf", tmp_path / "data", "1", repo_id="nobody/nothing")
+        assert r.returncode != 0
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and "nobody/nothing" in err and "not found" in err
+
+        r = run_downloader(hub.endpoint, tmp_path / "hf", tmp_path / "data", "--variant", "sp8192")
+        assert r.returncode != 0 and "fineweb10B_sp8192" in r.stderr and "fineweb10B_sp1024" in r.stderr
+
+        r = run_downloader(hub.endpoint, tmp_path / "hf", tmp_path / "fresh", "--skip-manifest")
+        assert r.returncode != 0 and "manifest.json does not exist" in r.stderr
