@@ -1,0 +1,140 @@
+"""Fixtures for the train_gpt.py test suite (CPU only).
+
+- `make_args(**knobs)`: a tg.Hyperparameters for a tiny model, built from a clean environment.
+- `sp1024`: the challenge's sp1024 tokenizer (tests/fixtures/fineweb_1024_bpe.model).
+- `tiny_data`: a DATA_PATH with one train and one val shard of real text (pydoc topics), built once.
+- `tg_runs`: end-to-end runs of train_gpt.py as subprocesses. A test lists the runs it reads with
+  `@pytest.mark.tg_runs("name", ...)`; the first test that asks starts every run that the selected tests
+  mark, two at a time, and each test waits only for its own.
+"""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.dont_write_bytecode = True  # never leave __pycache__ next to train_gpt.py
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+import tg_helpers as H  # noqa: E402
+import train_gpt as tg  # noqa: E402,F401
+
+# Short end-to-end configs shared by several tests (on top of H.TINY_RUN).
+# EMA_DECAY=0 makes the exported "ema" weights the live ones, so DIAGNOSTIC post_ema_exact is an 8-decimal
+# val loss of the final live weights.
+ACC = dict(ITERATIONS=6, WARMUP_STEPS=0, TTT_ENABLED=0, VAL_LOSS_EVERY=3, EMA_DECAY=0)
+SHORT = dict(WARMUP_STEPS=0, TTT_ENABLED=0, EVAL_STRIDE=64)
+
+# name -> (overrides, nproc, run this first). Submitted in this order (slowest first).
+RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
+    "smoke": ({}, 1, None),
+    "acc_2p": (ACC, 2, None),
+    "acc_1p": (ACC, 1, None),
+    "seed_again": (ACC, 1, None),
+    "seed_other": (dict(ACC, SEED=2), 1, None),
+    "smoke_eval_2p": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 2, "smoke"),
+    "smoke_eval": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 1, "smoke"),
+    # SWA: one snapshot at step 3 only (ITERATIONS=5, lr_scale at step 2 = 3/5 < 0.7); exported with lzma
+    "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
+                     EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),
+    # EMA with decay 1 never moves off the initial weights; SWA disabled -> falls back to EMA
+    "exp_ema1": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=1, EXPORT_WEIGHTS="swa",
+                      SWA_ENABLED=0), 1, None),
+    # live weights, artifact over a 1000-byte cap
+    "exp_over": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EXPORT_WEIGHTS="live", SIZE_LIMIT=1000), 1, None),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tg_runs(*names): end-to-end train_gpt.py runs the test reads")
+
+
+@pytest.fixture
+def make_args(monkeypatch):
+    """Build tg.Hyperparameters for a tiny model (or, with _tiny=False, the script defaults); keyword
+    overrides are environment knobs."""
+
+    def make(_tiny=True, **knobs):
+        for k in list(H.KNOBS) + list(H.DIST_VARS):
+            monkeypatch.delenv(k, raising=False)
+        env = dict(H.TINY_MODEL) if _tiny else {}
+        env.update({k: str(v) for k, v in knobs.items()})
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return tg.Hyperparameters()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sp1024():
+    import sentencepiece as spm
+    assert H.TOKENIZER.is_file(), f"missing fixture {H.TOKENIZER}"
+    return spm.SentencePieceProcessor(model_file=str(H.TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, sp1024):
+    """DATA_PATH with fineweb_train_000000.bin (7/8 of the pydoc pages) and fineweb_val_000000.bin (1/8)."""
+    d = tmp_path_factory.mktemp("tiny_data") / "fineweb10B_sp1024"
+    docs = H.pydoc_docs()
+    H.write_shard(d / "fineweb_train_000000.bin", H.encode_stream(sp1024, [t for i, t in enumerate(docs) if i % 8]))
+    H.write_shard(d / "fineweb_val_000000.bin", H.encode_stream(sp1024, docs[::8]))
+    return d
+
+
+class RunPool:
+    def __init__(self, base: Path, data: Path, names):
+        self.base, self.data = base, data
+        self.ex = ThreadPoolExecutor(max_workers=2)
+        self.futures = {}
+        for name in RUN_SPECS:  # fixed submission order
+            if name in names:
+                self._submit(name)
+
+    def _submit(self, name):
+        if name in self.futures:
+            return
+        if name not in RUN_SPECS:
+            raise KeyError(f"unknown run {name!r}")
+        after = RUN_SPECS[name][2]
+        if after:
+            self._submit(after)  # submitted earlier, so started no later (FIFO): waiting on it cannot deadlock
+        self.futures[name] = self.ex.submit(self._job, name)
+
+    def _job(self, name):
+        overrides, nproc, after = RUN_SPECS[name]
+        overrides = dict(overrides)
+        if after:
+            dep = self.futures[after].result()
+            assert dep.rc == 0, dep.describe()
+            for k, v in overrides.items():
+                if v == f"<{after}>":
+                    overrides[k] = str(dep.artifact)
+        overrides.update(DATA_PATH=str(self.data), TOKENIZER_PATH=str(H.TOKENIZER))
+        return H.run_train(name, self.base / name, overrides, nproc=nproc)
+
+    def __call__(self, name):
+        self._submit(name)
+        return self.futures[name].result()
+
+    def close(self):
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def tg_runs(request, tmp_path_factory, tiny_data):
+    names = set()
+    for item in request.session.items:
+        for mark in item.iter_markers("tg_runs"):
+            names.update(mark.args)
+    pool = RunPool(tmp_path_factory.mktemp("runs"), tiny_data, names)
+    yield pool
+    pool.close()

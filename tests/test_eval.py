@@ -1,0 +1,252 @@
+"""Evaluation of train_gpt.py (SPEC §2.8-2.9, §8): window plan, plain and sliding eval against independent
+references, rank splitting, and the legality and usefulness of score-first TTT."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tg_helpers as H
+import train_gpt as tg
+
+
+# ----------------------------------------------------------------------------- window plan and rank split
+
+
+def scored_spans(total, seq_len, stride):
+    starts, first = tg.window_plan(total, seq_len, stride)
+    return [(int(s), int(s + f), int(min(s + seq_len, total))) for s, f in zip(starts, first)]
+
+
+@pytest.mark.parametrize("total, seq_len, stride", [
+    (1001, 64, 16), (999, 64, 64), (1023, 32, 7), (4097, 256, 64), (50, 64, 16), (64, 64, 16),
+    (65, 64, 1), (131, 16, 5), (2049, 2048, 64), (7, 8, 3),
+])
+def test_window_plan_scores_every_position_once(total, seq_len, stride):
+    counts = torch.zeros(total, dtype=torch.long)
+    spans = scored_spans(total, seq_len, stride)
+    for i, (ws, lo, hi) in enumerate(spans):
+        assert lo < hi, f"window {i} at {ws} scores nothing"
+        counts[lo:hi] += 1
+        ctx = lo - ws  # tokens of context before the first scored target of this window
+        if i == 0:
+            assert ws == 0 and lo == 0
+        else:
+            assert ctx == seq_len - stride and ctx >= seq_len - stride
+    assert torch.equal(counts, torch.ones(total, dtype=torch.long))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 17, 969])
+def test_rank_slices_cover_windows_once(world, n):
+    parts = [tg.rank_slice(n, r, world) for r in range(world)]
+    idx = [i for p in parts for i in range(n)[p]]
+    assert idx == list(range(n))  # contiguous, in rank order, no overlap, nothing left out
+    sizes = [len(range(n)[p]) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+# ----------------------------------------------------------------------------- plain and sliding eval
+
+
+@pytest.fixture(scope="module")
+def val_tokens(sp1024):
+    docs = H.pydoc_docs()[3:9]
+    return torch.from_numpy(H.encode_stream(sp1024, docs)).int()
+
+
+@pytest.fixture
+def eval_model(make_args):
+    a = make_args(EVAL_SEQ_LEN="32", TRAIN_SEQ_LEN="32")
+    torch.manual_seed(0)
+    m = tg.GPT(a)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    m.eval()
+    return m, a
+
+
+@pytest.fixture(scope="module")
+def luts(sp1024):
+    return tg.byte_luts(sp1024, 1024)
+
+
+def test_stride_equal_to_window_is_plain_block_eval(eval_model, val_tokens, luts):
+    m, a = eval_model
+    L = 32
+    val = val_tokens[: 10 * L + 1]
+    loss, bpb = tg.evaluate(m.forward_logits, val, luts, L, L, 3, H.DistStub())  # 10 windows, batch 3: padding
+    x, y = val[:-1].long().view(-1, L), val[1:].long().view(-1, L)
+    with torch.no_grad():
+        logits = m.forward_logits(x)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").double()
+    nbytes = tg.target_bytes(x.reshape(-1), y.reshape(-1), luts).sum().item()
+    ref_loss = nll.mean().item()
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert bpb == pytest.approx(ref_loss / math.log(2) * nll.numel() / nbytes, rel=1e-6)
+
+
+@pytest.mark.parametrize("L, stride, n", [(32, 8, 301), (32, 32, 300), (16, 5, 203)])
+def test_sliding_eval_matches_per_position_reference(eval_model, val_tokens, luts, L, stride, n):
+    m, _ = eval_model
+    val = val_tokens[: n + 1]
+    total = n
+    loss, bpb = tg.evaluate(m.forward_logits, val, luts, L, stride, 4, H.DistStub())
+    # reference: target p is predicted in the window that starts at 0 if p < L, else at the multiple of
+    # `stride` that puts p among that window's last `stride` positions (SPEC §2.9, tail fixed)
+    by_window = {}
+    for p in range(total):
+        ws = 0 if p < L else stride * ((p - L) // stride + 1)
+        assert ws + L - stride <= p < ws + L or ws == 0
+        by_window.setdefault(ws, []).append(p)
+    nll_sum, nbytes = 0.0, 0.0
+    with torch.no_grad():
+        for ws, ps in by_window.items():
+            end = min(ws + L, total)
+            x = val[ws:end].long()[None]
+            y = val[ws + 1:end + 1].long()
+            logits = m.forward_logits(x)[0]
+            off = torch.tensor(ps) - ws
+            nll_sum += F.cross_entropy(logits[off], y[off], reduction="sum").double().item()
+            nbytes += tg.target_bytes(x[0][off], y[off], luts).sum().item()
+    ref = nll_sum / total
+    assert loss == pytest.approx(ref, rel=2e-6)
+    assert bpb == pytest.approx(ref / math.log(2) * total / nbytes, rel=2e-6)
+
+
+class RecordingDist(H.DistStub):
+    def __init__(self, rank, world, sink):
+        super().__init__(rank, world)
+        self.sink = sink
+
+    def all_reduce(self, t, op=None):
+        self.sink.append(t.clone())
+        return t
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_sliding_eval_rank_parts_add_up(eval_model, val_tokens, luts, world):
+    m, _ = eval_model
+    val = val_tokens[: 257]
+    one = tg.evaluate(m.forward_logits, val, luts, 32, 8, 4, H.DistStub())
+    sums = []
+    for r in range(world):
+        tg.evaluate(m.forward_logits, val, luts, 32, 8, 4, RecordingDist(r, world, sums))
+    total = torch.stack(sums).sum(0)
+    assert total[1].item() == 256  # every target scored once across ranks
+    loss, bpb = tg.bpb_from(total)
+    assert loss == pytest.approx(one[0], rel=1e-9) and bpb == pytest.approx(one[1], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- TTT
+
+
+def ttt_args(make_args, **knobs):
+    base = dict(NUM_LAYERS="2", VE_LAYERS="1", EVAL_SEQ_LEN="32", EVAL_STRIDE="16", TTT_CHUNK_TOKENS="128",
+                TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05")
+    base.update(knobs)
+    return make_args(**base)
+
+
+def fresh_model(a, seed=0):
+    torch.manual_seed(seed)
+    return tg.GPT(a)
+
+
+def run_ttt(model, a, val, luts, monkeypatch, chunk_sums=None, trained=None, preds=None):
+    """tg.ttt_evaluate with probes: `chunk_sums` gets each chunk's (NLL, tokens, bytes) as scored; `preds`
+    maps every scored target position to the logits it was scored with (recomputed with the model state
+    of that moment); `trained` gets (targets scored so far, target tokens) for every TTT training batch."""
+    real_score = tg.score_windows
+    total = val.numel() - 1
+
+    def score(logits_fn, val_, luts_, starts, first, seq_len, batch, device):
+        out = real_score(logits_fn, val_, luts_, starts, first, seq_len, batch, device)
+        if chunk_sums is not None:
+            chunk_sums.append(out.clone())
+        if preds is not None:
+            with torch.no_grad():
+                for ws, lo in zip(starts.tolist(), first.tolist()):
+                    x = val_[(ws + torch.arange(seq_len)).clamp_max(total)].long()[None]
+                    logits = logits_fn(x)[0]
+                    for j in range(lo, seq_len):
+                        if ws + j < total:
+                            assert ws + j not in preds, "position scored twice"
+                            preds[ws + j] = logits[j].clone()
+        return out
+
+    loss_fn = model
+    if trained is not None:
+        def loss_fn(x, y):
+            trained.append((sum(int(s[1]) for s in chunk_sums), y.clone()))
+            return model(x, y)
+    logs = []
+    with monkeypatch.context() as mp:
+        mp.setattr(tg, "score_windows", score)
+        result = tg.ttt_evaluate(model, model.forward_logits, loss_fn, val, luts, a, H.DistStub(), logs.append)
+    return result, logs
+
+
+def test_ttt_scores_never_depend_on_later_tokens(make_args, luts, monkeypatch):
+    a = ttt_args(make_args)
+    C, total, k = 128, 768, 2
+    g = torch.Generator().manual_seed(7)
+    val1 = torch.randint(2, 1024, (total + 1,), generator=g, dtype=torch.int32)
+    val2 = val1.clone()
+    q = (k + 1) * C  # the streams agree on val[0..q]: all targets of chunks 0..k, and the input of target q
+    val2[q + 1:] = torch.randint(2, 1024, (total - q,), generator=g, dtype=torch.int32)
+    assert not torch.equal(val1[q + 1:q + 2], val2[q + 1:q + 2])
+    sums1, sums2, preds1, preds2 = [], [], {}, {}
+    run_ttt(fresh_model(a), a, val1, luts, monkeypatch, sums1, preds=preds1)
+    run_ttt(fresh_model(a), a, val2, luts, monkeypatch, sums2, preds=preds2)
+    assert len(sums1) == len(sums2) == total // C  # one scoring call per chunk
+    assert sorted(preds1) == list(range(total))
+    for c in range(k + 1):
+        assert torch.equal(sums1[c], sums2[c]), f"chunk {c} score changed when only tokens after chunk {k} did"
+    assert not torch.equal(sums1[k + 1], sums2[k + 1])
+    # the prediction for target p may use val[0..p] only: identical wherever the streams agree that far,
+    # including p = q, the first target of chunk k+1 (a model that peeked at chunk k+1 would differ there)
+    for p in range(q + 1):
+        assert torch.equal(preds1[p], preds2[p]), f"prediction at position {p} saw later tokens"
+    assert any(not torch.equal(preds1[p], preds2[p]) for p in range(q + 1, total))
+    assert sum(int(s[1]) for s in sums1) == total  # the chunks' scored counts tile the stream
+
+
+def test_ttt_trains_only_on_already_scored_targets(make_args, luts, monkeypatch):
+    a = ttt_args(make_args, TTT_CHUNK_TOKENS="100")  # not a multiple of the stride: spans straddle chunk ends
+    total = 703
+    val = torch.arange(total + 1, dtype=torch.int32) % 1024  # token value = its position (+1 for targets)
+    assert total < 1024
+    sums, trained = [], []
+    (loss, bpb), logs = run_ttt(fresh_model(a), a, val, luts, monkeypatch, sums, trained)
+    assert trained, "TTT must train on something"
+    n_chunks = math.ceil(total / 100)
+    assert len(sums) == n_chunks
+    for scored_prefix, y in trained:
+        # target token values are positions + 1; every trained target lies in the scored prefix
+        assert int(y.max()) <= scored_prefix
+    last_scored_before_final = sum(int(s[1]) for s in sums[:-1])
+    assert max(int(y.max()) for _, y in trained) <= last_scored_before_final  # the last chunk is never trained on
+    assert any(line.startswith("ttt_sliding:done") for line in logs)
+
+
+def test_ttt_lowers_loss_on_repetitive_stream(make_args, monkeypatch):
+    a = ttt_args(make_args, VOCAB_SIZE="64", TTT_LR="0.1", TTT_BATCH_SEQS="4")
+    g = torch.Generator().manual_seed(1)
+    pattern = torch.randint(4, 64, (24,), generator=g)
+    val = pattern.repeat(40)[:769].int()
+    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    model = fresh_model(a)
+    plain_loss, _ = tg.evaluate(model.forward_logits, val, luts, 32, 16, 8, H.DistStub())
+    (ttt_loss, ttt_bpb), _ = run_ttt(copy.deepcopy(model), a, val, luts, monkeypatch, [])
+    assert ttt_loss < plain_loss - 0.5, (ttt_loss, plain_loss)
+    assert ttt_bpb == pytest.approx(ttt_loss / math.log(2), rel=1e-9)  # one byte per token here
+    # without training (lr 0) TTT is exactly the sliding eval
+    b = ttt_args(make_args, VOCAB_SIZE="64", TTT_LR="0", TTT_BATCH_SEQS="4", TTT_MOMENTUM="0", TTT_GRAD_CLIP="0")
+    (zero_loss, _), _ = run_ttt(copy.deepcopy(model), b, val, luts, monkeypatch, [])
+    assert zero_loss == pytest.approx(plain_loss, rel=1e-9)

@@ -1,0 +1,219 @@
+"""Quantization and artifact export of train_gpt.py (SPEC §6-7): fake-quant/STE, int6/int8 codes, the per-row
+clip search, artifact round trip with zstd and lzma, and corrupted-artifact errors. The end-to-end export
+checks (EMA/SWA/live choice, size accounting, over-the-cap runs) are in test_runs.py."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+FRACS = [1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8]
+
+
+def heavy_tailed(rows, cols, seed=0):
+    """Gaussian rows with a few large outliers: the case where clipping below the row max pays off."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    idx = torch.randint(0, cols, (rows,), generator=g)
+    w[torch.arange(rows), idx] += torch.randn(rows, generator=g).sign() * 0.6
+    return w
+
+
+def row_err(w, q, s):
+    return (q.float() * s.float()[:, None] - w).square().sum(-1)
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+def test_fake_quant_forward_is_quant_dequant_and_backward_is_identity():
+    w = heavy_tailed(2 * 24, 32).view(2, 24, 32).requires_grad_(True)
+    out = tg.fake_quant(w, FRACS)
+    q, s = tg.quantize_rows(w.detach(), 31, FRACS)
+    assert torch.equal(out.detach(), q.float() * s.float().unsqueeze(-1))
+    assert not torch.equal(out.detach(), w.detach())
+    g = torch.randn_like(w)
+    (out * g).sum().backward()
+    assert torch.equal(w.grad, g), "straight-through estimator: d fake_quant(w) / dw = identity"
+
+
+@pytest.mark.parametrize("qmax", [31, 127])
+def test_codes_in_range_and_within_half_step(qmax):
+    w = heavy_tailed(64, 48, seed=qmax)
+    q, s = tg.quantize_rows(w, qmax, [1.0])
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (64,)
+    assert q.abs().max() == qmax  # the row max lands on the last code
+    deq = q.float() * s.float()[:, None]
+    # no clipping with frac 1.0: every value within half a step (+ fp16 rounding slack of the scale)
+    assert ((deq - w).abs() <= s.float()[:, None] * 0.5 + 1e-6 + w.abs() * 2e-3).all()
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(qmax))  # wide Gaussian rows: clips pay
+    q2, s2 = tg.quantize_rows(w, qmax, FRACS)
+    assert q2.abs().max() <= qmax
+    inside = (w / s2.float()[:, None]).abs() <= qmax  # not clipped
+    err2 = (q2.float() * s2.float()[:, None] - w).abs()
+    assert (err2[inside] <= (s2.float()[:, None].expand_as(w) * 0.5 + 1e-6)[inside]).all()
+    assert (~inside).any(), "the search should clip some values of these rows"
+
+
+def test_clip_search_never_worse_per_row_than_max_abs():
+    g = torch.Generator().manual_seed(1)
+    w = torch.cat([torch.randn(64, 512, generator=g), heavy_tailed(16, 512, seed=2), torch.zeros(1, 512)])
+    q1, s1 = tg.quantize_rows(w, 31, [1.0])
+    q2, s2 = tg.quantize_rows(w, 31, FRACS)
+    e1, e2 = row_err(w, q1, s1), row_err(w, q2, s2)
+    assert (e2 <= e1).all()
+    assert (e2[:64] < e1[:64]).sum() >= 32, "a clip below the max must win on most Gaussian rows"
+    assert torch.equal(q2[-1], torch.zeros(512, dtype=torch.int8))  # an all-zero row stays zero
+    # per-row choice: every row's scale is one of the candidate clips of that row
+    row_max = w.abs().amax(-1)
+    cands = torch.stack([(row_max * f / 31).clamp_min(1e-7).half() for f in FRACS], -1)
+    assert (cands == s2[:, None]).any(-1).all()
+
+
+def test_quantize_state_routing_and_ranges(make_args):
+    torch.manual_seed(0)
+    m = tg.GPT(make_args())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 3.0)  # large values: clamping must hold
+    state = {k: v.detach() for k, v in m.state_dict().items()}
+    packed = tg.quantize_state(state, FRACS)
+    for name, t in state.items():
+        if name.endswith("_bank"):
+            q = packed[name + ".q6"]
+            assert q.dtype == torch.int8 and q.shape == t.shape
+            assert q.abs().max() == 31 and q.min() >= -31
+            assert packed[name + ".qscale"].shape == (t.numel() // t.size(-1),)
+        elif name in tg.TABLE_NAMES:
+            q = packed[name + ".q8"]
+            assert q.dtype == torch.int8 and q.abs().max() == 127 and q.min() >= -127
+        else:
+            assert packed[name].dtype == torch.float16 and name + ".qscale" not in packed
+    deq = tg.dequantize_state(packed)
+    assert deq.keys() == state.keys()
+    for name, t in state.items():
+        assert deq[name].dtype == torch.float32 and deq[name].shape == t.shape
+        if not name.endswith("_bank") and name not in tg.TABLE_NAMES:
+            torch.testing.assert_close(deq[name], t.half().float(), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- artifact round trip
+
+
+def _trained_like_model(make_args, seed=0):
+    a = make_args()
+    torch.manual_seed(seed)
+    m = tg.GPT(a)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m, a
+
+
+def _artifact(m, a, path, compressor):
+    arch = {k: getattr(a, k) for k in tg.ARCH_KEYS}
+    blob, raw = tg.pack_artifact({k: v.detach() for k, v in m.state_dict().items()}, arch, compressor,
+                                 a.clip_fracs)
+    tg.write_atomic(str(path), blob)
+    return blob, raw
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+def test_artifact_round_trip_matches_in_memory_dequantization(make_args, tmp_path, compressor):
+    m, a = _trained_like_model(make_args)
+    path = tmp_path / f"model.{compressor}.ptz"
+    blob, raw = _artifact(m, a, path, compressor)
+    assert path.read_bytes() == blob and blob[:6] == tg.ARTIFACT_MAGIC
+    assert blob[6:10].rstrip(b"\0") == compressor.encode()
+    assert len(blob) < raw
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "write_atomic leaves no temporary file"
+    ref = tg.GPT(a)
+    ref.load_state_dict(tg.dequantize_state(tg.quantize_state(m.state_dict(), a.clip_fracs)))
+    # rebuild from the file with a deliberately different architecture in args: the artifact's arch wins
+    b = make_args(NUM_LAYERS="5", MODEL_DIM="32", VE_LAYERS="4")
+    loaded = tg.model_from_artifact(str(path), b, CPU)
+    assert b.num_layers == a.num_layers and b.model_dim == a.model_dim and b.ve_layers == a.ve_layers
+    ids = torch.randint(0, a.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got, orig = ref.forward_logits(ids), loaded.forward_logits(ids), m.forward_logits(ids)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, orig), "the artifact holds quantized weights"
+    torch.testing.assert_close(got, orig, atol=0.2, rtol=0)
+
+
+def test_write_atomic_replaces_existing_file(tmp_path):
+    path = tmp_path / "a.ptz"
+    path.write_bytes(b"old contents that are longer")
+    tg.write_atomic(str(path), b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["a.ptz"]
+
+
+@pytest.fixture
+def good_blob(make_args, tmp_path):
+    m, a = _trained_like_model(make_args)
+    blobs = {c: _artifact(m, a, tmp_path / f"good.{c}", c)[0] for c in ("zstd", "lzma")}
+    return blobs, a
+
+
+@pytest.mark.parametrize("case", ["truncated_half", "truncated_tail", "wrong_magic", "unknown_compressor",
+                                  "empty", "garbage_payload"])
+@pytest.mark.parametrize("compressor", ["zstd", "lzma"])
+def test_corrupted_artifact_fails_with_clear_error(good_blob, tmp_path, case, compressor):
+    blob = good_blob[0][compressor]
+    bad = {
+        "truncated_half": blob[: len(blob) // 2],
+        "truncated_tail": blob[:-16],
+        "wrong_magic": b"PGOLF9" + blob[6:],
+        "unknown_compressor": blob[:6] + b"gzip" + blob[10:],
+        "empty": b"",
+        "garbage_payload": blob[:10] + bytes(range(256)) * 8,
+    }[case]
+    path = tmp_path / f"bad_{case}.ptz"
+    path.write_bytes(bad)
+    with pytest.raises(ValueError) as ei:
+        tg.load_artifact(str(path))
+    assert str(path) in str(ei.value)
+    if case in ("wrong_magic", "empty"):
+        assert "bad magic" in str(ei.value)
+    with pytest.raises(ValueError):
+        tg.model_from_artifact(str(path), good_blob[1], CPU)
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tg.load_artifact(str(tmp_path / "nope.ptz"))
+
+
+def _flip_positions(blob):
+    n = len(blob)
+    return [10 + (n - 10) * k // 9 for k in range(1, 9)]  # 8 bytes spread over the compressed payload
+
+
+def _assert_flips_detected(blob, tmp_path):
+    for i in _flip_positions(blob):
+        b = bytearray(blob)
+        b[i] ^= 0x10
+        path = tmp_path / f"flip{i}.ptz"
+        path.write_bytes(bytes(b))
+        with pytest.raises(ValueError) as ei:
+            tg.load_artifact(str(path))
+        assert str(path) in str(ei.value)
+
+
+def test_flipped_bytes_detected_lzma(good_blob, tmp_path):
+    _assert_flips_detected(good_blob[0]["lzma"], tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG train_gpt.py:845 (pack_artifact): zstandard.ZstdCompressor(level=22) writes no content checksum, so "
+    "a zstd artifact with a flipped payload byte usually decompresses and loads without error, with altered "
+    "weights (about 94% of single-bit flips in a tiny-model artifact). Expected ValueError naming the file, "
+    "as for lzma (xz has CRC64). Fix: ZstdCompressor(level=22, write_checksum=True), or store a sha256 of the "
+    "payload in the header and check it in load_artifact"))
+def test_flipped_bytes_detected_zstd(good_blob, tmp_path):
+    _assert_flips_detected(good_blob[0]["zstd"], tmp_path)

@@ -1,0 +1,406 @@
+"""Model and optimizer of train_gpt.py: partial RoPE + NTK, XSA, SmearGate, causality, U-Net skips, value
+embeddings, parameter count, Newton-Schulz, a learning check with the real optimizers, and QAT under
+torch.compile (SPEC §3, §4, §6)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tg_helpers as H
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+
+
+def randomize(model, std=0.2, seed=0):
+    """Give every parameter random values, so no block is the identity and no branch is zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_model(make_args, seed=0, **knobs):
+    a = make_args(**knobs)
+    torch.manual_seed(seed)
+    return randomize(tg.GPT(a), seed=seed), a
+
+
+def rand_ids(vocab, shape, seed=0, low=2):
+    return torch.randint(low, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def test_partial_rope_rotates_only_the_first_dims():
+    T, Hh, D, R, base = 12, 3, 16, 8, 10000.0
+    cos, sin = tg.rope_tables(T, R, base, 1024, CPU)
+    assert cos.shape == sin.shape == (1, T, 1, R // 2)
+    x = torch.randn(2, T, Hh, D, generator=torch.Generator().manual_seed(0))
+    y = tg.apply_rope(x, cos, sin)
+    assert torch.equal(y[..., R:], x[..., R:]), "dims past ROPE_DIMS must pass through untouched"
+    h = R // 2
+    x1, x2, y1, y2 = x[..., :h], x[..., h:R], y[..., :h], y[..., h:R]
+    torch.testing.assert_close(y1 ** 2 + y2 ** 2, x1 ** 2 + x2 ** 2)  # each (j, j + R/2) pair keeps its norm
+    torch.testing.assert_close(y[:, 0], x[:, 0])  # angle 0 at position 0
+    assert (y[:, 1:, :, :R] - x[:, 1:, :, :R]).abs().amax() > 0.1
+    # closed form: theta_{t,j} = t * base^(-2j/R); x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin
+    theta = torch.arange(T, dtype=torch.float64)[:, None] * base ** (-2 * torch.arange(h, dtype=torch.float64) / R)
+    c, s = theta.cos()[None, :, None, :].float(), theta.sin()[None, :, None, :].float()
+    torch.testing.assert_close(y1, x1 * c + x2 * s)
+    torch.testing.assert_close(y2, x2 * c - x1 * s)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    T, D, R = 10, 16, 16
+    cos, sin = tg.rope_tables(T, R, 10000.0, 1024, CPU)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 1, 1, D, generator=g).expand(1, T, 1, D)
+    k = torch.randn(1, 1, 1, D, generator=g).expand(1, T, 1, D)
+    scores = tg.apply_rope(q, cos, sin)[0, :, 0] @ tg.apply_rope(k, cos, sin)[0, :, 0].T
+    for d in range(-3, 4):
+        diag = torch.diagonal(scores, d)
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len, train_len", [(8, 16), (16, 16), (32, 16), (2048, 1024)])
+def test_ntk_rescaling_only_beyond_rope_train_seq_len(seq_len, train_len):
+    R, base = 16, 10000.0
+    cos, sin = tg.rope_tables(seq_len, R, base, train_len, CPU)
+    eff = base * (seq_len / train_len) ** (R / (R - 2)) if seq_len > train_len else base
+    theta = torch.arange(seq_len, dtype=torch.float64)[:, None] * eff ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    torch.testing.assert_close(cos[0, :, 0].double(), theta.cos(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(sin[0, :, 0].double(), theta.sin(), atol=2e-4, rtol=0)
+    # the base actually used, read back from the slowest-but-one frequency at t = 1
+    used = float(torch.atan2(sin[0, 1, 0, 1], cos[0, 1, 0, 1])) ** (-R / 2)
+    assert used == pytest.approx(eff, rel=1e-4)
+    if (seq_len, train_len) == (2048, 1024):
+        assert used == pytest.approx(22081.8, rel=1e-4)  # the record's effective base (SPEC §3.7)
+
+
+def test_model_uses_rope_train_seq_len(make_args):
+    ids = rand_ids(1024, (1, 32))
+    out = {}
+    for train_len in (1024, 32, 16):
+        m, _ = tiny_model(make_args, ROPE_TRAIN_SEQ_LEN=str(train_len))
+        with torch.no_grad():
+            out[train_len] = m.forward_logits(ids)
+    assert torch.equal(out[1024], out[32]), "no rescaling while seq_len <= ROPE_TRAIN_SEQ_LEN"
+    assert (out[1024] - out[16]).abs().amax() > 1e-4, "seq_len 32 > 16 must rescale the base"
+
+
+# ----------------------------------------------------------------------------- XSA
+
+
+@pytest.mark.parametrize("heads, kv", [(4, 2), (4, 1), (2, 2), (6, 3)])
+def test_xsa_removes_own_value_direction_per_kv_group(heads, kv):
+    g = torch.Generator().manual_seed(heads * 10 + kv)
+    B, T, D = 2, 5, 8
+    y = torch.randn(B, T, heads, D, generator=g)
+    v = torch.randn(B, T, kv, D, generator=g)
+    out = tg.exclusive_self_attention(y, v)
+    assert out.shape == y.shape
+    group = heads // kv
+    for h in range(heads):
+        vh = F.normalize(v[:, :, h // group], dim=-1)
+        along = (out[:, :, h] * vh).sum(-1)
+        assert along.abs().amax() < 1e-5
+        ref = y[:, :, h] - (y[:, :, h] * vh).sum(-1, keepdim=True) * vh
+        torch.testing.assert_close(out[:, :, h], ref)
+        if kv > 1:  # the direction of another group's value is not removed
+            other = F.normalize(v[:, :, (h // group + 1) % kv], dim=-1)
+            assert (out[:, :, h] * other).sum(-1).abs().amax() > 1e-2
+
+
+def test_xsa_groups_match_attention_gqa_groups():
+    # tg.attention maps query head h to KV head h // (H / KV); XSA must use the same grouping
+    B, T, Hh, KV, D = 1, 4, 4, 2, 8
+    q = torch.randn(B, T, Hh, D)
+    k = torch.randn(B, T, KV, D)
+    v = torch.zeros(B, T, KV, D)
+    v[:, :, 0] = 1.0
+    y = tg.attention(q, k, v)
+    torch.testing.assert_close(y[:, :, :2], torch.ones(B, T, 2, D))
+    torch.testing.assert_close(y[:, :, 2:], torch.zeros(B, T, 2, D))
+    out = tg.exclusive_self_attention(y, v)
+    torch.testing.assert_close(out[:, :, :2], torch.zeros(B, T, 2, D), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4, 9])
+def test_xsa_flags_follow_xsa_last_n(make_args, monkeypatch, n):
+    L = 4
+    m, _ = tiny_model(make_args, NUM_LAYERS=str(L), VE_LAYERS="3", XSA_LAST_N=str(n))
+    assert [b.xsa for b in m.blocks] == [i >= L - n for i in range(L)]
+    calls = []
+    real = tg.exclusive_self_attention
+    monkeypatch.setattr(tg, "exclusive_self_attention", lambda y, v: calls.append(1) or real(y, v))
+    with torch.no_grad():
+        m.forward_logits(rand_ids(1024, (1, 8)))
+    assert len(calls) == min(n, L)
+
+
+# ----------------------------------------------------------------------------- SmearGate and causality
+
+
+def test_smeargate_never_mixes_across_bos():
+    d, T, p = 16, 12, 7
+    g = torch.Generator().manual_seed(0)
+    sg = tg.SmearGate(d)
+    with torch.no_grad():
+        sg.gate.copy_(torch.randn(d, generator=g))
+    x = torch.randn(2, T, d, generator=g)
+    ids = torch.randint(2, 100, (2, T), generator=g)
+    ids[:, p] = H.BOS
+    ids[1, 0] = H.BOS
+    out = sg(x, ids)
+    assert torch.equal(out[:, p], x[:, p]), "BOS keeps its own embedding"
+    assert torch.equal(out[1, 0], x[1, 0])
+    # elsewhere: x_t + sigmoid(g) * (x_{t-1} - x_t), with zeros before position 0
+    gate = torch.sigmoid(sg.gate)
+    prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    ref = x + gate * (prev - x)
+    mask = ids != H.BOS
+    torch.testing.assert_close(out[mask], ref[mask])
+    # changing everything before the BOS changes nothing from the BOS on
+    x2, ids2 = x.clone(), ids.clone()
+    x2[:, :p] = torch.randn(2, p, d, generator=g)
+    ids2[:, :p] = torch.randint(2, 100, (2, p), generator=g)
+    out2 = sg(x2, ids2)
+    assert torch.equal(out2[:, p:], out[:, p:])
+    # ...whereas without the BOS the previous position leaks in
+    ids3 = ids.clone()
+    ids3[:, p] = 5
+    assert not torch.allclose(sg(x2, ids3)[:, p], sg(x, ids3)[:, p])
+
+
+def test_model_is_causal(make_args):
+    m, a = tiny_model(make_args)
+    T = 24
+    ids = rand_ids(a.vocab_size, (2, T), seed=3)
+    with torch.no_grad():
+        ref = m.forward_logits(ids)
+        for t in (1, 9, 17, 23):
+            ids2 = ids.clone()
+            ids2[:, t:] = rand_ids(a.vocab_size, (2, T - t), seed=100 + t)
+            assert not torch.equal(ids2[:, t], ids[:, t])
+            out = m.forward_logits(ids2)
+            torch.testing.assert_close(out[:, :t], ref[:, :t], atol=1e-6, rtol=1e-6)
+            assert (out[:, t] - ref[:, t]).abs().amax() > 1e-3, "a position must depend on its own token"
+
+
+# ----------------------------------------------------------------------------- U-Net skips and value embeddings
+
+
+def _record_blocks(model):
+    ins, outs, ves = {}, {}, {}
+    handles = []
+    for i, b in enumerate(model.blocks):
+        def pre(mod, args, i=i):
+            ins[i], ves[i] = args[0].detach().clone(), args[3]
+        def post(mod, args, out, i=i):
+            outs[i] = out.detach().clone()
+        handles.append(b.register_forward_pre_hook(pre))
+        handles.append(b.register_forward_hook(post))
+    return ins, outs, ves, handles
+
+
+@pytest.mark.parametrize("L", [4, 5, 11])
+def test_unet_skips_are_lifo(make_args, L):
+    m, a = tiny_model(make_args, NUM_LAYERS=str(L), VE_LAYERS=str(L - 1), MODEL_DIM="32")
+    E = L // 2
+    assert m.num_encoder == E and m.skip_weights.shape == (min(E, L - E), 32)
+    ins, outs, _, handles = _record_blocks(m)
+    with torch.no_grad():
+        m.forward_logits(rand_ids(a.vocab_size, (1, 10)))
+    for h in handles:
+        h.remove()
+    sources = {}
+    for i in range(1, L):
+        j = i - E
+        if 0 <= j < m.skip_weights.size(0):
+            src = E - 1 - j  # decoder layer E + j receives encoder layer E - 1 - j
+            sources[i] = src
+            with torch.no_grad():
+                expected = outs[i - 1] + m.skip_weights[j] * outs[src]
+            torch.testing.assert_close(ins[i], expected)
+            assert (ins[i] - outs[i - 1]).abs().amax() > 1e-3
+        else:
+            assert torch.equal(ins[i], outs[i - 1]), f"layer {i} must get no skip"
+    assert sources == {E + j: E - 1 - j for j in range(min(E, L - E))}
+    if L == 11:  # SPEC §3.3: 5 <- 4, 6 <- 3, 7 <- 2, 8 <- 1, 9 <- 0, layer 10 none
+        assert sources == {5: 4, 6: 3, 7: 2, 8: 1, 9: 0}
+
+
+def test_value_embeddings_only_in_ve_layers(make_args):
+    m, a = tiny_model(make_args, NUM_LAYERS="4", VE_LAYERS="0,2")
+    with torch.no_grad():
+        m.ve_layer_scales[0].fill_(0.7)
+        m.ve_layer_scales[1].fill_(-1.3)
+    ids = rand_ids(a.vocab_size, (1, 10))
+    _, outs, ves, handles = _record_blocks(m)
+    with torch.no_grad():
+        m.forward_logits(ids)
+        base = m.ve_shared(ids)
+    assert ves[1] is None and ves[3] is None
+    torch.testing.assert_close(ves[0], base * 0.7)
+    torch.testing.assert_close(ves[2], base * -1.3)
+    # changing layer 2's VE scale leaves blocks 0-1 alone and changes block 2
+    before = dict(outs)
+    with torch.no_grad():
+        m.ve_layer_scales[1].fill_(0.0)
+        m.forward_logits(ids)
+    for h in handles:
+        h.remove()
+    assert torch.equal(outs[0], before[0]) and torch.equal(outs[1], before[1])
+    assert (outs[2] - before[2]).abs().amax() > 1e-3
+
+
+def test_ve_disabled_injects_nothing(make_args):
+    m, a = tiny_model(make_args, NUM_LAYERS="4", VE_LAYERS="0,2", VE_ENABLED="0")
+    assert m.ve_shared is None and len(m.ve_layer_scales) == 0
+    _, _, ves, handles = _record_blocks(m)
+    with torch.no_grad():
+        m.forward_logits(rand_ids(a.vocab_size, (1, 6)))
+    assert all(v is None for v in ves.values()) and len(ves) == 4
+
+
+# ----------------------------------------------------------------------------- parameter count
+
+
+@pytest.mark.parametrize("buckets, expected", [("1536", 26_928_220), ("2048", 26_993_756)])
+def test_default_parameter_count(make_args, buckets, expected):
+    a = make_args(_tiny=False, BIGRAM_VOCAB_SIZE=buckets)
+    with torch.device("meta"):
+        m = tg.GPT(a)
+    assert sum(p.numel() for p in m.parameters()) == expected  # SPEC §3.1 / Appendix B
+    assert H.param_count(a) == expected
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["qo_bank"] == (22, 512, 512) and shapes["kv_bank"] == (22, 256, 512)
+    assert shapes["mlp_up_bank"] == (11, 1536, 512) and shapes["mlp_down_bank"] == (11, 512, 1536)
+    assert shapes["skip_weights"] == (5, 512) and shapes["ve_shared.proj.weight"] == (256, 128)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(NUM_LAYERS="5", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="3", VE_LAYERS="0,3,4"),
+    dict(NUM_LAYERS="1", VE_LAYERS="0", BIGRAM_VOCAB_SIZE="0"),
+    dict(VE_ENABLED="0", SMEAR_ENABLED="0", MLP_MULT="1.5", VOCAB_SIZE="300"),
+])
+def test_tiny_parameter_count_formula(make_args, knobs):
+    a = make_args(**knobs)
+    m = tg.GPT(a)
+    assert sum(p.numel() for p in m.parameters()) == H.param_count(a)
+
+
+def test_optimizer_groups_partition_parameters(make_args):
+    m, a = tiny_model(make_args)
+    adam, muon = tg.build_optimizers(m, a, fused=False)
+    assert isinstance(muon, tg.Muon) and [p for g in muon.param_groups for p in g["params"]] == m.banks()
+    tables, scalars = adam.param_groups
+    assert {id(p) for p in tables["params"]} == {id(m.tok_emb.weight), id(m.bigram.embed.weight),
+                                                   id(m.ve_shared.embed.weight)}
+    assert tables["lr"] == a.tied_embed_lr and scalars["lr"] == a.scalar_lr and muon.param_groups[0]["lr"] == a.matrix_lr
+    all_ids = [id(p) for o in (adam, muon) for g in o.param_groups for p in g["params"]]
+    assert sorted(all_ids) == sorted(id(p) for p in m.parameters())  # each parameter exactly once
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz / Muon
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (4, 48, 96), (3, 96, 40), (2, 128, 128)])
+def test_newton_schulz_is_close_to_orthogonal(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    G = torch.randn(shape, generator=g)
+    if shape[-1] == shape[-2]:  # square Gaussians have near-zero singular values; use a conditioned one
+        U, _, V = torch.linalg.svd(G)
+        G = U @ torch.diag_embed(torch.linspace(0.05, 3.0, shape[-1]).expand(shape[:-1])) @ V
+    X = tg.newton_schulz(G, 5)
+    assert X.shape == G.shape and X.dtype == G.dtype
+    s_in, s = torch.linalg.svdvals(G), torch.linalg.svdvals(X)
+    assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
+    assert (s.amax(-1) / s.amin(-1)).max() < 2.0 < (s_in.amax(-1) / s_in.amin(-1)).min()
+    # same singular vectors as G: G^T X = V f(S) V^T is symmetric positive semi-definite
+    M = G.mT @ X
+    torch.testing.assert_close(M, M.mT, atol=1e-3, rtol=1e-3)
+    assert torch.linalg.eigvalsh((M + M.mT) / 2).min() > -1e-3
+
+
+def test_loss_falls_with_real_optimizers(make_args):
+    a = make_args(VOCAB_SIZE="64", NUM_LAYERS="2", VE_LAYERS="1", TRAIN_SEQ_LEN="32")
+    torch.manual_seed(0)
+    m = tg.GPT(a)
+    optimizers = tg.build_optimizers(m, a, fused=False)
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(2, 64, (13,), generator=g)  # period 13: learnable from context
+    stream = pattern.repeat(40)
+    params = list(m.parameters())
+    losses = []
+    for step in range(30):
+        offs = torch.randint(0, len(stream) - 33, (4,), generator=g)
+        tok = torch.stack([stream[o:o + 33] for o in offs])
+        loss = m(tok[:, :-1], tok[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, a.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(64), abs=0.05)  # zero output projections at init
+    assert sum(losses[-5:]) / 5 < 0.2 * losses[0], losses
+    L = a.num_layers
+    assert m.qo_bank[L:].abs().amax() > 0 and m.mlp_down_bank.abs().amax() > 0  # zero-init banks moved (Muon)
+
+
+def test_muon_first_step_closed_form():
+    # SPEC §4.2: buf = g; U = g + mu*buf; W <- W(1 - lr*wd) - lr*max(1, rows/cols)^0.5 * NS5(U)
+    g = torch.Generator().manual_seed(5)
+    for shape in [(3, 48, 16), (2, 16, 48)]:
+        w0 = torch.randn(shape, generator=g)
+        grad = torch.randn(shape, generator=g)
+        p = torch.nn.Parameter(w0.clone())
+        opt = tg.Muon([p], lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1)
+        p.grad = grad.clone()
+        opt.step()
+        k = max(1.0, shape[-2] / shape[-1]) ** 0.5
+        expected = w0 * (1 - 0.05 * 0.1) - 0.05 * k * tg.newton_schulz(grad * 1.9, 5)
+        torch.testing.assert_close(p.detach(), expected)
+        # second step: buf = 0.9*g1 + g2, U = g2 + 0.9*buf
+        w1, g2 = p.detach().clone(), torch.randn(shape, generator=g)
+        p.grad = g2.clone()
+        opt.step()
+        buf = 0.9 * grad + g2
+        expected = w1 * (1 - 0.05 * 0.1) - 0.05 * k * tg.newton_schulz(g2 + 0.9 * buf, 5)
+        torch.testing.assert_close(p.detach(), expected)
+
+
+# ----------------------------------------------------------------------------- QAT under torch.compile
+
+
+def test_qat_switch_is_live_in_compiled_forward(make_args):
+    torch._dynamo.reset()
+    m, a = tiny_model(make_args, VOCAB_SIZE="128", seed=1)
+    ids = rand_ids(128, (2, 32), seed=1)
+    tgt = rand_ids(128, (2, 32), seed=2)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
+    plain_c = compiled(ids, tgt, False)
+    qat_c = compiled(ids, tgt, True)  # after the switch: must not reuse the qat=False graph
+    fq = copy.deepcopy(m)
+    with torch.no_grad():
+        for bank in fq.banks():
+            bank.copy_(tg.fake_quant(bank, a.clip_fracs))
+        plain_e, qat_e = m(ids, tgt, False), fq(ids, tgt, False)
+    torch.testing.assert_close(plain_c, plain_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(qat_c, qat_e, atol=1e-5, rtol=1e-5)
+    assert (qat_c - plain_c).abs() > 1e-3
+    # straight-through: the compiled QAT gradient reaches the banks
+    qat_c = compiled(ids, tgt, True)
+    qat_c.backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in m.banks())
+    torch._dynamo.reset()

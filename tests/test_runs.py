@@ -1,0 +1,222 @@
+"""End-to-end runs of train_gpt.py as a CLI (subprocesses, CPU, gloo): the smoke run with TTT and its log
+(docs/LOG_FORMAT.md), EVAL_ONLY_PATH, 2-process torchrun vs 1 process with gradient accumulation, seeds,
+EMA/SWA/live export choice, size accounting and the over-the-cap failure. Run configs are in conftest.py."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+import tg_helpers as H
+import train_gpt as tg
+
+SMOKE_KEYS = ["final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact",
+              "eval_projection total_8gpu_full_val_s", "code_sha256:", "attention_backend:sdpa"]
+
+# formats from docs/LOG_FORMAT.md
+FORMATS = [
+    r"code_sha256:[0-9a-f]{64} code_bytes:\d+",
+    r"step:\d+/\d+ val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms",
+    r"step:\d+/\d+ train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms",
+    r"DIAGNOSTIC post_ema val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
+    r"DIAGNOSTIC post_ema_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
+    r"Total submission size int6\+zstd: \d+ bytes",
+    r"size_check total:\d+ limit:16000000 ok",
+    r"final_int6_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
+    r"final_int6_sliding_window val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} stride:32 eval_time:\d+ms",
+    r"ttt_sliding:start chunks=4 chunk_tokens=1024 total_windows=127 stride=32 ttt_lr=0\.002 ttt_epochs=3 "
+    r"freeze_blocks=0",
+    r"  ttt_chunk \[4/4\] bpb=\d+\.\d{6} time=\d+\.\ds",
+    r"ttt_sliding:done val_loss=\d+\.\d{6} val_bpb=\d+\.\d{6} elapsed=\d+\.\ds",
+    r"legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
+    r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d",
+    r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
+    r"eval_time_total:\d+ms",
+]
+
+
+def ok(run):
+    assert run.rc == 0, run.describe()
+    assert run.log_path.is_file(), run.describe()
+    return run.log
+
+
+def tiny_run_args(make_args, **extra):
+    knobs = {k: v for k, v in H.TINY_RUN.items()}
+    knobs.update(extra)
+    return make_args(**knobs)
+
+
+def close_to_4dp(exact_value, logged_4dp):
+    return abs(exact_value - logged_4dp) <= 5e-5 + 1e-7
+
+
+@pytest.mark.tg_runs("smoke")
+def test_cli_smoke_run(tg_runs, make_args):
+    run = tg_runs("smoke")
+    log = ok(run)
+    for key in SMOKE_KEYS:
+        assert key in log, f"{key!r} missing from the smoke log"
+    for fmt in FORMATS:
+        assert re.search(f"^{fmt}$", log, re.M), f"no line matches {fmt!r}"
+    lines = log.splitlines()
+    assert lines[0] == "logs/smoke.txt"
+    out_lines = set(run.output.splitlines())
+    assert all(line in out_lines for line in lines), "rank 0 prints every log line"
+    code = H.TRAIN_GPT.read_bytes()
+    assert H.line_value(log, r"^code_sha256:([0-9a-f]{64}) ") == H.sha256_file(H.TRAIN_GPT)
+    assert int(H.line_value(log, r"^code_sha256:\S+ code_bytes:(\d+)$")) == len(code)
+    a = tiny_run_args(make_args)
+    assert int(H.line_value(log, r"^model_params:(\d+)$")) == H.param_count(a)
+    assert "XSA:last_1 active_layers:[2]" in lines and "world_size:1 grad_accum_steps:8" in lines
+    assert "seed:1" in lines and "warmup_step:2/2" in lines
+    assert "config NUM_LAYERS=3" in lines and "config VE_LAYERS=1,2" in lines
+    # training curve: val at 0/10/20/30, train at 1..10 and every 5th step
+    val = H.val_lines(log)
+    assert sorted(val) == [0, 10, 20, 30]
+    assert sorted(H.train_lines(log)) == list(range(1, 11)) + [15, 20, 25, 30]
+    assert val[0][0] == pytest.approx(math.log(1024), abs=0.05)  # zero output projections at init
+    assert val[30][0] < val[0][0] - 1.0
+    # closed-form schedule (no wall-clock cap): lr_scale(step) = min(1, (30 - step) / 10)
+    # SWA snapshots once lr_scale < 0.5 at even steps -> first at step 28; late QAT once lr_scale < 0.15 -> step 29
+    assert "swa:start step:28" in lines
+    assert "late_qat:enabled step:29 scale:0.1000" in lines
+    assert "export_weights:ema" in lines
+    # size accounting: code bytes + the artifact file, as written
+    art = run.artifact.stat().st_size
+    assert int(H.line_value(log, r"^Code size: (\d+) bytes$")) == len(code)
+    assert int(H.line_value(log, r"^Serialized model int6\+zstd: (\d+) bytes$")) == art
+    assert int(H.line_value(log, r"^Total submission size int6\+zstd: (\d+) bytes$")) == len(code) + art
+    assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
+    assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"zstd"
+    # the three projections add up to the total
+    phases = [float(x) for x in re.findall(r"^eval_projection phase:\S+ .* projected_8gpu_full_val_s:(\S+)$", log, re.M)]
+    assert len(phases) == 3
+    total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
+    assert total == pytest.approx(sum(phases), abs=0.2)
+    for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
+        loss, bpb = H.exact(log, key)
+        assert 0 < loss < 7 and 0 < bpb < 5
+
+
+@pytest.mark.tg_runs("smoke", "smoke_eval")
+def test_eval_only_reproduces_roundtrip(tg_runs):
+    train_log, eval_log = ok(tg_runs("smoke")), ok(tg_runs("smoke_eval"))
+    assert f"eval_only:{tg_runs('smoke').artifact}" in eval_log.splitlines()
+    for absent in ("step:", "train_loader:", "model_params:", "warmup_step", "export_weights", "Serialized model"):
+        assert absent not in eval_log, f"{absent!r} in an EVAL_ONLY_PATH log"
+    for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        assert H.exact(eval_log, key) == H.exact(train_log, key)
+    assert "legal_ttt" not in eval_log  # TTT_ENABLED=0 in the eval-only run
+
+
+@pytest.mark.tg_runs("smoke_eval", "smoke_eval_2p")
+def test_two_process_eval_matches_one_process(tg_runs):
+    one, two = ok(tg_runs("smoke_eval")), ok(tg_runs("smoke_eval_2p"))
+    assert "world_size:2" in two and "world_size:2" not in one
+    for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        (l1, b1), (l2, b2) = H.exact(one, key), H.exact(two, key)
+        assert l2 == pytest.approx(l1, rel=1e-6, abs=1e-8) and b2 == pytest.approx(b1, rel=1e-6, abs=1e-8), key
+
+
+@pytest.mark.tg_runs("acc_1p", "acc_2p")
+def test_two_process_training_matches_grad_accumulation(tg_runs):
+    one, two = ok(tg_runs("acc_1p")), ok(tg_runs("acc_2p"))
+    assert "world_size:1 grad_accum_steps:8" in one and "world_size:2 grad_accum_steps:4" in two
+    v1, v2 = H.val_lines(one), H.val_lines(two)
+    assert sorted(v1) == sorted(v2) == [0, 3, 6]
+    for s in v1:
+        assert abs(v1[s][0] - v2[s][0]) <= 1.5e-4 and abs(v1[s][1] - v2[s][1]) <= 1.5e-4, (s, v1[s], v2[s])
+    assert v1[6][0] < v1[0][0] - 0.3  # the runs did train
+    # EMA_DECAY=0: post_ema is the final live weights, at 8 decimals
+    (l1, b1), (l2, b2) = H.exact(one, "DIAGNOSTIC post_ema_exact"), H.exact(two, "DIAGNOSTIC post_ema_exact")
+    assert l2 == pytest.approx(l1, rel=1e-6) and b2 == pytest.approx(b1, rel=1e-6)
+    for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        assert H.exact(two, key)[0] == pytest.approx(H.exact(one, key)[0], rel=1e-5)
+    # rank 0 logs its own micro-batches' mean, so train losses agree only roughly (exactly at init)
+    t1, t2 = H.train_lines(one), H.train_lines(two)
+    assert sorted(t1) == sorted(t2) == list(range(1, 7))
+    assert t1[1] == pytest.approx(t2[1], abs=0.02)
+    assert all(abs(t1[s] - t2[s]) < 0.3 for s in t1)
+
+
+def _strip_times(log):
+    out = []
+    for line in log.splitlines():
+        if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_time_total")):
+            continue
+        line = re.sub(r"(train_time|eval_time|step_avg|export_time|elapsed|time|measured_s):?=?[\d.]+m?s?", "", line)
+        line = re.sub(r"projected_8gpu_full_val_s:[\d.]+", "", line)
+        out.append(line)
+    return out
+
+
+@pytest.mark.tg_runs("acc_1p", "seed_again", "seed_other")
+def test_same_seed_same_run_other_seed_differs(tg_runs):
+    a, b, c = ok(tg_runs("acc_1p")), ok(tg_runs("seed_again")), ok(tg_runs("seed_other"))
+    assert H.val_lines(a) == H.val_lines(b) and H.train_lines(a) == H.train_lines(b)
+    assert _strip_times(a) == _strip_times(b)
+    for key in ("DIAGNOSTIC post_ema_exact", "final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        assert H.exact(a, key) == H.exact(b, key)
+        assert H.exact(a, key) != H.exact(c, key)
+    assert "seed:2" in c.splitlines()
+    assert H.train_lines(a) != H.train_lines(c)
+
+
+@pytest.mark.tg_runs("acc_1p")
+def test_ema_decay_zero_exports_live_weights(tg_runs):
+    log = ok(tg_runs("acc_1p"))
+    assert "export_weights:ema" in log.splitlines()
+    post = H.exact(log, "DIAGNOSTIC post_ema_exact")
+    last = H.val_lines(log)[6]
+    assert close_to_4dp(post[0], last[0]) and close_to_4dp(post[1], last[1])
+
+
+@pytest.mark.tg_runs("exp_ema1")
+def test_ema_decay_one_exports_initial_weights_and_swa_fallback(tg_runs):
+    log = ok(tg_runs("exp_ema1"))
+    lines = log.splitlines()
+    assert "export_weights: no SWA snapshot was taken; falling back to ema" in lines
+    assert "export_weights:ema" in lines and "swa:start" not in log
+    val = H.val_lines(log)
+    post = H.exact(log, "DIAGNOSTIC post_ema_exact")
+    assert close_to_4dp(post[0], val[0][0]) and close_to_4dp(post[1], val[0][1])  # EMA never left the init
+    assert val[4][0] < val[0][0] - 0.1
+
+
+@pytest.mark.tg_runs("exp_swa")
+def test_swa_export_is_the_snapshot_average_and_lzma_round_trips(tg_runs):
+    run = tg_runs("exp_swa")
+    log = ok(run)
+    lines = log.splitlines()
+    # lr_scale(step) = (5 - step) / 5 < 0.7 from step 2; snapshots at steps divisible by 3 -> only step 3
+    assert "swa:start step:3" in lines and "export_weights:swa" in lines
+    val = H.val_lines(log)
+    post = H.exact(log, "DIAGNOSTIC post_swa_exact")
+    assert close_to_4dp(post[0], val[3][0]) and close_to_4dp(post[1], val[3][1])  # average of 1 snapshot
+    assert abs(post[0] - val[5][0]) > 1e-3, "SWA weights must not be the live weights"
+    art = run.artifact.stat().st_size
+    assert int(H.line_value(log, r"^Serialized model int6\+lzma: (\d+) bytes$")) == art
+    assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"lzma"
+    rt = H.exact(log, "final_int6_roundtrip_exact")
+    assert abs(rt[0] - post[0]) < 0.05  # quantization changes the loss only a little
+    assert "final_int6_sliding_window" not in log  # EVAL_STRIDE == EVAL_SEQ_LEN: no sliding pass
+
+
+@pytest.mark.tg_runs("exp_over")
+def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
+    run = tg_runs("exp_over")
+    assert run.rc == 1, run.describe()
+    log = run.log
+    lines = log.splitlines()
+    code = len(H.TRAIN_GPT.read_bytes())
+    art = run.artifact.stat().st_size
+    total = code + art
+    assert f"size_check total:{total} limit:1000 OVER" in lines
+    assert f"ERROR: artifact {run.artifact} is {total - 1000} bytes OVER the 1000-byte limit (code {code} + model {art}); this run cannot be submitted" in lines
+    assert "final_int6_roundtrip" not in log and "eval_time_total" not in log
+    assert "export_weights:live" in lines
+    post = H.exact(log, "DIAGNOSTIC post_live_exact")
+    last = H.val_lines(log)[4]
+    assert close_to_4dp(post[0], last[0]) and close_to_4dp(post[1], last[1])
