@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
 import os
+import struct
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +58,13 @@ def env(name: str, default):
     return value
 
 
-def env_int_list(name: str, default: str) -> list[int]:
+def env_list(name: str, default: str, cast=int) -> list:
     raw = env(name, default)
     try:
-        return [int(v) for v in raw.split(",") if v.strip()]
+        return [cast(v) for v in raw.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"error: environment variable {name}={raw!r} must be a comma-separated list of ints") from None
+        raise SystemExit(f"error: environment variable {name}={raw!r} must be a comma-separated list of "
+                         f"{cast.__name__}s") from None
 
 
 class Hyperparameters:
@@ -103,7 +105,7 @@ class Hyperparameters:
         self.bigram_dim = env("BIGRAM_DIM", 128)
         self.ve_enabled = env("VE_ENABLED", True)
         self.ve_dim = env("VE_DIM", 128)
-        self.ve_layers = env_int_list("VE_LAYERS", "9,10")
+        self.ve_layers = env_list("VE_LAYERS", "9,10")
         self.ln_scale = env("LN_SCALE", True)
         self.smear_enabled = env("SMEAR_ENABLED", True)
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
@@ -137,7 +139,7 @@ class Hyperparameters:
         self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
         self.size_limit = env("SIZE_LIMIT", 16_000_000)
         self.size_fit = env("SIZE_FIT", True)  # coarsen int6 steps just enough to fit SIZE_LIMIT
-        self.clip_fracs = [float(v) for v in env("GPTQ_CLIP_FRACS", "1.0,0.97,0.94,0.91,0.88,0.85,0.8").split(",")]
+        self.clip_fracs = env_list("GPTQ_CLIP_FRACS", "1.0,0.97,0.94,0.91,0.88,0.85,0.8", float)
         # evaluation
         self.eval_only_path = env("EVAL_ONLY_PATH", "")
         self.eval_seq_len = env("EVAL_SEQ_LEN", 2048)
@@ -160,7 +162,8 @@ class Hyperparameters:
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS")
         head_dim = self.model_dim // self.num_heads
-        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim, "ROPE_DIMS must be even and <= head dim")
+        need(0 <= self.rope_dims <= head_dim and (self.rope_dims or head_dim) % 2 == 0,
+             "ROPE_DIMS (or the head dim, when ROPE_DIMS=0) must be even and <= the head dim")
         need(self.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0")
         need(self.export_weights in ("ema", "swa", "ema_swa", "live"), "EXPORT_WEIGHTS must be ema|swa|ema_swa|live")
         need(self.compressor in ("zstd", "lzma"), "COMPRESSOR must be zstd or lzma")
@@ -182,8 +185,8 @@ ARCH_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads
 class Dist:
     def __init__(self):
         self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ["RANK"]) if self.enabled else 0
+        self.world_size = int(os.environ["WORLD_SIZE"]) if self.enabled else 1
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
@@ -820,7 +823,7 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
 # ----------------------------------------------------------------------------- export
 
 
-ARTIFACT_MAGIC = b"PGOLF1"
+ARTIFACT_MAGIC = b"PGOLF2"
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 
 
@@ -853,50 +856,56 @@ def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return state
 
 
-def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: float = 1.0) -> tuple[bytes, int]:
-    buf = io.BytesIO()
-    torch.save({"arch": arch, "weights": quantize_state(state, clip_fracs, step_mult)}, buf)
-    raw = buf.getvalue()
+CHUNK_BYTES = 1 << 20
+
+
+def _compress(piece: bytes, compressor: str) -> bytes:
     if compressor == "zstd":
         import zstandard
-        blob = zstandard.ZstdCompressor(level=22, threads=-1).compress(raw)
-    else:
-        blob = lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-    return ARTIFACT_MAGIC + compressor.encode().ljust(4, b"\0") + blob, len(raw)
+        return zstandard.ZstdCompressor(level=22, write_checksum=True).compress(piece)
+    return lzma.compress(piece, preset=9 | lzma.PRESET_EXTREME)
 
 
-def bank_code_entropy(state, clip_fracs, step_mult: float) -> float:
-    """Order-0 entropy in bytes of the int6 bank codes; zstd lands within ~1% of it on these codes."""
-    total = 0.0
-    for name, t in state.items():
-        if name.endswith("_bank"):
-            q, _ = quantize_rows(t.reshape(-1, t.size(-1)), 31, clip_fracs, step_mult)
-            counts = torch.bincount(q.flatten().long() + 31, minlength=63).double()
-            counts = counts[counts > 0]
-            total -= (counts * (counts / q.numel()).log2()).sum().item() / 8
-    return total
+def _decompress(piece: bytes, compressor: str) -> bytes:
+    if compressor == "zstd":
+        import zstandard
+        return zstandard.ZstdDecompressor().decompress(piece)
+    return lzma.decompress(piece)
+
+
+def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: float = 1.0) -> tuple[bytes, int]:
+    """Quantize, then compress the concatenated tensor bytes in independent 1 MiB chunks on all CPU cores.
+    Layout: magic, compressor, header length, JSON header (arch, tensor specs, chunk sizes), chunks."""
+    packed = quantize_state(state, clip_fracs, step_mult)
+    specs = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in packed.items()]
+    data = b"".join(v.contiguous().numpy().tobytes() for v in packed.values())
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        chunks = list(pool.map(lambda i: _compress(data[i:i + CHUNK_BYTES], compressor), range(0, len(data), CHUNK_BYTES)))
+    header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks]}).encode()
+    blob = ARTIFACT_MAGIC + compressor.encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
+    return blob + b"".join(chunks), len(data)
 
 
 def fit_artifact(state, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
-    """Pack the model; if it exceeds `budget` bytes and SIZE_FIT=1, coarsen every int6 step by the smallest
-    common factor whose predicted size fits (bisection on the code entropy), then verify by compressing."""
-    blob, raw = pack_artifact(state, arch, args.compressor, args.clip_fracs)
-    if len(blob) <= budget or not args.size_fit:
-        return blob, raw
-    base = bank_code_entropy(state, args.clip_fracs, 1.0)
-    lo, hi = 1.0, 4.0
-    for _ in range(20):
+    """Pack the model; if it exceeds `budget` bytes and SIZE_FIT=1, coarsen every int6 step by a common
+    factor found by bisection on the real compressed size (each probe is a full pack), keeping a fit."""
+    fit = pack_artifact(state, arch, args.compressor, args.clip_fracs)
+    if len(fit[0]) <= budget or not args.size_fit:
+        return fit
+    unfitted = len(fit[0])
+    pack = lambda m: pack_artifact(state, arch, args.compressor, args.clip_fracs, m)
+    lo, hi = 1.0, 1.25
+    while len((fit := pack(hi))[0]) > budget:
+        lo, hi = hi, hi * 1.25
+        if hi > 8:
+            log(f"size_fit: no int6 step multiplier up to 8 fits {budget} bytes")
+            return fit
+    for _ in range(7):
         mid = (lo + hi) / 2
-        saved = 1.01 * (base - bank_code_entropy(state, args.clip_fracs, mid))
-        lo, hi = (lo, mid) if len(blob) - saved <= budget - 0.002 * budget else (mid, hi)
-    mult = hi
-    for _ in range(5):
-        blob, raw = pack_artifact(state, arch, args.compressor, args.clip_fracs, mult)
-        log(f"size_fit: int6 step x{mult:.4f} model_bytes:{len(blob)} budget:{budget}")
-        if len(blob) <= budget:
-            break
-        mult *= 1.02
-    return blob, raw
+        probe = pack(mid)
+        lo, hi, fit = (lo, mid, probe) if len(probe[0]) <= budget else (mid, hi, fit)
+    log(f"size_fit: int6 step x{hi:.4f} model_bytes:{len(fit[0])} budget:{budget} unfitted:{unfitted}")
+    return fit
 
 
 def write_atomic(path: str, data: bytes):
@@ -914,17 +923,25 @@ def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     data = Path(path).read_bytes()
     if not data.startswith(ARTIFACT_MAGIC):
         raise ValueError(f"artifact {path} is not a train_gpt.py artifact (bad magic)")
-    compressor = data[6:10].rstrip(b"\0").decode(errors="replace")
     try:
-        if compressor == "zstd":
-            import zstandard
-            raw = zstandard.ZstdDecompressor().decompress(data[10:])
-        elif compressor == "lzma":
-            raw = lzma.decompress(data[10:])
-        else:
-            raise ValueError(f"unknown compressor {compressor!r}")
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        return obj["arch"], dequantize_state(obj["weights"])
+        compressor = data[6:10].rstrip(b"\0").decode()
+        (hlen,) = struct.unpack("<I", data[10:14])
+        header = json.loads(data[14:14 + hlen])
+        pos, parts = 14 + hlen, []
+        for n in header["chunks"]:
+            parts.append(_decompress(data[pos:pos + n], compressor))
+            pos += n
+        if pos != len(data):
+            raise ValueError(f"{len(data) - pos} trailing bytes")
+        raw, offset, packed = b"".join(parts), 0, {}
+        for name, dtype, shape in header["tensors"]:
+            dt = getattr(torch, dtype)
+            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            packed[name] = torch.frombuffer(bytearray(raw[offset:offset + n]), dtype=dt).reshape(shape)
+            offset += n
+        if offset != len(raw):
+            raise ValueError("payload size does not match the tensor specs")
+        return header["arch"], dequantize_state(packed)
     except Exception as e:
         raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None
 

@@ -32,7 +32,8 @@ import train_gpt as tg  # noqa: E402,F401
 ACC = dict(ITERATIONS=6, WARMUP_STEPS=0, TTT_ENABLED=0, VAL_LOSS_EVERY=3, EMA_DECAY=0)
 SHORT = dict(WARMUP_STEPS=0, TTT_ENABLED=0, EVAL_STRIDE=64)
 
-# name -> (overrides, nproc, run this first). Submitted in this order (slowest first).
+# name -> (overrides, nproc, run this first). Submitted in this order (slowest first). An override may be
+# "<dep>" (the artifact path of the run it depends on) or a function of that run's RunResult.
 RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "smoke": ({}, 1, None),
     "acc_2p": (ACC, 2, None),
@@ -47,8 +48,11 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # EMA with decay 1 never moves off the initial weights; SWA disabled -> falls back to EMA
     "exp_ema1": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=1, EXPORT_WEIGHTS="swa",
                       SWA_ENABLED=0), 1, None),
-    # live weights, artifact over a 1000-byte cap
+    # live weights, artifact over a 1000-byte cap (size fitting cannot get there)
     "exp_over": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EXPORT_WEIGHTS="live", SIZE_LIMIT=1000), 1, None),
+    # acc_1p again with a cap 10% below its model size: SIZE_FIT must coarsen the int6 steps until it fits
+    "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(H.TRAIN_GPT.read_bytes()) + int(0.9 * dep.artifact.stat().st_size)),
+            1, "acc_1p"),
 }
 
 
@@ -118,6 +122,8 @@ class RunPool:
             for k, v in overrides.items():
                 if v == f"<{after}>":
                     overrides[k] = str(dep.artifact)
+                elif callable(v):
+                    overrides[k] = v(dep)
         overrides.update(DATA_PATH=str(self.data), TOKENIZER_PATH=str(H.TOKENIZER))
         return H.run_train(name, self.base / name, overrides, nproc=nproc)
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import tg_helpers as H
 import train_gpt as tg
 
+CPU = torch.device("cpu")
+
 
 # ----------------------------------------------------------------------------- window plan and rank split
 
@@ -189,7 +191,7 @@ def run_ttt(model, a, val, luts, monkeypatch, chunk_sums=None, trained=None, pre
     with monkeypatch.context() as mp:
         mp.setattr(tg, "score_windows", score)
         result = tg.ttt_evaluate(model, model.forward_logits, loss_fn, val, luts, a, H.DistStub(), logs.append)
-    return result, logs
+    return tuple(result[:2]), logs  # (val_loss, val_bpb[, compile warm-up seconds])
 
 
 def test_ttt_scores_never_depend_on_later_tokens(make_args, luts, monkeypatch):
@@ -223,10 +225,21 @@ def test_ttt_trains_only_on_already_scored_targets(make_args, luts, monkeypatch)
     val = torch.arange(total + 1, dtype=torch.int32) % 1024  # token value = its position (+1 for targets)
     assert total < 1024
     sums, trained = [], []
-    (loss, bpb), logs = run_ttt(fresh_model(a), a, val, luts, monkeypatch, sums, trained)
-    assert trained, "TTT must train on something"
+    model = fresh_model(a)
+    untouched = copy.deepcopy(model)
+    (loss, bpb), logs = run_ttt(model, a, val, luts, monkeypatch, sums, trained)
     n_chunks = math.ceil(total / 100)
     assert len(sums) == n_chunks
+    # forward/backward calls before the first scoring (a compile warm-up on random tokens) must not move the
+    # weights: chunk 0 is scored exactly as by the untouched model
+    early = [y for scored, y in trained if scored == 0]
+    assert len(early) <= 1
+    starts, first = tg.window_plan(total, 32, 16)
+    chunk0 = (starts + first) // 100 == 0
+    ref = tg.score_windows(untouched.forward_logits, val, luts, starts[chunk0], first[chunk0], 32, 2, CPU)
+    assert torch.equal(sums[0], ref)
+    trained = [(scored, y) for scored, y in trained if scored > 0]
+    assert trained, "TTT must train on something"
     for scored_prefix, y in trained:
         # target token values are positions + 1; every trained target lies in the scored prefix
         assert int(y.max()) <= scored_prefix

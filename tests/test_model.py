@@ -74,7 +74,8 @@ def test_ntk_rescaling_only_beyond_rope_train_seq_len(seq_len, train_len):
     R, base = 16, 10000.0
     cos, sin = tg.rope_tables(seq_len, R, base, train_len, CPU)
     eff = base * (seq_len / train_len) ** (R / (R - 2)) if seq_len > train_len else base
-    theta = torch.arange(seq_len, dtype=torch.float64)[:, None] * eff ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    inv_freq = eff ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    theta = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq
     torch.testing.assert_close(cos[0, :, 0].double(), theta.cos(), atol=2e-4, rtol=0)
     torch.testing.assert_close(sin[0, :, 0].double(), theta.sin(), atol=2e-4, rtol=0)
     # the base actually used, read back from the slowest-but-one frequency at t = 1
@@ -93,6 +94,22 @@ def test_model_uses_rope_train_seq_len(make_args):
             out[train_len] = m.forward_logits(ids)
     assert torch.equal(out[1024], out[32]), "no rescaling while seq_len <= ROPE_TRAIN_SEQ_LEN"
     assert (out[1024] - out[16]).abs().amax() > 1e-4, "seq_len 32 > 16 must rescale the base"
+
+
+def test_cached_rope_tables_match_and_are_used(make_args):
+    # the model precomputes tables for TRAIN_SEQ_LEN and EVAL_SEQ_LEN (here 64 and 48, both > 32 -> NTK)
+    m, a = tiny_model(make_args, TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="48", ROPE_TRAIN_SEQ_LEN="32")
+    for T in (64, 48):
+        cos, sin = tg.rope_tables(T, m.rot_dims, a.rope_base, 32, CPU)
+        assert torch.equal(getattr(m, f"rope_cos_{T}"), cos) and torch.equal(getattr(m, f"rope_sin_{T}"), sin)
+    assert not any(k.startswith("rope_") for k in m.state_dict()), "RoPE tables must not enter the artifact"
+    # poison the cached tables: a forward at a cached length must read them, other lengths must not
+    ids = rand_ids(a.vocab_size, (1, 64))
+    with torch.no_grad():
+        ref64, ref40 = m.forward_logits(ids), m.forward_logits(ids[:, :40])
+        getattr(m, "rope_cos_64").zero_()
+        assert not torch.allclose(m.forward_logits(ids), ref64)
+        assert torch.equal(m.forward_logits(ids[:, :40]), ref40)
 
 
 # ----------------------------------------------------------------------------- XSA
@@ -192,6 +209,44 @@ def test_model_is_causal(make_args):
             out = m.forward_logits(ids2)
             torch.testing.assert_close(out[:, :t], ref[:, :t], atol=1e-6, rtol=1e-6)
             assert (out[:, t] - ref[:, t]).abs().amax() > 1e-3, "a position must depend on its own token"
+
+
+def test_block_matches_spec_reference(make_args):
+    """One block by the formulas of SPEC §3.6-3.9 with separate Q/K/V/O bank slices (GQA, VE, XSA)."""
+    m, a = tiny_model(make_args, NUM_LAYERS="4", NUM_HEADS="4", NUM_KV_HEADS="2", VE_LAYERS="3", XSA_LAST_N="1",
+                      ROPE_DIMS="8")
+    L, d, Hh, KV, hd = 4, 64, 4, 2, 16
+    g = torch.Generator().manual_seed(9)
+    B, T = 2, 12
+    x, x0 = torch.randn(B, T, d, generator=g), torch.randn(B, T, d, generator=g)
+    ve = torch.randn(B, T, KV * hd, generator=g)
+    cos, sin = tg.rope_tables(T, 8, a.rope_base, a.rope_train_seq_len, CPU)
+    for i in (2, 3):
+        blk = m.blocks[i]
+        w = {"q": m.qo_bank[i], "o": m.qo_bank[L + i], "k": m.kv_bank[i], "v": m.kv_bank[L + i],
+             "up": m.mlp_up_bank[i], "down": m.mlp_down_bank[i]}
+        with torch.no_grad():
+            got = blk(x, x0, w, ve, cos, sin)
+            f = 1 / math.sqrt(i + 1)
+            xin = blk.resid_mix[0] * x + blk.resid_mix[1] * x0
+            u = F.rms_norm(xin, (d,)) * f
+            q = (u @ m.qo_bank[i].T).view(B, T, Hh, hd)
+            k = (u @ m.kv_bank[i].T).view(B, T, KV, hd)
+            v = (u @ m.kv_bank[L + i].T + ve).view(B, T, KV, hd)
+            q = tg.apply_rope(F.rms_norm(q, (hd,)), cos, sin) * blk.q_gain[:, None]
+            k = tg.apply_rope(F.rms_norm(k, (hd,)), cos, sin)
+            kk, vv = k.repeat_interleave(Hh // KV, dim=2), v.repeat_interleave(Hh // KV, dim=2)
+            att = (q.transpose(1, 2) @ kk.transpose(1, 2).mT) / math.sqrt(hd)
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+            y = (att @ vv.transpose(1, 2)).transpose(1, 2)
+            if i == 3:  # XSA on the last layer
+                vh = F.normalize(vv, dim=-1)
+                y = y - (y * vh).sum(-1, keepdim=True) * vh
+            xmid = xin + blk.attn_scale * (y.reshape(B, T, d) @ m.qo_bank[L + i].T)
+            h = F.leaky_relu(F.rms_norm(xmid, (d,)) * f @ m.mlp_up_bank[i].T, 0.5).square()
+            ref = xmid + blk.mlp_scale * (h @ m.mlp_down_bank[i].T)
+        assert blk.xsa == (i == 3)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- U-Net skips and value embeddings
@@ -305,7 +360,8 @@ def test_optimizer_groups_partition_parameters(make_args):
     tables, scalars = adam.param_groups
     assert {id(p) for p in tables["params"]} == {id(m.tok_emb.weight), id(m.bigram.embed.weight),
                                                    id(m.ve_shared.embed.weight)}
-    assert tables["lr"] == a.tied_embed_lr and scalars["lr"] == a.scalar_lr and muon.param_groups[0]["lr"] == a.matrix_lr
+    assert tables["lr"] == a.tied_embed_lr and scalars["lr"] == a.scalar_lr
+    assert muon.param_groups[0]["lr"] == a.matrix_lr
     all_ids = [id(p) for o in (adam, muon) for g in o.param_groups for p in g["params"]]
     assert sorted(all_ids) == sorted(id(p) for p in m.parameters())  # each parameter exactly once
 

@@ -28,6 +28,7 @@ FORMATS = [
     r"ttt_sliding:start chunks=4 chunk_tokens=1024 total_windows=127 stride=32 ttt_lr=0\.002 ttt_epochs=3 "
     r"freeze_blocks=0",
     r"  ttt_chunk \[4/4\] bpb=\d+\.\d{6} time=\d+\.\ds",
+    r"ttt_sliding:warmup time=\d+\.\ds",
     r"ttt_sliding:done val_loss=\d+\.\d{6} val_bpb=\d+\.\d{6} elapsed=\d+\.\ds",
     r"legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
     r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d",
@@ -91,7 +92,8 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
     assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"zstd"
     # the three projections add up to the total
-    phases = [float(x) for x in re.findall(r"^eval_projection phase:\S+ .* projected_8gpu_full_val_s:(\S+)$", log, re.M)]
+    phases = re.findall(r"^eval_projection phase:\S+ .* projected_8gpu_full_val_s:(\S+)$", log, re.M)
+    phases = [float(x) for x in phases]
     assert len(phases) == 3
     total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
     assert total == pytest.approx(sum(phases), abs=0.2)
@@ -164,6 +166,16 @@ def test_same_seed_same_run_other_seed_differs(tg_runs):
     assert H.train_lines(a) != H.train_lines(c)
 
 
+@pytest.mark.tg_runs("smoke", "acc_1p")
+def test_compile_warmup_restores_weights_and_loader(tg_runs):
+    # same seed and data; smoke runs 2 warm-up steps first, acc_1p none. If the warm-up restored the weights
+    # and re-created the loader, step 0 (init weights) and step 1 (init weights on the first batch) agree.
+    warm, cold = ok(tg_runs("smoke")), ok(tg_runs("acc_1p"))
+    assert "warmup_step:2/2" in warm and "warmup_step" not in cold
+    assert H.val_lines(warm)[0] == H.val_lines(cold)[0]
+    assert H.train_lines(warm)[1] == H.train_lines(cold)[1]
+
+
 @pytest.mark.tg_runs("acc_1p")
 def test_ema_decay_zero_exports_live_weights(tg_runs):
     log = ok(tg_runs("acc_1p"))
@@ -214,9 +226,32 @@ def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
     art = run.artifact.stat().st_size
     total = code + art
     assert f"size_check total:{total} limit:1000 OVER" in lines
-    assert f"ERROR: artifact {run.artifact} is {total - 1000} bytes OVER the 1000-byte limit (code {code} + model {art}); this run cannot be submitted" in lines
+    assert (f"ERROR: artifact {run.artifact} is {total - 1000} bytes OVER the 1000-byte limit (code {code} + "
+            f"model {art}); this run cannot be submitted") in lines
     assert "final_int6_roundtrip" not in log and "eval_time_total" not in log
+    assert "size_fit: int6 step x" in log  # SIZE_FIT tried, but no step fits 1000 bytes
     assert "export_weights:live" in lines
     post = H.exact(log, "DIAGNOSTIC post_live_exact")
     last = H.val_lines(log)[4]
     assert close_to_4dp(post[0], last[0]) and close_to_4dp(post[1], last[1])
+
+
+@pytest.mark.tg_runs("acc_1p", "fit")
+def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
+    base, fit = tg_runs("acc_1p"), tg_runs("fit")
+    log = ok(fit)
+    code = len(H.TRAIN_GPT.read_bytes())
+    limit = int(fit.env["SIZE_LIMIT"])
+    art = fit.artifact.stat().st_size
+    assert art < base.artifact.stat().st_size and code + art <= limit
+    steps = re.findall(r"^size_fit: int6 step x(\S+) model_bytes:(\d+) budget:(\d+)$", log, re.M)
+    assert steps, "no size_fit line"
+    assert all(int(b) == limit - code for _, _, b in steps)
+    assert int(steps[-1][1]) == art and float(steps[-1][0]) > 1.0
+    assert f"size_check total:{code + art} limit:{limit} ok" in log.splitlines()
+    assert "size_fit" not in base.log
+    # same training, coarser export
+    assert H.val_lines(log) == H.val_lines(base.log)
+    assert H.exact(log, "DIAGNOSTIC post_ema_exact") == H.exact(base.log, "DIAGNOSTIC post_ema_exact")
+    rt_fit, rt_base = H.exact(log, "final_int6_roundtrip_exact"), H.exact(base.log, "final_int6_roundtrip_exact")
+    assert rt_fit != rt_base and abs(rt_fit[0] - rt_base[0]) < 0.1

@@ -163,7 +163,7 @@ def test_invalid_config_is_rejected(make_args, knobs, needle):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG train_gpt.py:145 (Hyperparameters.__init__): GPTQ_CLIP_FRACS is parsed with a bare float() outside "
+    "BUG train_gpt.py Hyperparameters.__init__ (line ~140): GPTQ_CLIP_FRACS is parsed with a bare float() outside "
     "env(), so GPTQ_CLIP_FRACS=abc raises 'ValueError: could not convert string to float' instead of a "
     "SystemExit naming GPTQ_CLIP_FRACS like every other knob"))
 def test_malformed_clip_fracs_names_the_variable(make_args):
@@ -172,7 +172,7 @@ def test_malformed_clip_fracs_names_the_variable(make_args):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG train_gpt.py:164 (Hyperparameters.validate): ROPE_DIMS=0 means 'rotate the whole head', but an odd "
+    "BUG train_gpt.py Hyperparameters.validate (line ~163): ROPE_DIMS=0 means 'rotate the whole head', but an odd "
     "head dim (MODEL_DIM=66, NUM_HEADS=2 -> 33) passes validation and the first forward dies in apply_rope "
     "with 'size of tensor a (16) must match ... (17)'; expected a SystemExit at start-up"))
 def test_odd_head_dim_with_full_rope_is_rejected(make_args):
