@@ -765,8 +765,9 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     t0 = time.perf_counter()
     n_mine = len(range(args.ttt_chunk_tokens // L)[rank_slice(args.ttt_chunk_tokens // L, dctx.rank, dctx.world_size)])
     if n_mine > 0 and n_chunks > 1:  # compile the training graph on random tokens (no update is applied)
+        x, y = torch.randint(0, args.vocab_size, (2, min(n_mine, args.ttt_batch_seqs), L), device=dctx.device)
         with autocast(dctx.device):
-            loss_fn(*[torch.randint(0, args.vocab_size, (min(n_mine, args.ttt_batch_seqs), L), device=dctx.device)] * 2).backward()
+            loss_fn(x, y).backward()
         opt.zero_grad(set_to_none=False)
     warm_s = time.perf_counter() - t0
     log(f"ttt_sliding:warmup time={warm_s:.1f}s")
@@ -775,7 +776,6 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     for c in range(n_chunks):
         sel = torch.nonzero(chunk_of == c).squeeze(1)
         part = sel[rank_slice(len(sel), dctx.rank, dctx.world_size)]
-        model.eval()
         sums += score_windows(logits_fn, val, luts, starts[part], first[part], L, args.ttt_batch_seqs, dctx.device)
         scored_end = min((c + 1) * C, total) if c < n_chunks - 1 else total
         if c < n_chunks - 1:
@@ -802,7 +802,6 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
     steps = math.ceil(math.ceil(n_seq / dctx.world_size) / args.ttt_batch_seqs)
     for g in opt.param_groups:
         g["lr"] = lr
-    model.train()
     offsets = torch.arange(L + 1, device=dctx.device)
     for _ in range(args.ttt_epochs):
         for s in range(steps):
