@@ -220,6 +220,7 @@ class Dist:
 
     def close(self):
         if self.enabled:
+            dist.barrier()  # no rank tears down while another is still in a collective
             dist.destroy_process_group()
 
 
@@ -869,7 +870,9 @@ def _decompress(piece: bytes, compressor: str) -> bytes:
     if compressor == "zstd":
         import zstandard
         return zstandard.ZstdDecompressor().decompress(piece)
-    return lzma.decompress(piece)
+    if compressor == "lzma":
+        return lzma.decompress(piece)
+    raise ValueError(f"unknown compressor {compressor!r}")
 
 
 def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: float = 1.0) -> tuple[bytes, int]:
@@ -891,19 +894,19 @@ def fit_artifact(state, arch: dict, args: Hyperparameters, budget: int, log) -> 
     fit = pack_artifact(state, arch, args.compressor, args.clip_fracs)
     if len(fit[0]) <= budget or not args.size_fit:
         return fit
-    unfitted = len(fit[0])
+    unfitted = fit
     pack = lambda m: pack_artifact(state, arch, args.compressor, args.clip_fracs, m)
     lo, hi = 1.0, 1.25
     while len((fit := pack(hi))[0]) > budget:
         lo, hi = hi, hi * 1.25
         if hi > 8:
-            log(f"size_fit: no int6 step multiplier up to 8 fits {budget} bytes")
-            return fit
+            log(f"size_fit: no int6 step multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
+            return unfitted
     for _ in range(7):
         mid = (lo + hi) / 2
         probe = pack(mid)
         lo, hi, fit = (lo, mid, probe) if len(probe[0]) <= budget else (mid, hi, fit)
-    log(f"size_fit: int6 step x{hi:.4f} model_bytes:{len(fit[0])} budget:{budget} unfitted:{unfitted}")
+    log(f"size_fit: int6 step x{hi:.4f} model_bytes:{len(fit[0])} budget:{budget} unfitted:{len(unfitted[0])}")
     return fit
 
 
@@ -1000,6 +1003,7 @@ def main():
     if args.eval_only_path:
         log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
         log(f"eval_only:{args.eval_only_path}")
+        log(f"world_size:{dctx.world_size}")
         status = final_evaluation(args, dctx, log, val, luts, code)
         dctx.close()
         return status

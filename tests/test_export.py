@@ -209,12 +209,6 @@ def test_flipped_bytes_detected_lzma(good_blob, tmp_path):
     _assert_flips_detected(good_blob[0]["lzma"], tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG train_gpt.py pack_artifact (line ~862): zstandard.ZstdCompressor(level=22, threads=-1) writes no "
-    "content checksum, so a zstd artifact with a flipped payload byte usually decompresses and loads without "
-    "error, with altered weights (about 94% of single-bit flips in a tiny-model artifact). Expected a "
-    "ValueError naming the file, as for lzma (xz has CRC64). Fix: ZstdCompressor(level=22, threads=-1, "
-    "write_checksum=True), or store a sha256 of the payload in the header and check it in load_artifact"))
 def test_flipped_bytes_detected_zstd(good_blob, tmp_path):
     _assert_flips_detected(good_blob[0]["zstd"], tmp_path)
 
@@ -246,7 +240,7 @@ def test_fit_artifact_shrinks_to_budget(make_args, tmp_path):
     assert logs and all(line.startswith("size_fit: int6 step x") for line in logs)
     assert f"model_bytes:{len(blob)} budget:{budget}" in logs[-1]
     mult = float(logs[-1].split("step x")[1].split()[0])
-    assert 1.0 < mult < 4.5
+    assert 1.0 < mult < 8.0  # fit_artifact searches multipliers up to 8
     # the fitted artifact is the same model with coarser int6 steps: loads, same keys, bank scales x mult
     path = tmp_path / "fit.ptz"
     tg.write_atomic(str(path), blob)

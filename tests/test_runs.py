@@ -229,7 +229,7 @@ def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
     assert (f"ERROR: artifact {run.artifact} is {total - 1000} bytes OVER the 1000-byte limit (code {code} + "
             f"model {art}); this run cannot be submitted") in lines
     assert "final_int6_roundtrip" not in log and "eval_time_total" not in log
-    assert "size_fit: int6 step x" in log  # SIZE_FIT tried, but no step fits 1000 bytes
+    assert "size_fit: no int6 step multiplier up to 8 fits" in log  # SIZE_FIT tried, but nothing fits 1000 bytes
     assert "export_weights:live" in lines
     post = H.exact(log, "DIAGNOSTIC post_live_exact")
     last = H.val_lines(log)[4]
@@ -244,7 +244,7 @@ def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
     limit = int(fit.env["SIZE_LIMIT"])
     art = fit.artifact.stat().st_size
     assert art < base.artifact.stat().st_size and code + art <= limit
-    steps = re.findall(r"^size_fit: int6 step x(\S+) model_bytes:(\d+) budget:(\d+)$", log, re.M)
+    steps = re.findall(r"^size_fit: int6 step x(\S+) model_bytes:(\d+) budget:(\d+) unfitted:\d+$", log, re.M)
     assert steps, "no size_fit line"
     assert all(int(b) == limit - code for _, _, b in steps)
     assert int(steps[-1][1]) == art and float(steps[-1][0]) > 1.0

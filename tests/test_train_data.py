@@ -162,19 +162,11 @@ def test_invalid_config_is_rejected(make_args, knobs, needle):
     assert needle in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG train_gpt.py Hyperparameters.__init__ (line ~140): GPTQ_CLIP_FRACS is parsed with a bare float() outside "
-    "env(), so GPTQ_CLIP_FRACS=abc raises 'ValueError: could not convert string to float' instead of a "
-    "SystemExit naming GPTQ_CLIP_FRACS like every other knob"))
 def test_malformed_clip_fracs_names_the_variable(make_args):
     with pytest.raises(SystemExit, match="GPTQ_CLIP_FRACS"):
         make_args(GPTQ_CLIP_FRACS="abc")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG train_gpt.py Hyperparameters.validate (line ~163): ROPE_DIMS=0 means 'rotate the whole head', but an odd "
-    "head dim (MODEL_DIM=66, NUM_HEADS=2 -> 33) passes validation and the first forward dies in apply_rope "
-    "with 'size of tensor a (16) must match ... (17)'; expected a SystemExit at start-up"))
 def test_odd_head_dim_with_full_rope_is_rejected(make_args):
     with pytest.raises(SystemExit):
         make_args(MODEL_DIM="66", NUM_HEADS="2", NUM_KV_HEADS="1", ROPE_DIMS="0")
