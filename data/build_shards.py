@@ -50,6 +50,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from shard_format import (  # noqa: E402  (re-exported for importers of this module)
+    atomic_write_bytes,
     HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_VERSION,
@@ -313,23 +314,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | os.
     data = proto.getvalue()
     sp = check_tokenizer(data)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(model_path, data)
+    atomic_write_bytes(model_path, data)
     vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
-    _atomic_write_bytes(model_path.with_suffix(".vocab"), vocab_lines.encode("utf-8"))
+    atomic_write_bytes(model_path.with_suffix(".vocab"), vocab_lines.encode("utf-8"))
     return model_path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------------

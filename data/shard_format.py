@@ -111,15 +111,19 @@ def write_shard(path: str | os.PathLike, tokens) -> int:
         raise ValueError(f"{path}: {arr.size} tokens do not fit in the int32 header")
     arr = arr.astype("<u2", copy=False)
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, shard_header(arr.size) + arr.tobytes())
+    return int(arr.size)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary name beside `path`, fsync, then rename over `path`."""
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(shard_header(arr.size))
-            f.write(arr.tobytes())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return int(arr.size)
