@@ -1004,7 +1004,7 @@ def main():
         log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
         log(f"eval_only:{args.eval_only_path}")
         log(f"world_size:{dctx.world_size}")
-        status = final_evaluation(args, dctx, log, val, luts, code)
+        status = final_evaluation(args, dctx, log, val, luts)
         dctx.close()
         return status
 
@@ -1166,12 +1166,12 @@ def main():
     dctx.barrier()
     del model, train_loss_fn, logits_fn, optimizers, params, ema, swa_sum
     args.eval_only_path = args.artifact_path
-    status = final_evaluation(args, dctx, log, val, luts, code)
+    status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb=vb)
     dctx.close()
     return status
 
 
-def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, code: bytes) -> int:
+def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quant_bpb: float | None = None) -> int:
     """Round-trip the saved artifact into a fresh model, then block, sliding-window and TTT evaluation."""
     device = dctx.device
     torch._dynamo.reset()
@@ -1187,6 +1187,8 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, code: by
     secs = time.perf_counter() - t
     log(f"final_int6_roundtrip val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
     log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    if pre_quant_bpb is not None:
+        log(f"quantization_gap val_bpb:{vb - pre_quant_bpb:+.8f} (int6 round-trip minus pre-quantization)")
     project_eval(log, "roundtrip", secs, tokens, dctx.world_size, projections)
     if args.eval_stride < L:
         t = time.perf_counter()

@@ -593,3 +593,26 @@ def test_downloader_unreachable_and_missing_repo(tmp_path, smoke_build):
 
         r = run_downloader(hub.endpoint, tmp_path / "hf", tmp_path / "fresh", "--skip-manifest")
         assert r.returncode != 0 and "manifest.json does not exist" in r.stderr
+
+
+def test_jsonl_shards_train_with_train_gpt_unchanged(tmp_path):
+    """Issue 5 acceptance: JSONL -> build_shards.py (CLI) -> train_gpt.py trains and evaluates on it as is."""
+    import pydoc_data.topics as topics
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in list(topics.topics.values())[:120]))
+    out = tmp_path / "datasets" / "fineweb10B_sp1024"
+    tok = repo / "tests" / "fixtures" / "fineweb_1024_bpe.model"
+    subprocess.run([sys.executable, str(repo / "data" / "build_shards.py"), str(src), "--out", str(out),
+                    "--tokenizer", str(tok), "--val-docs", "20", "--workers", "1"], check=True, capture_output=True)
+    env = dict(os.environ, DATA_PATH=str(out), TOKENIZER_PATH=str(tok), RUN_ID="jsonl", NUM_LAYERS="2",
+               MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+               TRAIN_BATCH_TOKENS="1024", ITERATIONS="3", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
+               MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="2048", EVAL_STRIDE="64", TTT_ENABLED="0", VE_LAYERS="1",
+               XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", COMPILE="0", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(repo / "train_gpt.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "train_loader:dataset:fineweb10B_sp1024 train_shards:1" in run.stdout
+    assert "final_int6_roundtrip_exact val_loss:" in run.stdout

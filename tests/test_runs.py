@@ -63,6 +63,9 @@ def test_cli_smoke_run(tg_runs, make_args):
         assert re.search(f"^{fmt}$", log, re.M), f"no line matches {fmt!r}"
     lines = log.splitlines()
     assert lines[0] == "logs/smoke.txt"
+    gap = float(H.line_value(log, r"^quantization_gap val_bpb:([+-]\d+\.\d{8}) \(int6 round-trip minus pre-quantization\)$"))
+    pre, rt = H.exact(log, "DIAGNOSTIC post_ema_exact"), H.exact(log, "final_int6_roundtrip_exact")
+    assert abs(gap - (rt[1] - pre[1])) < 2e-8, "the logged gap is round-trip minus pre-quant val_bpb"
     out_lines = set(run.output.splitlines())
     assert all(line in out_lines for line in lines), "rank 0 prints every log line"
     code = H.TRAIN_GPT.read_bytes()
