@@ -159,6 +159,10 @@ class Hyperparameters:
         def need(ok, msg):
             if not ok:
                 raise SystemExit(f"error: {msg}")
+        for name in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "VOCAB_SIZE", "TRAIN_SEQ_LEN",
+                     "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_BATCH_SEQS", "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS",
+                     "SWA_EVERY", "TTT_EPOCHS"):
+            need(getattr(self, name.lower()) >= 1, f"{name} must be >= 1")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS")
         head_dim = self.model_dim // self.num_heads
@@ -171,6 +175,10 @@ class Hyperparameters:
         need(all(0 <= i < self.num_layers for i in self.ve_layers), "VE_LAYERS must name layers < NUM_LAYERS")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
+        need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
+        need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
+             "TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN, or TTT would never train")
+        need(len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS must not repeat a layer")
         need(all(0 < f <= 1 for f in self.clip_fracs), "GPTQ_CLIP_FRACS must lie in (0, 1]")
 
 
@@ -395,7 +403,7 @@ def fake_quant(w: torch.Tensor, clip_fracs) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # newer autocast runs rms_norm in fp32
 
 
 def rope_tables(seq_len, rot_dims, base, train_seq_len, device):
@@ -799,21 +807,23 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
     if n_seq == 0:
         return
     assert start + n_seq * L <= scored_end, "TTT would train on unscored tokens"
-    mine = list(range(n_seq))[rank_slice(n_seq, dctx.rank, dctx.world_size)]
-    steps = math.ceil(math.ceil(n_seq / dctx.world_size) / args.ttt_batch_seqs)
+    per_rank = [list(range(n_seq))[rank_slice(n_seq, r, dctx.world_size)] for r in range(dctx.world_size)]
+    mine, bs = per_rank[dctx.rank], args.ttt_batch_seqs
+    steps = math.ceil(max(len(m) for m in per_rank) / bs)
     for g in opt.param_groups:
         g["lr"] = lr
     offsets = torch.arange(L + 1, device=dctx.device)
     for _ in range(args.ttt_epochs):
         for s in range(steps):
-            batch = mine[s * args.ttt_batch_seqs:(s + 1) * args.ttt_batch_seqs]
+            batch = mine[s * bs:(s + 1) * bs]
+            step_seqs = sum(len(m[s * bs:(s + 1) * bs]) for m in per_rank)
             opt.zero_grad(set_to_none=False)
-            if batch:
+            if batch:  # after the rank average this is the mean loss over all of the step's sequences
                 idx = start + torch.tensor(batch, device=dctx.device)[:, None] * L + offsets
                 tok = val[idx].long()
                 with autocast(dctx.device):
                     loss = loss_fn(tok[:, :-1], tok[:, 1:])
-                loss.backward()
+                (loss * (len(batch) * dctx.world_size / step_seqs)).backward()
             freeze_grad_rows(model, args.ttt_freeze_blocks)
             dctx.mean_([p.grad for p in params])
             if args.ttt_grad_clip > 0:
@@ -1074,6 +1084,11 @@ def main():
     sync(device)
     t0 = time.perf_counter()
     while True:
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        if dctx.enabled:  # every rank must take the same LR/QAT/SWA/stop decisions: share the slowest clock
+            elapsed = dctx.all_reduce(torch.tensor(elapsed, dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()
+        if stop_after is None and args.max_wallclock_seconds > 0 and elapsed >= 1000 * args.max_wallclock_seconds:
+            stop_after = step
         last = step == args.iterations or (stop_after is not None and step >= stop_after)
         if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
             sync(device)
@@ -1087,7 +1102,6 @@ def main():
             if stop_after is not None and step < args.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(args, step, elapsed)
         if not qat and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
             qat = True
@@ -1114,13 +1128,6 @@ def main():
             ms = train_ms + 1000 * (time.perf_counter() - t0)
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
                 f"step_avg:{ms / step:.2f}ms")
-        if stop_after is None and args.max_wallclock_seconds > 0:
-            reached = train_ms + 1000 * (time.perf_counter() - t0) >= 1000 * args.max_wallclock_seconds
-            if dctx.enabled:  # all ranks must stop at the same step; one process needs no device sync here
-                flag = torch.tensor(float(reached), device=device)
-                reached = dctx.all_reduce(flag, dist.ReduceOp.MAX).item() > 0
-            if reached:
-                stop_after = step
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1145,21 +1152,24 @@ def main():
     log(f"DIAGNOSTIC post_{weights}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
 
     t = time.perf_counter()
-    arch = {k: getattr(args, k) for k in ARCH_KEYS}
-    blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch, args,
-                                   args.size_limit - len(code), log)
-    total = len(blob) + len(code)
-    log(f"Serialized model: {raw_bytes} bytes")
-    log(f"Code size: {len(code)} bytes")
-    log(f"Serialized model int6+{args.compressor}: {len(blob)} bytes")
-    log(f"Total submission size int6+{args.compressor}: {total} bytes")
-    if dctx.master:
+    model_bytes = 0
+    if dctx.master:  # one rank quantizes, fits and writes; the others only learn the size
+        arch = {k: getattr(args, k) for k in ARCH_KEYS}
+        blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch, args,
+                                       args.size_limit - len(code), log)
+        model_bytes = len(blob)
+        log(f"Serialized model: {raw_bytes} bytes")
+        log(f"Code size: {len(code)} bytes")
+        log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
+        log(f"Total submission size int6+{args.compressor}: {model_bytes + len(code)} bytes")
         write_atomic(args.artifact_path, blob)
+    model_bytes = int(dctx.all_reduce(torch.tensor(model_bytes, dtype=torch.float64, device=device)).item())
+    total = model_bytes + len(code)
     log(f"export_time:{1000 * (time.perf_counter() - t):.0f}ms")
     if total > args.size_limit:
         log(f"size_check total:{total} limit:{args.size_limit} OVER")
         log(f"ERROR: artifact {args.artifact_path} is {total - args.size_limit} bytes OVER the {args.size_limit}-byte "
-            f"limit (code {len(code)} + model {len(blob)}); this run cannot be submitted")
+            f"limit (code {len(code)} + model {model_bytes}); this run cannot be submitted")
         dctx.close()
         return 1
     log(f"size_check total:{total} limit:{args.size_limit} ok")

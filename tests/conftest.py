@@ -42,6 +42,9 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "seed_other": (dict(ACC, SEED=2), 1, None),
     "smoke_eval_2p": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 2, "smoke"),
     "smoke_eval": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 1, "smoke"),
+    # TTT with 3 sequences per chunk: an uneven split over 2 ranks must still give the 1-process update
+    "ttt_uneven_1p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 1, "smoke"),
+    "ttt_uneven_2p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 2, "smoke"),
     # SWA: one snapshot at step 3 only (ITERATIONS=5, lr_scale at step 2 = 3/5 < 0.7); exported with lzma
     "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
                      EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),

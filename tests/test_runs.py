@@ -125,6 +125,14 @@ def test_two_process_eval_matches_one_process(tg_runs):
         assert l2 == pytest.approx(l1, rel=1e-6, abs=1e-8) and b2 == pytest.approx(b1, rel=1e-6, abs=1e-8), key
 
 
+@pytest.mark.tg_runs("ttt_uneven_1p", "ttt_uneven_2p")
+def test_two_process_ttt_matches_one_process_with_uneven_split(tg_runs):
+    one, two = ok(tg_runs("ttt_uneven_1p")), ok(tg_runs("ttt_uneven_2p"))
+    (l1, b1), (l2, b2) = H.exact(one, "legal_ttt_exact"), H.exact(two, "legal_ttt_exact")
+    assert H.exact(one, "final_int6_sliding_window_exact")[0] - l1 > 1e-3, "TTT must have trained"
+    assert l2 == pytest.approx(l1, rel=1e-5) and b2 == pytest.approx(b1, rel=1e-5)
+
+
 @pytest.mark.tg_runs("acc_1p", "acc_2p")
 def test_two_process_training_matches_grad_accumulation(tg_runs):
     one, two = ok(tg_runs("acc_1p")), ok(tg_runs("acc_2p"))

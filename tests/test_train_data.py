@@ -155,6 +155,13 @@ def test_env_vars_are_typed_like_their_defaults(make_args):
     (dict(BIGRAM_VOCAB_SIZE="1"), "BIGRAM_VOCAB_SIZE"),
     (dict(GPTQ_CLIP_FRACS="1.0,1.5"), "GPTQ_CLIP_FRACS"),
     (dict(ATTENTION_BACKEND="flash"), "ATTENTION_BACKEND"),
+    (dict(SWA_EVERY="0"), "SWA_EVERY"),
+    (dict(EVAL_BATCH_SEQS="0"), "EVAL_BATCH_SEQS"),
+    (dict(NUM_KV_HEADS="0"), "NUM_KV_HEADS"),
+    (dict(TTT_BATCH_SEQS="0"), "TTT_BATCH_SEQS"),
+    (dict(TTT_ENABLED="1", TTT_CHUNK_TOKENS="32", EVAL_SEQ_LEN="64"), "TTT_CHUNK_TOKENS"),
+    (dict(VE_LAYERS="1,1"), "VE_LAYERS"),
+    (dict(GRAD_ACCUM_STEPS="-1"), "GRAD_ACCUM_STEPS"),
 ])
 def test_invalid_config_is_rejected(make_args, knobs, needle):
     with pytest.raises(SystemExit) as ei:
