@@ -1174,7 +1174,6 @@ def main():
         return 1
     log(f"size_check total:{total} limit:{args.size_limit} ok")
     dctx.barrier()
-    del model, train_loss_fn, logits_fn, optimizers, params, ema, swa_sum
     args.eval_only_path = args.artifact_path
     status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb=vb)
     dctx.close()

@@ -57,7 +57,6 @@ from shard_format import (  # noqa: E402  (re-exported for importers of this mod
     ShardError,
     inspect_shard,
     read_shard,
-    temp_path_for,
     write_shard,
 )
 
