@@ -222,10 +222,6 @@ class Dist:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
     def close(self):
         if self.enabled:
             dist.barrier()  # no rank tears down while another is still in a collective
@@ -597,15 +593,13 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self.hidden(ids), self.tok_emb.weight.to(self.act_dtype)).float()
+    def forward_logits(self, ids: torch.Tensor, qat: bool = False) -> torch.Tensor:
+        logits = F.linear(self.hidden(ids, qat), self.tok_emb.weight.to(self.act_dtype)).float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap)
 
     def forward(self, ids, targets, qat: bool = False):
-        logits = F.linear(self.hidden(ids, qat), self.tok_emb.weight.to(self.act_dtype)).float()
-        cap = self.args.logit_softcap
-        logits = cap * torch.tanh(logits / cap)
+        logits = self.forward_logits(ids, qat)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 # ----------------------------------------------------------------------------- optimizers
@@ -1173,7 +1167,6 @@ def main():
         dctx.close()
         return 1
     log(f"size_check total:{total} limit:{args.size_limit} ok")
-    dctx.barrier()
     args.eval_only_path = args.artifact_path
     status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb=vb)
     dctx.close()
