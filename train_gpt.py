@@ -33,9 +33,29 @@ except Exception:
 
 CONFIG: dict[str, object] = {}
 
+# A recipe is a coherent set of defaults; any knob set in the environment still overrides it.
+# r549: the 2026-03-23 record stack (the defaults written in Hyperparameters below).
+# frontier: SP8192 with the training stack of the 2026-04-09 .. 2026-04-27 records.
+RECIPES: dict[str, dict[str, object]] = {
+    "r549": {},
+    "frontier": dict(
+        DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
+        VOCAB_SIZE=8192, MLP_MULT=4.0, XSA_LAST_N=11, QK_GAIN_INIT=5.25, ROPE_TRAIN_SEQ_LEN=2048,
+        BIGRAM_VOCAB_SIZE=0, VE_ENABLED=False, SMEAR_GATE_DIMS=12, SKIP_GATES=True, ATTN_GATE_DIMS=12,
+        ATTN_GATE_SCALE=0.5, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, PARALLEL_START=8,
+        TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
+        MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
+        WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
+        TTT_LR=0.005),
+}
+DEFAULT_RECIPE = "frontier"
+_recipe_defaults: dict[str, object] = {}
+
 
 def env(name: str, default):
-    """Read one knob from the environment, typed like its default; a malformed value stops the run."""
+    """Read one knob from the environment, typed like its default (the recipe's default when it sets one);
+    a malformed value stops the run."""
+    default = _recipe_defaults.get(name, default)
     raw = os.environ.get(name)
     if raw is None or raw == "":
         value = default
@@ -69,6 +89,12 @@ def env_list(name: str, default: str, cast=int) -> list:
 
 class Hyperparameters:
     def __init__(self):
+        global _recipe_defaults
+        _recipe_defaults = {}
+        self.recipe = env("RECIPE", DEFAULT_RECIPE)
+        if self.recipe not in RECIPES:
+            raise SystemExit(f"error: RECIPE={self.recipe!r} is not one of {'|'.join(RECIPES)}")
+        _recipe_defaults = RECIPES[self.recipe]
         # data and run
         self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
@@ -80,6 +106,8 @@ class Hyperparameters:
         self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up steps, state restored afterwards
         self.lr_warmup_steps = env("LR_WARMUP_STEPS", 0)  # linear LR warm-up (the record uses none)
         self.warmdown_iters = env("WARMDOWN_ITERS", 3500)
+        self.warmdown_frac = env("WARMDOWN_FRAC", 0.0)  # > 0: warmdown over this last fraction of the run instead
+        self.min_lr = env("MIN_LR", 0.0)  # LR floor at the end of the warmdown, as a fraction of the base LR
         self.train_batch_tokens = env("TRAIN_BATCH_TOKENS", 786432)
         self.train_seq_len = env("TRAIN_SEQ_LEN", 2048)
         self.grad_accum_steps = env("GRAD_ACCUM_STEPS", 0)  # 0 = 8 // WORLD_SIZE
@@ -88,6 +116,7 @@ class Hyperparameters:
         self.train_log_every = env("TRAIN_LOG_EVERY", 500)
         self.compile = env("COMPILE", torch.cuda.is_available())
         self.attention_backend = env("ATTENTION_BACKEND", "auto")  # auto | fa3 | sdpa
+        self.train_loader = env("TRAIN_LOADER", "sequential")  # sequential | shuffled (coprime-stride blocks)
         # model
         self.vocab_size = env("VOCAB_SIZE", 1024)
         self.num_layers = env("NUM_LAYERS", 11)
@@ -108,6 +137,16 @@ class Hyperparameters:
         self.ve_layers = env_list("VE_LAYERS", "9,10")
         self.ln_scale = env("LN_SCALE", True)
         self.smear_enabled = env("SMEAR_ENABLED", True)
+        self.smear_gate_dims = env("SMEAR_GATE_DIMS", 0)  # 0: static per-dim gate; k: gate from x[:k] per token
+        self.skip_gates = env("SKIP_GATES", False)  # sigmoid-gated U-Net skips
+        self.attn_gate_dims = env("ATTN_GATE_DIMS", 0)  # SparseAttnGate: per-head gate from u[:k] (0 = off)
+        self.attn_gate_scale = env("ATTN_GATE_SCALE", 1.0)
+        self.num_loops = env("NUM_LOOPS", 0)  # depth recurrence: layers LOOP_START..LOOP_END run 1+NUM_LOOPS times
+        self.loop_start = env("LOOP_START", 3)
+        self.loop_end = env("LOOP_END", 5)
+        self.enable_looping_at = env("ENABLE_LOOPING_AT", 0.0)  # fraction of the run (wall clock) before looping
+        self.parallel_start = env("PARALLEL_START", 0)  # parallel residuals from this layer on (0 = off)
+        self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
         self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
@@ -119,8 +158,11 @@ class Hyperparameters:
         self.muon_momentum_warmup_start = env("MUON_MOMENTUM_WARMUP_START", 0.92)
         self.muon_momentum_warmup_steps = env("MUON_MOMENTUM_WARMUP_STEPS", 1500)
         self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
+        self.muon_ns = env("MUON_NS", "standard")  # standard | polar (Polar Express per-step coefficients)
+        self.muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R: row-normalize the update before NS
         self.muon_wd = env("MUON_WD", 0.04)
         self.adam_wd = env("ADAM_WD", 0.04)
+        self.embed_wd = env("EMBED_WD", 0.04)  # AdamW weight decay of the embedding tables
         self.beta1 = env("BETA1", 0.9)
         self.beta2 = env("BETA2", 0.95)
         self.adam_eps = env("ADAM_EPS", 1e-8)
@@ -130,10 +172,10 @@ class Hyperparameters:
         self.ema_decay = env("EMA_DECAY", 0.997)
         self.swa_enabled = env("SWA_ENABLED", True)
         self.swa_every = env("SWA_EVERY", 50)
-        self.swa_threshold = env("SWA_THRESHOLD", 0.2)  # snapshot while lr_scale is below this
+        self.swa_threshold = env("SWA_THRESHOLD", 0.2)  # snapshot while the warmdown factor is below this
         self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
-        self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once lr_scale < this
+        self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
         # export
         self.compressor = env("COMPRESSOR", "zstd")  # zstd | lzma
         self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
@@ -172,20 +214,39 @@ class Hyperparameters:
         need(self.export_weights in ("ema", "swa", "ema_swa", "live"), "EXPORT_WEIGHTS must be ema|swa|ema_swa|live")
         need(self.compressor in ("zstd", "lzma"), "COMPRESSOR must be zstd or lzma")
         need(self.attention_backend in ("auto", "fa3", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|sdpa")
-        need(all(0 <= i < self.num_layers for i in self.ve_layers), "VE_LAYERS must name layers < NUM_LAYERS")
+        need(not self.ve_enabled or all(0 <= i < self.num_layers for i in self.ve_layers),
+             "VE_LAYERS must name layers < NUM_LAYERS")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              "TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN, or TTT would never train")
         need(len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS must not repeat a layer")
+        need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
+        need(self.train_loader in ("sequential", "shuffled"), "TRAIN_LOADER must be sequential|shuffled")
+        need(self.muon_ns in ("standard", "polar"), "MUON_NS must be standard|polar")
+        need(self.muon_ns == "standard" or 1 <= self.muon_backend_steps <= len(POLAR_EXPRESS),
+             f"MUON_BACKEND_STEPS must be in [1, {len(POLAR_EXPRESS)}] with MUON_NS=polar")
+        need(0 <= self.smear_gate_dims <= self.model_dim and 0 <= self.attn_gate_dims <= self.model_dim,
+             "SMEAR_GATE_DIMS and ATTN_GATE_DIMS must lie in [0, MODEL_DIM]")
+        need(self.num_loops >= 0 and 0 <= self.enable_looping_at <= 1, "NUM_LOOPS must be >= 0 and "
+             "ENABLE_LOOPING_AT in [0, 1]")
+        need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers,
+             "LOOP_START..LOOP_END must be layers with 0 <= LOOP_START <= LOOP_END < NUM_LAYERS")
+        need(0 <= self.parallel_start < self.num_layers, "PARALLEL_START must be a layer < NUM_LAYERS (0 = off)")
+        need(self.parallel_mode in ("lanes", "gptj"), "PARALLEL_MODE must be lanes|gptj")
+        need(not (self.parallel_start and self.parallel_mode == "lanes" and self.num_loops
+                  and self.loop_start < self.parallel_start <= self.loop_end),
+             "with PARALLEL_MODE=lanes, PARALLEL_START must not fall inside LOOP_START..LOOP_END "
+             "(a looped pass would leave the two lanes)")
         need(all(0 < f <= 1 for f in self.clip_fracs), "GPTQ_CLIP_FRACS must lie in (0, 1]")
 
 
 ARCH_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
              "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "ve_enabled",
              "ve_dim", "ve_layers", "ln_scale", "smear_enabled", "logit_softcap", "qk_gain_init",
-             "tied_embed_init_std")
+             "tied_embed_init_std", "smear_gate_dims", "skip_gates", "attn_gate_dims", "attn_gate_scale",
+             "num_loops", "loop_start", "loop_end", "parallel_start", "parallel_mode")
 
 # ----------------------------------------------------------------------------- distributed + logging
 
@@ -321,6 +382,53 @@ class TrainLoader:
         return x, y
 
 
+class ShuffledLoader:
+    """Random sequences of whole blocks, each token read at most once per epoch. Per epoch and shard: a random
+    phase, and the shard's seq_len-blocks walked from a random start with a random stride coprime to their
+    count; the shards' walks are interleaved in a random order. All ranks draw the same global plan from SEED
+    (never from path strings), and each micro-step hands rank r the r-th slice of the next
+    world_size * local_seqs sequences, so any WORLD_SIZE x GRAD_ACCUM split trains on the same batches."""
+
+    def __init__(self, files, rank, world_size, local_tokens, seq_len, device, seed):
+        self.shards = [load_shard(f) for f in files]
+        self.rank, self.world_size, self.seq_len, self.device = rank, world_size, seq_len, device
+        self.local_seqs = local_tokens // seq_len
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.plan, self.cursor = np.zeros((0, 2), dtype=np.int64), 0
+
+    def _new_epoch(self):
+        walks = []
+        for s, shard in enumerate(self.shards):
+            phase = int(self.rng.integers(self.seq_len))
+            n = (len(shard) - phase - 1) // self.seq_len
+            if n <= 0:
+                continue
+            stride = int(self.rng.integers(1, n + 1))
+            while math.gcd(stride, n) != 1:
+                stride = int(self.rng.integers(1, n + 1))
+            blocks = (int(self.rng.integers(n)) + stride * np.arange(n, dtype=np.int64)) % n
+            walks.append(np.stack((np.full(n, s), phase + blocks * self.seq_len), axis=1))
+        if not walks:
+            raise ValueError(f"no training shard holds a sequence of {self.seq_len + 1} tokens")
+        order = self.rng.permutation(np.concatenate([np.full(len(w), i) for i, w in enumerate(walks)]))
+        plan = np.empty((len(order), 2), dtype=np.int64)
+        for i, w in enumerate(walks):  # the k-th pick of walk i takes its k-th block: walks keep their order
+            plan[order == i] = w
+        self.plan, self.cursor = plan, 0
+
+    def next_batch(self):
+        rows = []
+        for _ in range(self.world_size * self.local_seqs):
+            if self.cursor == len(self.plan):
+                self._new_epoch()
+            rows.append(self.plan[self.cursor])
+            self.cursor += 1
+        mine = rows[self.rank * self.local_seqs:(self.rank + 1) * self.local_seqs]
+        seqs = np.stack([np.asarray(self.shards[s][o:o + self.seq_len + 1]) for s, o in mine]).astype(np.int64)
+        seqs = torch.from_numpy(seqs).to(self.device, non_blocking=True)
+        return seqs[:, :-1], seqs[:, 1:]
+
+
 def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
     tokens = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
     if limit > 0:
@@ -442,25 +550,49 @@ def attention(q, k, v):
 class Block(nn.Module):
     def __init__(self, args: Hyperparameters, idx: int):
         super().__init__()
-        d = args.model_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d // args.num_heads
+        d, H = args.model_dim, args.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = H, args.num_kv_heads, d // H
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
-        self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+        self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
         self.ln_factor = 1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0
         self.xsa = idx >= args.num_layers - args.xsa_last_n
+        self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dims)) if args.attn_gate_dims else None
+        self.attn_gate_scale = args.attn_gate_scale
+        self.parallel = args.parallel_mode if args.parallel_start and idx >= args.parallel_start else None
+        if self.parallel == "lanes":  # lane <- lane_resid * lane + lane_post @ (attn_out, mlp_out)
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def forward(self, x, x0, w, ve, cos, sin):
-        dt = x.dtype
-        mix = self.resid_mix.to(dt)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * self.ln_factor, w, ve, cos, sin)
-        u = rms_norm(x) * self.ln_factor
-        h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
-        return x + self.mlp_scale.to(dt) * F.linear(h, w["down"].to(dt))
+        """One residual stream: sequential, or attention and MLP both read x (GPT-J form)."""
+        x = self.mix(x, x0)
+        a = self.attn_out(x, w, ve, cos, sin)
+        if self.parallel == "gptj":
+            return x + a + self.mlp_out(x, w)
+        x = x + a
+        return x + self.mlp_out(x, w)
 
-    def attn(self, u, w, ve, cos, sin):
+    def forward_lanes(self, lane_a, lane_m, x0, w, ve, cos, sin):
+        """Two residual lanes: attention reads lane a, the MLP lane m (both before this layer's update);
+        each output is written back to both lanes with learned weights."""
+        a = self.attn_out(self.mix(lane_a, x0), w, ve, cos, sin)
+        m = self.mlp_out(self.mix(lane_m, x0), w)
+        r, p = self.lane_resid.to(a.dtype), self.lane_post.to(a.dtype)
+        return r[0] * lane_a + p[0, 0] * a + p[0, 1] * m, r[1] * lane_m + p[1, 0] * a + p[1, 1] * m
+
+    def mix(self, x, x0):
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def mlp_out(self, x, w):
+        dt = x.dtype
+        h = F.leaky_relu(F.linear(rms_norm(x) * self.ln_factor, w["up"].to(dt)), 0.5).square()
+        return self.mlp_scale.to(dt) * F.linear(h, w["down"].to(dt))
+
+    def attn_out(self, x, w, ve, cos, sin):
+        u = rms_norm(x) * self.ln_factor
         b, t, _ = u.shape
         dt = u.dtype
         kv_dim = self.num_kv_heads * self.head_dim
@@ -476,7 +608,10 @@ class Block(nn.Module):
         y = attention(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
-        return F.linear(y.reshape(b, t, -1), w["o"].to(dt))
+        if self.attn_gate is not None:  # SparseAttnGate: one sigmoid gate per head from the first dims of u
+            gate = F.linear(u[..., :self.attn_gate.size(1)], self.attn_gate.to(dt)) * self.attn_gate_scale
+            y = y * torch.sigmoid(gate).unsqueeze(-1)
+        return self.attn_scale.to(dt) * F.linear(y.reshape(b, t, -1), w["o"].to(dt))
 
 
 class BigramHash(nn.Module):
@@ -495,16 +630,25 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t <- x_t + sigmoid(g) * (x_{t-1} - x_t), except at BOS, which never mixes in the previous document."""
+    """Mix the previous token into each position, never across a BOS (no token of the previous document).
+    gate_dims = 0: x_t <- x_t + sigmoid(g) * (x_{t-1} - x_t) with a static per-dim gate g (2026-03-23);
+    gate_dims = k: x_t <- x_t + lam * sigmoid(w . x_t[:k]) * x_{t-1}, input-dependent (lam, w zero-init)."""
 
-    def __init__(self, dim, bos_id=1):
+    def __init__(self, dim, gate_dims=0, bos_id=1):
         super().__init__()
-        self.gate, self.bos_id = nn.Parameter(torch.zeros(dim)), bos_id
+        self.bos_id = bos_id
+        if gate_dims:
+            self.proj, self.lam = nn.Parameter(torch.zeros(gate_dims)), nn.Parameter(torch.zeros(()))
+        else:
+            self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, ids):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         keep = (ids != self.bos_id).unsqueeze(-1).to(x.dtype)
-        return x + torch.sigmoid(self.gate).to(x.dtype) * (prev - x) * keep
+        if hasattr(self, "gate"):
+            return x + torch.sigmoid(self.gate).to(x.dtype) * (prev - x) * keep
+        g = self.lam.to(x.dtype) * torch.sigmoid(x[..., :self.proj.numel()] @ self.proj.to(x.dtype))
+        return x + g.unsqueeze(-1) * prev * keep
 
 
 class ValueEmbedding(nn.Module):
@@ -528,9 +672,11 @@ class GPT(nn.Module):
         self.rot_dims = args.rope_dims or d // args.num_heads
         self.tok_emb = nn.Embedding(V, d)
         self.bigram = BigramHash(args.bigram_vocab_size, args.bigram_dim, d) if args.bigram_vocab_size else None
-        self.smear = SmearGate(d) if args.smear_enabled else None
-        self.num_encoder = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), d))
+        self.smear = SmearGate(d, args.smear_gate_dims) if args.smear_enabled else None
+        self.schedules = {looped: layer_schedule(args, looped) for looped in (False, True)}
+        num_skips = len(self.schedules[True][0])  # the looped encoder is the longest
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if args.skip_gates else None
         # banks: qo = [Q of layers 0..L-1, O of layers 0..L-1], kv likewise; weights stored [out, in]
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
@@ -566,7 +712,9 @@ class GPT(nn.Module):
     def banks(self):
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
 
-    def hidden(self, ids: torch.Tensor, qat: bool = False) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True) -> torch.Tensor:
+        """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
+        encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
         qo, kv, up, down = [fake_quant(b, self.args.clip_fracs) if qat else b for b in self.banks()]
         x = self.tok_emb(ids)
@@ -581,49 +729,83 @@ class GPT(nn.Module):
         cos, sin = getattr(self, f"rope_cos_{T}", None), getattr(self, f"rope_sin_{T}", None)
         if cos is None:
             cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder
-            if 0 <= j < self.skip_weights.size(0) and skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+        encoder, decoder = self.schedules[looped]
+        skips, lane_m = [], None
+        for pos, i in enumerate(encoder + decoder):
+            j = pos - len(encoder)
+            if j >= 0 and skips:
+                x = self.merge_skip(x, skips.pop(), j)
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             w = {"q": qo[i], "o": qo[L + i], "k": kv[i], "v": kv[L + i], "up": up[i], "down": down[i]}
-            x = block(x, x0, w, ve, cos, sin)
-            if i < self.num_encoder:
+            block = self.blocks[i]
+            if block.parallel == "lanes":
+                x, lane_m = block.forward_lanes(x, x if lane_m is None else lane_m, x0, w, ve, cos, sin)
+            else:
+                x = block(x, x0, w, ve, cos, sin)
+            if j < 0:
                 skips.append(x)
+        if lane_m is not None:
+            x = (x + lane_m) / 2
         return rms_norm(x)
 
-    def forward_logits(self, ids: torch.Tensor, qat: bool = False) -> torch.Tensor:
-        logits = F.linear(self.hidden(ids, qat), self.tok_emb.weight.to(self.act_dtype)).float()
+    def merge_skip(self, x, skip, j):
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+
+    def forward_logits(self, ids: torch.Tensor, qat: bool = False, looped: bool = True) -> torch.Tensor:
+        logits = F.linear(self.hidden(ids, qat, looped), self.tok_emb.weight.to(self.act_dtype)).float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap)
 
-    def forward(self, ids, targets, qat: bool = False):
-        logits = self.forward_logits(ids, qat)
+    def forward(self, ids, targets, qat: bool = False, looped: bool = True):
+        logits = self.forward_logits(ids, qat, looped)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def layer_schedule(args: Hyperparameters, looped: bool) -> tuple[list[int], list[int]]:
+    """Physical layer of each virtual layer, split into encoder (first half) and decoder. Looped: layers
+    LOOP_START..LOOP_END run 1 + NUM_LOOPS times in a row (depth recurrence with shared weights)."""
+    order = list(range(args.num_layers))
+    if looped and args.num_loops > 0:
+        a, b = args.loop_start, args.loop_end + 1
+        order = order[:a] + order[a:b] * (1 + args.num_loops) + order[b:]
+    n_enc = len(order) // 2
+    return order[:n_enc], order[n_enc:]
 
 # ----------------------------------------------------------------------------- optimizers
 
 
-def newton_schulz(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Quintic Newton-Schulz orthogonalization of a batch of matrices [B, m, n]."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+NS_STANDARD = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def newton_schulz(G: torch.Tensor, steps: int, polar: bool = False) -> torch.Tensor:
+    """Quintic Newton-Schulz orthogonalization of a batch of matrices [B, m, n]: fixed coefficients, or
+    Polar Express's per-iteration minimax coefficients."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     transpose = X.size(-2) > X.size(-1)
     if transpose:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in POLAR_EXPRESS[:steps] if polar else [NS_STANDARD] * steps:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if transpose else X).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum (Nesterov) + Newton-Schulz orthogonalized update, decoupled weight decay; on 3-D banks."""
+    """Momentum (Nesterov) + Newton-Schulz orthogonalized update, decoupled weight decay; on 3-D banks.
+    row_norm (MuonEq-R): each row of the Nesterov update is scaled to unit L2 norm before Newton-Schulz."""
 
-    def __init__(self, params, lr, momentum, backend_steps, weight_decay):
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay, polar=False, row_norm=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.polar, self.row_norm = polar, row_norm
 
     @torch.no_grad()
     def step(self):
@@ -636,7 +818,10 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
-                update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                update = p.grad.add(buf, alpha=group["momentum"])
+                if self.row_norm:
+                    update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                update = newton_schulz(update, group["backend_steps"], self.polar)
                 shape_scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * shape_scale)
@@ -652,29 +837,44 @@ def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
     table_ids = {id(p) for p in tables}
     scalars = [p for p in model.parameters() if id(p) not in bank_ids and id(p) not in table_ids]
     adam = torch.optim.AdamW(
-        [dict(params=tables, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr),
-         dict(params=scalars, lr=args.scalar_lr, base_lr=args.scalar_lr)],
-        betas=(args.beta1, args.beta2), eps=args.adam_eps, weight_decay=args.adam_wd, fused=fused)
-    muon = Muon(model.banks(), lr=args.matrix_lr, momentum=args.muon_momentum,
-                backend_steps=args.muon_backend_steps, weight_decay=args.muon_wd)
+        [dict(params=tables, lr=args.tied_embed_lr, base_lr=args.tied_embed_lr, weight_decay=args.embed_wd),
+         dict(params=scalars, lr=args.scalar_lr, base_lr=args.scalar_lr, weight_decay=args.adam_wd)],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
+    muon = Muon(model.banks(), lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
+                weight_decay=args.muon_wd, polar=args.muon_ns == "polar", row_norm=args.muon_row_norm)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
     return [adam, muon]
 
 
-def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """LR multiplier: optional linear warm-up, then flat, then a linear warmdown that ends at the wall-clock
-    cap (projected from the mean step time so far) or at ITERATIONS when there is no cap."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+def run_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Fraction of the run done: of the wall-clock cap when there is one, else of ITERATIONS."""
+    if args.max_wallclock_seconds > 0:
+        return min(elapsed_ms / (1000 * args.max_wallclock_seconds), 1.0)
+    return min(step / max(args.iterations, 1), 1.0)
+
+
+def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown starts, then linearly down to 0 at the end of the run. WARMDOWN_FRAC > 0: the
+    warmdown is that last fraction of the run; else the last WARMDOWN_ITERS steps, which under a wall-clock
+    cap are projected from the mean step time so far."""
+    if args.warmdown_frac > 0:
+        return min(1.0, (1.0 - run_progress(args, step, elapsed_ms)) / args.warmdown_frac)
     if args.warmdown_iters <= 0:
-        return warm
+        return 1.0
     if args.max_wallclock_seconds > 0:
         warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
         remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
-        down = remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms and step > 0 else 1.0
-    else:
-        down = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    return warm * down
+        return remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms and step > 0 else 1.0
+    return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+
+
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, float]:
+    """(LR multiplier, warmdown factor): optional linear warm-up times the warmdown, floored at MIN_LR.
+    Late QAT and SWA read the warmdown factor alone."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+    down = warmdown_factor(args, step, elapsed_ms)
+    return warm * (args.min_lr + (1 - args.min_lr) * down), down
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -960,6 +1160,162 @@ def model_from_artifact(path: str, args: Hyperparameters, device) -> GPT:
     model.load_state_dict(state, strict=True)
     return model
 
+# ----------------------------------------------------------------------------- training
+
+
+class WeightAverager:
+    """EMA of the weights with the standard warm-up (decay_t = min(EMA_DECAY, (1+t)/(10+t)), so short runs
+    are not dominated by the init) and tight SWA snapshots taken late in the warmdown."""
+
+    def __init__(self, params, args: Hyperparameters, log):
+        self.params, self.args, self.log = params, args, log
+        self.ema = [p.detach().float().clone() for p in params] if args.ema_enabled else None
+        self.swa_sum, self.swa_count, self.updates = None, 0, 0
+
+    @torch.no_grad()
+    def update(self, step: int, down: float):
+        if self.ema is not None:
+            decay = min(self.args.ema_decay, (1 + self.updates) / (10 + self.updates))
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+        self.updates += 1
+        if self.args.swa_enabled and down < self.args.swa_threshold and step % self.args.swa_every == 0:
+            if self.swa_sum is None:
+                self.swa_sum = [p.detach().float().clone() for p in self.params]
+                self.log(f"swa:start step:{step}")
+            else:
+                torch._foreach_add_(self.swa_sum, [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    @torch.no_grad()
+    def load_into_model(self) -> str:
+        """Copy the EXPORT_WEIGHTS choice into the live parameters (falling back when it does not exist)."""
+        weights = self.args.export_weights
+        if weights in ("ema", "ema_swa") and self.ema is None:
+            self.log("export_weights: EMA is disabled; exporting live weights")
+            weights = "live"
+        if weights in ("swa", "ema_swa") and self.swa_count == 0:
+            weights = "ema" if self.ema is not None else "live"
+            self.log("export_weights: no SWA snapshot was taken; falling back to " + weights)
+        if weights != "live":
+            swa = [s / self.swa_count for s in self.swa_sum] if self.swa_count else None
+            chosen = {"ema": self.ema, "swa": swa, "ema_swa": [(e + s) / 2 for e, s in zip(self.ema or [], swa or [])]}
+            for p, w in zip(self.params, chosen[weights]):
+                p.copy_(w)
+        self.log(f"export_weights:{weights}")
+        return weights
+
+
+class Trainer:
+    """One optimizer step over GRAD_ACCUM micro-batches, its compile warm-up, and the timed loop."""
+
+    def __init__(self, args: Hyperparameters, dctx: Dist, log, model: GPT, train_files, grad_accum: int):
+        self.args, self.dctx, self.log, self.model, self.grad_accum = args, dctx, log, model, grad_accum
+        self.params = list(model.parameters())
+        self.optimizers = build_optimizers(model, args, fused=dctx.device.type == "cuda")
+        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
+        local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
+        if args.train_loader == "shuffled":
+            self.new_loader = lambda: ShuffledLoader(train_files, dctx.rank, dctx.world_size, local_tokens,
+                                                     args.train_seq_len, dctx.device, args.seed)
+        else:
+            self.new_loader = lambda: TrainLoader(train_files, dctx.rank, dctx.world_size, local_tokens,
+                                                  args.train_seq_len, dctx.device)
+
+    def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.dctx.device)
+        for _ in range(self.grad_accum):
+            x, y = loader.next_batch()
+            with autocast(self.dctx.device):
+                loss = self.loss_fn(x, y, qat, looped)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        self.dctx.mean_([p.grad for p in self.params if p.grad is not None])
+        if self.args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss_sum / self.grad_accum
+
+    def graph_variants(self) -> list[tuple[bool, bool]]:
+        """The (qat, looped) forward graphs the run can reach, in the order it reaches them."""
+        a = self.args
+        looped_from_start = a.num_loops > 0 and a.enable_looping_at == 0
+        variants = [(a.qat_enabled, looped_from_start)]
+        if a.num_loops > 0:
+            variants.append((a.qat_enabled, True))
+        if not a.qat_enabled and a.late_qat_threshold > 0:
+            variants.append((True, a.num_loops > 0))
+        return list(dict.fromkeys(variants))
+
+    def warm_up(self):
+        """Compile every reachable graph outside the timed run, then restore weights and optimizer state."""
+        if self.args.warmup_steps <= 0:
+            return
+        snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_states = [torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, opt.state_dict())
+                      for opt in self.optimizers]
+        variants = self.graph_variants()
+        loader = self.new_loader()
+        for i in range(self.args.warmup_steps):
+            qat, looped = variants[max(0, i - self.args.warmup_steps + len(variants))]
+            self.step(loader, qat, looped)
+            self.log(f"warmup_step:{i + 1}/{self.args.warmup_steps}")
+        self.model.load_state_dict(snapshot)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+            opt.zero_grad(set_to_none=True)
+
+    def run(self, evaluate_live, averager: WeightAverager) -> None:
+        """The timed loop: wall-clock-aware LR/warmdown, looping and late-QAT switches, averaging, logging."""
+        args, dctx, log = self.args, self.dctx, self.log
+        loader = self.new_loader()
+        qat, looped = args.qat_enabled, args.num_loops > 0 and args.enable_looping_at == 0
+        train_ms, step, stop_after = 0.0, 0, None
+        sync(dctx.device)
+        t0 = time.perf_counter()
+        while True:
+            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+            if dctx.enabled:  # every rank must take the same LR/QAT/SWA/stop decisions: share the slowest clock
+                elapsed = dctx.all_reduce(torch.tensor(elapsed, dtype=torch.float64, device=dctx.device),
+                                          dist.ReduceOp.MAX).item()
+            if stop_after is None and args.max_wallclock_seconds > 0 and elapsed >= 1000 * args.max_wallclock_seconds:
+                stop_after = step
+            last = step == args.iterations or (stop_after is not None and step >= stop_after)
+            if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                sync(dctx.device)
+                train_ms += 1000 * (time.perf_counter() - t0)
+                vl, vb = evaluate_live(looped)
+                log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{train_ms / max(step, 1):.2f}ms")
+                sync(dctx.device)
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < args.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+                return
+            scale, down = lr_scale(args, step, elapsed)
+            if not looped and args.num_loops > 0 and run_progress(args, step, elapsed) >= args.enable_looping_at:
+                looped = True
+                log(f"looping:enabled step:{step} layers:{layer_schedule(args, True)}")
+            if not qat and args.late_qat_threshold > 0 and down < args.late_qat_threshold:
+                qat = True
+                log(f"late_qat:enabled step:{step} warmdown:{down:.4f}")
+            frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
+            for opt in self.optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * scale
+                    if isinstance(opt, Muon):
+                        g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+            train_loss = self.step(loader, qat, looped)
+            step += 1
+            averager.update(step, down)
+            if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
+                ms = train_ms + 1000 * (time.perf_counter() - t0)
+                log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
+                    f"step_avg:{ms / step:.2f}ms")
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -976,12 +1332,34 @@ def project_eval(log, phase, seconds, tokens, world_size, projections, fixed_s=0
         f"projected_8gpu_full_val_s:{full:.1f}")
 
 
+def compiled_logits(model: GPT, args: Hyperparameters):
+    return torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+
+
 def main():
-    global ATTENTION_BACKEND
     args = Hyperparameters()
     dctx = Dist()
-    device = dctx.device
     log = Logger(f"logs/{args.run_id}.txt" if dctx.master else None)
+    code = start_run(args, dctx, log)
+    val, luts = load_eval_data(args, dctx, log)
+    if args.eval_only_path:
+        log(f"eval_only:{args.eval_only_path}")
+        log(f"world_size:{dctx.world_size}")
+        status = final_evaluation(args, dctx, log, val, luts)
+    else:
+        model, pre_quant_bpb = train_model(args, dctx, log, val, luts)
+        status = export_model(args, dctx, log, model, code)
+        if status == 0:
+            args.eval_only_path = args.artifact_path
+            status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb)
+    dctx.close()
+    return status
+
+
+def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
+    """Log the run's identity and resolved config; pick the attention backend."""
+    global ATTENTION_BACKEND
+    device = dctx.device
     code, code_hash = code_info()
     log(f"logs/{args.run_id}.txt")
     log(f"code_sha256:{code_hash} code_bytes:{len(code)}")
@@ -992,27 +1370,29 @@ def main():
         raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
     ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend != "sdpa" else "sdpa"
     log(f"attention_backend:{ATTENTION_BACKEND}")
+    log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():
         log(f"config {name}={value}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
+    return code
 
+
+def load_eval_data(args: Hyperparameters, dctx: Dist, log):
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = tuple(t.to(device) for t in byte_luts(sp, args.vocab_size))
+    luts = tuple(t.to(dctx.device) for t in byte_luts(sp, args.vocab_size))
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    seq_for_val = max(args.train_seq_len, args.eval_seq_len)
-    val = load_val_tokens(args.data_path, seq_for_val, args.val_tokens).to(device)
-    if args.eval_only_path:
-        log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
-        log(f"eval_only:{args.eval_only_path}")
-        log(f"world_size:{dctx.world_size}")
-        status = final_evaluation(args, dctx, log, val, luts)
-        dctx.close()
-        return status
+    val = load_val_tokens(args.data_path, max(args.train_seq_len, args.eval_seq_len), args.val_tokens).to(dctx.device)
+    log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
+    return val, luts
 
-    world = dctx.world_size
+
+def train_model(args: Hyperparameters, dctx: Dist, log, val, luts) -> tuple[GPT, float]:
+    """Build, compile-warm and train the model, then load the export weights; returns the model and its
+    pre-quantization val_bpb."""
+    device, world = dctx.device, dctx.world_size
     grad_accum = args.grad_accum_steps or (8 // world if 8 % world == 0 else 0)
     if grad_accum <= 0:
         raise SystemExit(f"error: WORLD_SIZE={world} does not divide 8; set GRAD_ACCUM_STEPS explicitly")
@@ -1020,134 +1400,40 @@ def main():
         raise SystemExit(f"error: TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not divisible by WORLD_SIZE*"
                          f"grad_accum*TRAIN_SEQ_LEN = {world}*{grad_accum}*{args.train_seq_len}")
     train_files = shard_files(args.data_path, "train")
-    log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
-
+    log(f"train_loader:dataset:{Path(args.data_path).name} train_shards:{len(train_files)} loader:{args.train_loader}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     model = GPT(args).to(device)
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     log(f"XSA:last_{args.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.xsa]}")
+    log(f"layers: plain {layer_schedule(args, False)} looped {layer_schedule(args, True)} "
+        f"parallel:{[i for i, b in enumerate(model.blocks) if b.parallel]} mode:{args.parallel_mode}")
     log(f"world_size:{world} grad_accum_steps:{grad_accum}")
     log(f"seed:{args.seed}")
-    train_loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
-    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
-    optimizers = build_optimizers(model, args, fused=device.type == "cuda")
-    params = list(model.parameters())
-    local_tokens = args.train_batch_tokens // (world * grad_accum)
-    new_loader = lambda: TrainLoader(train_files, dctx.rank, world, local_tokens, args.train_seq_len, device)
-
-    def train_step(loader, qat: bool) -> torch.Tensor:
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = loader.next_batch()
-            with autocast(device):
-                loss = train_loss_fn(x, y, qat)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        dctx.mean_([p.grad for p in params])
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        return loss_sum / grad_accum
-
-    qat_possible = args.qat_enabled or args.late_qat_threshold > 0
-    if args.warmup_steps > 0:  # compile (both QAT variants) outside the timed run, then restore everything
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt_states = [opt.state_dict() for opt in optimizers]
-        opt_states = [torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, s) for s in opt_states]
-        loader = new_loader()
-        for i in range(args.warmup_steps):
-            train_step(loader, qat_possible and i == args.warmup_steps - 1)
-            log(f"warmup_step:{i + 1}/{args.warmup_steps}")
-        model.load_state_dict(snapshot)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-    loader = new_loader()
-
-    ema = [p.detach().float().clone() for p in params] if args.ema_enabled else None
-    swa_sum, swa_count = None, 0
-    qat = args.qat_enabled
-    train_ms, step, stop_after = 0.0, 0, None
-    sync(device)
-    t0 = time.perf_counter()
-    while True:
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        if dctx.enabled:  # every rank must take the same LR/QAT/SWA/stop decisions: share the slowest clock
-            elapsed = dctx.all_reduce(torch.tensor(elapsed, dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()
-        if stop_after is None and args.max_wallclock_seconds > 0 and elapsed >= 1000 * args.max_wallclock_seconds:
-            stop_after = step
-        last = step == args.iterations or (stop_after is not None and step >= stop_after)
-        if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            sync(device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            vl, vb = evaluate(logits_fn, val, luts, args.train_seq_len, args.train_seq_len, args.eval_batch_seqs, dctx)
-            log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(step, 1):.2f}ms")
-            sync(device)
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < args.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-            break
-        scale = lr_scale(args, step, elapsed)
-        if not qat and args.late_qat_threshold > 0 and scale < args.late_qat_threshold:
-            qat = True
-            log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
-        for opt in optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-                if isinstance(opt, Muon):
-                    g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-        train_loss = train_step(loader, qat)
-        step += 1
-        with torch.no_grad():
-            if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - args.ema_decay)
-            if args.swa_enabled and scale < args.swa_threshold and step % args.swa_every == 0:
-                if swa_sum is None:
-                    swa_sum = [p.detach().float().clone() for p in params]
-                    log(f"swa:start step:{step}")
-                else:
-                    torch._foreach_add_(swa_sum, [p.detach().float() for p in params])
-                swa_count += 1
-        if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
-            ms = train_ms + 1000 * (time.perf_counter() - t0)
-            log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
-                f"step_avg:{ms / step:.2f}ms")
+    logits_fn = compiled_logits(model, args)
+    trainer = Trainer(args, dctx, log, model, train_files, grad_accum)
+    trainer.warm_up()
+    averager = WeightAverager(trainer.params, args, log)
+    L = args.train_seq_len
+    trainer.run(lambda looped: evaluate(lambda x: logits_fn(x, False, looped), val, luts, L, L,
+                                        args.eval_batch_seqs, dctx), averager)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-
-    weights = args.export_weights
-    if weights in ("ema", "ema_swa") and ema is None:
-        log("export_weights: EMA is disabled; exporting live weights")
-        weights = "live"
-    if weights in ("swa", "ema_swa") and swa_count == 0:
-        log("export_weights: no SWA snapshot was taken; falling back to " + ("ema" if ema is not None else "live"))
-        weights = "ema" if ema is not None else "live"
-    with torch.no_grad():
-        if weights != "live":
-            swa = [s / swa_count for s in swa_sum] if swa_count else None
-            chosen = {"ema": ema, "swa": swa, "ema_swa": [(e + s) / 2 for e, s in zip(ema or [], swa or [])]}[weights]
-            for p, w in zip(params, chosen):
-                p.copy_(w)
-    log(f"export_weights:{weights}")
+    weights = averager.load_into_model()
     t = time.perf_counter()
     vl, vb = evaluate(logits_fn, val, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, dctx)
     log(f"DIAGNOSTIC post_{weights} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"DIAGNOSTIC post_{weights}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+    return model, vb
 
+
+def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes) -> int:
+    """Rank 0 quantizes, fits and writes the artifact; every rank learns its size. 1 = over the cap."""
     t = time.perf_counter()
     model_bytes = 0
-    if dctx.master:  # one rank quantizes, fits and writes; the others only learn the size
+    if dctx.master:
         arch = {k: getattr(args, k) for k in ARCH_KEYS}
         blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch, args,
                                        args.size_limit - len(code), log)
@@ -1157,20 +1443,16 @@ def main():
         log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
         log(f"Total submission size int6+{args.compressor}: {model_bytes + len(code)} bytes")
         write_atomic(args.artifact_path, blob)
-    model_bytes = int(dctx.all_reduce(torch.tensor(model_bytes, dtype=torch.float64, device=device)).item())
+    model_bytes = int(dctx.all_reduce(torch.tensor(model_bytes, dtype=torch.float64, device=dctx.device)).item())
     total = model_bytes + len(code)
     log(f"export_time:{1000 * (time.perf_counter() - t):.0f}ms")
     if total > args.size_limit:
         log(f"size_check total:{total} limit:{args.size_limit} OVER")
         log(f"ERROR: artifact {args.artifact_path} is {total - args.size_limit} bytes OVER the {args.size_limit}-byte "
             f"limit (code {len(code)} + model {model_bytes}); this run cannot be submitted")
-        dctx.close()
         return 1
     log(f"size_check total:{total} limit:{args.size_limit} ok")
-    args.eval_only_path = args.artifact_path
-    status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb=vb)
-    dctx.close()
-    return status
+    return 0
 
 
 def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quant_bpb: float | None = None) -> int:
@@ -1180,7 +1462,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quan
     t_all = time.perf_counter()
     model = model_from_artifact(args.eval_only_path, args, device)
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+    logits_fn = compiled_logits(model, args)
     tokens = val.numel() - 1
     projections = []
     L = args.eval_seq_len

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Raw text -> challenge-format token shards (SPEC.md sections 2.2-2.4).
+"""Raw text -> challenge-format token shards (format: data/README.md).
 
 Inputs (files, or directories searched recursively for *.txt and *.jsonl, in sorted order):
   * `.jsonl`: one document per non-blank line, a JSON object whose `--text-field` (default `text`)
@@ -84,7 +84,7 @@ DEFAULT_VAL_DOCS = 50_000
 DEFAULT_TOKENIZER_TRAIN_DOCS = 200_000
 ENCODE_CHUNK_DOCS = 256
 
-# SentencePiece trainer settings of the challenge tokenizer (SPEC.md 2.2).
+# SentencePiece trainer settings of the challenge tokenizer.
 TOKENIZER_SETTINGS = dict(
     model_type="bpe",
     character_coverage=0.999,
@@ -215,6 +215,16 @@ def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array(offs, dtype=np.int64), np.array(lens, dtype=np.int64)
 
 
+def _whole_file_hint(docs) -> str:
+    """Advice when .txt inputs were read as one document per file (the usual cause of too few documents)."""
+    if not isinstance(docs, FileDocuments) or docs.txt_docs_per_line:
+        return ""
+    if not any(f.suffix == ".txt" for f in docs.files):
+        return ""
+    return ("; each .txt file is read as ONE document: pass --txt-docs-per-line to make every non-blank line "
+            "a document (e.g. --txt-docs-per-line --val-fraction 0.01 for a single .txt file)")
+
+
 def split_documents(n_docs: int, *, val_docs: int | None = None, val_fraction: float | None = None,
                     seed: int = 1337, shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return (val_indices, train_indices): whole documents, validation taken first.
@@ -236,8 +246,8 @@ def split_documents(n_docs: int, *, val_docs: int | None = None, val_fraction: f
         raise ValueError(f"val_docs must be >= 0, got {k}")
     if k >= n_docs:
         raise ValueError(
-            f"the corpus has {n_docs} documents, not enough for {k} validation documents plus training "
-            "documents (use --val-docs / --val-fraction)"
+            f"the corpus has {n_docs} document(s), not enough for {k} validation document(s) plus at least one "
+            "training document (lower --val-docs, or use --val-fraction)"
         )
     if shuffle:
         order = np.random.RandomState(seed).permutation(n_docs)
@@ -271,7 +281,7 @@ def check_tokenizer(model_path_or_proto) -> "object":
         raise ValueError(f"{where}: vocab size {sp.vocab_size()} does not fit uint16 shards")
     if sp.bos_id() != BOS_ID:
         raise ValueError(f"{where}: bos_id is {sp.bos_id()}, shards need BOS={BOS_ID}")
-    # SPEC.md 11.1 item 2: without a standalone "▁" piece a space becomes 3 byte-fallback tokens and
+    # Without a standalone "▁" piece a space becomes 3 byte-fallback tokens and
     # bits-per-byte is underestimated.
     if sp.piece_to_id(SPACE_PIECE) == sp.unk_id():
         raise ValueError(f"{where}: the model has no standalone '{SPACE_PIECE}' piece (byte accounting needs it)")
@@ -459,8 +469,11 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         docs = FileDocuments(inputs, txt_docs_per_line=txt_docs_per_line, text_field=text_field)
         log(f"indexed {len(docs)} documents from {len(docs.files)} file(s)")
     try:
-        val_idx, train_idx = split_documents(len(docs), val_docs=val_docs, val_fraction=val_fraction,
-                                             seed=seed, shuffle=shuffle)
+        try:
+            val_idx, train_idx = split_documents(len(docs), val_docs=val_docs, val_fraction=val_fraction,
+                                                 seed=seed, shuffle=shuffle)
+        except ValueError as e:
+            raise ValueError(f"{e}{_whole_file_hint(docs)}") from None
 
         if tokenizer is None:
             tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else out_dir.parent.parent / "tokenizers"
@@ -514,26 +527,38 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Build challenge-format token shards (fineweb_{val,train}_NNNNNN.bin) from raw text.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A .txt file is ONE document unless --txt-docs-per-line; for a single .txt file use e.g. "
+               "--txt-docs-per-line --val-fraction 0.01. Format and examples: data/README.md.",
     )
-    ap.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories (searched recursively)")
+    ap.add_argument("inputs", nargs="+",
+                    help=".txt / .jsonl files or directories (searched recursively); .jsonl = one document per "
+                         "line, .txt = one document per file (see --txt-docs-per-line)")
     ap.add_argument("--out", required=True, help="output dataset directory, e.g. data/datasets/fineweb10B_sp1024")
     tok = ap.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="existing SentencePiece .model to encode with")
     tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this vocab size (challenge settings)")
-    ap.add_argument("--tokenizer-name", default="custom", help="trained model is <name>_<vocab>_bpe.model")
-    ap.add_argument("--tokenizer-dir", default=None, help="where to write a trained model (default: <out>/../../tokenizers)")
+    ap.add_argument("--tokenizer-name", default="custom",
+                    help="a trained model is <name>_<vocab>_bpe.model (default: %(default)s)")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="where to write a trained model (default: <out>/../../tokenizers)")
     ap.add_argument("--tokenizer-train-docs", type=int, default=DEFAULT_TOKENIZER_TRAIN_DOCS,
-                    help="train the tokenizer on at most this many train documents (0 = all)")
+                    help="train the tokenizer on at most this many train documents, 0 = all (default: %(default)s)")
     split = ap.add_mutually_exclusive_group()
-    split.add_argument("--val-docs", type=int, default=None, help=f"validation documents (default {DEFAULT_VAL_DOCS})")
-    split.add_argument("--val-fraction", type=float, default=None, help="validation fraction of the documents")
-    ap.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle (train/val split)")
-    ap.add_argument("--no-shuffle", action="store_true", help="keep input order (first K documents -> val)")
-    ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
-    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="encoding processes")
-    ap.add_argument("--txt-docs-per-line", action="store_true", help=".txt inputs hold one document per line")
-    ap.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    split.add_argument("--val-docs", type=int, default=None,
+                       help=f"number of validation documents (default: {DEFAULT_VAL_DOCS})")
+    split.add_argument("--val-fraction", type=float, default=None,
+                       help="fraction of the documents used for validation, instead of --val-docs")
+    ap.add_argument("--seed", type=int, default=1337,
+                    help="seed of the document shuffle, i.e. the train/val split (default: %(default)s)")
+    ap.add_argument("--no-shuffle", action="store_true", help="keep input order (the first documents -> val)")
+    ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                    help="tokens per shard (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="encoding processes (default: %(default)s, the CPU count up to 8)")
+    ap.add_argument("--txt-docs-per-line", action="store_true",
+                    help=".txt inputs hold one document per non-blank line")
+    ap.add_argument("--text-field", default="text",
+                    help="JSON field holding the text in .jsonl inputs (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing shards / tokenizer in the outputs")
     args = ap.parse_args(argv)
     try:

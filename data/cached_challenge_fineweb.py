@@ -4,8 +4,10 @@
     python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
     python3 data/cached_challenge_fineweb.py 10            # bare integer = --train-shards 10
 
-Source: the Hugging Face *dataset* repo `willdepueoai/parameter-golf` (env MATCHED_FINEWEB_REPO_ID),
-files under the remote root prefix `datasets` (env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX). The manifest
+Source: the Hugging Face *dataset* repo `willdepueoai/parameter-golf` for sp1024 (and byte260), and
+`kevclark/parameter-golf` for sp4096 / sp8192 (the exports the SP8192 records trained on); the env
+MATCHED_FINEWEB_REPO_ID overrides either. Files live under the remote root prefix `datasets` (env
+MATCHED_FINEWEB_REMOTE_ROOT_PREFIX). The manifest
 `<prefix>/manifest.json` lists the datasets (`name`, `tokenizer_name`, `stats.files_train`,
 `stats.files_val`) and the tokenizers (`name` + `model_path` / `vocab_path` / `path`).
 
@@ -32,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +45,10 @@ if str(_HERE) not in sys.path:
 from shard_format import ShardError, inspect_shard, temp_path_for  # noqa: E402
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+# Larger vocabularies were exported to another dataset repo (same layout, its own manifest).
+VARIANT_REPO_IDS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+OFFLINE_HINT = ("Without network access: `python3 data/make_smoke_dataset.py` builds a small offline dataset, "
+                "and `python3 data/build_shards.py` turns your own text into shards (see data/README.md).")
 DEFAULT_REMOTE_PREFIX = "datasets"
 REPO_TYPE = "dataset"
 DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
@@ -123,6 +130,12 @@ def _exception_chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
+def _first_line(e: BaseException, width: int = 240) -> str:
+    """The first line of an exception's message, shortened at a word boundary (never mid-word)."""
+    lines = str(e).strip().splitlines()
+    return textwrap.shorten(lines[0], width, placeholder=" ...") if lines else type(e).__name__
+
+
 _CONNECTION_ERRORS = {
     "ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "Timeout",
     "NetworkError", "ProxyError", "SSLError", "NewConnectionError", "MaxRetryError",
@@ -162,7 +175,7 @@ class Hub:
         """A one-line DownloadError describing a huggingface_hub failure."""
         names = [type(x).__name__ for x in _exception_chain(e)]
         where = f"dataset repo {self.repo_id} at {self.endpoint}"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if names[0] in ("RepositoryNotFoundError", "GatedRepoError"):
             return DownloadError(f"{where}: repository not found or not accessible "
                                  "(check MATCHED_FINEWEB_REPO_ID / HF_TOKEN)")
@@ -170,12 +183,18 @@ class Hub:
             return DownloadError(f"{where}: revision {self.revision!r} not found")
         if names[0] in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
             return DownloadError(f"{where}: file {remote} not found")
+        if "OfflineModeIsEnabled" in names or (self.offline and "LocalEntryNotFoundError" in names):
+            return DownloadError(f"HF_HUB_OFFLINE is set and {remote} (dataset repo {self.repo_id}) is not in the "
+                                 f"local Hugging Face cache. {OFFLINE_HINT}", unreachable=True)
         if any(n in _CONNECTION_ERRORS for n in names):
             cause = next((x for x in _exception_chain(e) if type(x).__name__ not in ("LocalEntryNotFoundError",)), e)
-            detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
             return DownloadError(f"cannot reach {self.endpoint} (dataset repo {self.repo_id}, file {remote}): "
-                                 f"{type(cause).__name__}: {detail}", unreachable=True)
+                                 f"{type(cause).__name__}: {_first_line(cause)}. {OFFLINE_HINT}", unreachable=True)
         return DownloadError(f"failed to fetch {remote} from {where}: {type(e).__name__}: {first}")
+
+    @property
+    def offline(self) -> bool:
+        return bool(getattr(self.hf.constants, "HF_HUB_OFFLINE", False))
 
     def _preflight(self, remote: str) -> None:
         """One quick HEAD without retries, so an unreachable endpoint fails fast (the download itself
@@ -186,7 +205,7 @@ class Hub:
             return
         self._checked = True
         hf = self.hf
-        if getattr(hf.constants, "HF_HUB_OFFLINE", False):
+        if self.offline:
             return  # offline mode: hf_hub_download serves from the cache or fails
         try:
             url = hf.hf_hub_url(self.repo_id, remote, repo_type=REPO_TYPE, revision=self.revision)
@@ -309,7 +328,8 @@ def plan_files(manifest: dict, variant: str, train_shards: int, with_docs: bool)
     entry = next((d for d in datasets if isinstance(d, dict) and d.get("name") == name), None)
     if entry is None:
         available = ", ".join(sorted(str(d.get("name")) for d in datasets if isinstance(d, dict))) or "none"
-        raise DownloadError(f"manifest has no dataset {name!r} (available: {available})")
+        hint = f"; {variant} is published on {VARIANT_REPO_IDS[variant]}" if variant in VARIANT_REPO_IDS else ""
+        raise DownloadError(f"manifest has no dataset {name!r} (available: {available}){hint}")
     stats = entry.get("stats") or {}
     try:
         files_train, files_val = int(stats["files_train"]), int(stats["files_val"])
@@ -336,8 +356,13 @@ def plan_files(manifest: dict, variant: str, train_shards: int, with_docs: bool)
     return files
 
 
+def repo_for(variant: str) -> str:
+    """MATCHED_FINEWEB_REPO_ID if set, else the repo that publishes `variant`."""
+    return os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPO_IDS.get(variant, DEFAULT_REPO_ID)
+
+
 def run(args, log: Callable[[str], None] = print) -> dict:
-    repo_id = os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID)
+    repo_id = repo_for(args.variant)
     prefix = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_PREFIX).strip("/")
     root = Path(args.out)
     hub = Hub(repo_id, args.revision)
@@ -371,8 +396,11 @@ def run(args, log: Callable[[str], None] = print) -> dict:
         status = fetch_file(hub, _remote(prefix, rel), root / rel, force=args.force, log=log,
                             label=f"[{i}/{len(files)}]")
         counts[status] += 1
+    model = next((root / f for f in files if f.endswith(".model")), None)
+    vocab = args.variant[2:] if args.variant.startswith("sp") else None
     log(f"done: {counts['downloaded']} downloaded, {counts['present']} already present; "
-        f"DATA_PATH={root / 'datasets' / f'fineweb10B_{args.variant}'}")
+        f"DATA_PATH={root / 'datasets' / f'fineweb10B_{args.variant}'}"
+        + (f" TOKENIZER_PATH={model}" if model else "") + (f" VOCAB_SIZE={vocab}" if vocab else ""))
     return counts
 
 
@@ -382,7 +410,10 @@ def parse_args(argv=None):
     )
     ap.add_argument("train_shards_positional", nargs="?", type=int, metavar="TRAIN_SHARDS",
                     help="same as --train-shards (overrides it)")
-    ap.add_argument("--variant", default="sp1024", help="sp<VOCAB> (sp1024, sp4096, sp8192, ...) or byte260")
+    ap.add_argument("--variant", default="sp1024",
+                    help="sp<VOCAB> (sp1024, sp4096, sp8192, ...) or byte260; sp4096/sp8192 come from "
+                         "kevclark/parameter-golf, the others from willdepueoai/parameter-golf "
+                         "(MATCHED_FINEWEB_REPO_ID overrides)")
     ap.add_argument("--train-shards", type=int, default=80, help="number of train shards (100M tokens each)")
     ap.add_argument("--skip-manifest", action="store_true", help="use the local manifest.json, do not fetch it")
     ap.add_argument("--with-docs", action="store_true",

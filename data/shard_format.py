@@ -1,4 +1,4 @@
-"""Token shard file format shared by the data tools (SPEC.md section 2.3).
+"""Token shard file format shared by the data tools (described in data/README.md).
 
 A shard is:
   * a header of 256 little-endian int32 values (1,024 bytes):

@@ -2,9 +2,10 @@
 """Package a Parameter Golf submission folder from the train logs of our `train_gpt.py`.
 
 One command parses the per-seed logs (format: docs/LOG_FORMAT.md), checks the challenge rules, optionally
-tests statistical significance against the current record with a one-sided Welch t-test, and writes
+tests statistical significance against the current record with a one-sided Welch t-test (scipy), and writes
 `records/track_<track>/<YYYY-MM-DD>_<Name>/` with README.md, submission.json, train_seed<SEED>.log,
-train_gpt.py, requirements.txt and curves.png.  See records/README.md for the folder convention.
+train_gpt.py, requirements.txt, requirements-gpu.txt and curves.png.  See records/README.md for the folder
+convention and the rules.
 
     python records/package.py --name MyRun --author "A. Person" --github-id aperson \\
         --baseline-values 1.88976776,1.89110239,1.88919190 logs/seed1337.txt logs/seed42.txt logs/seed2025.txt
@@ -40,6 +41,16 @@ DEFAULT_ALPHA = 0.01
 # Priority order of the headline metric: the first one present wins.
 HEADLINE_KEYS = ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
 TRACKS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
+RECORD_WORLD_SIZE = 8
+RECORD_DEVICE = re.compile(r"H100")  # the record track runs on 8xH100 (SXM); the log names the device
+# The published datasets: tokenizer file, and the token count the script logs for the full validation split
+# (None: not known here, so the log must show VAL_TOKENS=0, i.e. no cap).
+PUBLISHED_DATA = {
+    "fineweb10B_sp1024": ("fineweb_1024_bpe.model", 62_021_632),
+    "fineweb10B_sp8192": ("fineweb_8192_bpe.model", None),
+}
+PER_SEED_CONFIG = ("SEED", "RUN_ID", "ARTIFACT_PATH")  # config knobs that may differ between seeds
+DEFAULT_DATA_ROOT = "../../../data"  # the repo's data/ seen from records/<track>/<folder>/
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf"
 
@@ -59,6 +70,8 @@ _RE = {
     "config": re.compile(r"^config ([A-Za-z_][A-Za-z0-9_]*)=(.*)$"),
     "model_params": re.compile(r"^model_params:(\d+)"),
     "world": re.compile(r"^world_size:(\d+) grad_accum_steps:(\d+)"),
+    "train_loader": re.compile(r"^train_loader:dataset:(\S+) train_shards:(\d+)"),
+    "val_loader": re.compile(r"^val_loader:shards pattern=(.*) tokens:(\d+)$"),
     "seed": re.compile(r"^seed:(-?\d+)\s*$"),
     "val_step": re.compile(
         rf"^step:(\d+)/(\d+) val_loss:({_NUM}) val_bpb:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),
@@ -105,6 +118,8 @@ class RunLog:
     world_size: int | None = None
     grad_accum_steps: int | None = None
     model_params: int | None = None
+    dataset: str | None = None  # `train_loader:dataset:<name>`
+    val_tokens: int | None = None  # `val_loader:... tokens:<n>`
     config: dict = field(default_factory=dict)
     train_curve: list = field(default_factory=list)  # (step, train_loss, train_time_ms)
     val_curve: list = field(default_factory=list)  # (step, val_loss, val_bpb, train_time_ms)
@@ -152,11 +167,13 @@ class RunLog:
 
     @property
     def eval_time_ms(self) -> int | None:
-        """eval_time_total when logged, else the sum of the logged final-evaluation phases."""
-        if self.eval_time_total_ms is not None:
-            return self.eval_time_total_ms
-        phases = [x for x in (self.roundtrip_eval_ms, self.sliding_eval_ms, self.ttt_eval_ms) if x is not None]
-        return sum(phases) if phases else None
+        """The measured `eval_time_total` (never a projection or a sum of phases)."""
+        return self.eval_time_total_ms
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        tok = self.config.get("TOKENIZER_PATH")
+        return Path(tok).name if tok else None
 
     @property
     def eval_time_s(self) -> float | None:
@@ -231,6 +248,14 @@ def parse_log_text(text: str, path: str = "<text>") -> RunLog:
         m = _RE["seed"].match(ln)
         if m:
             r.seed = int(m.group(1))
+            continue
+        m = _RE["train_loader"].match(ln)
+        if m:
+            r.dataset = m.group(1)
+            continue
+        m = _RE["val_loader"].match(ln)
+        if m:
+            r.val_tokens = int(m.group(2))
             continue
         m = _RE["stop"].match(ln)
         if m:
@@ -339,8 +364,6 @@ def parse_log_text(text: str, path: str = "<text>") -> RunLog:
             r.headline_key = key
             r.val_loss, r.val_bpb = exact[key]
             break
-    if r.eval_time_total_ms is None and r.eval_time_ms is not None:
-        r.warnings.append("no eval_time_total line; evaluation time = sum of the logged phases")
     return r
 
 
@@ -370,27 +393,18 @@ class WelchResult:
 def welch_one_sided(new, base, delta: float = 0.0) -> WelchResult:
     """One-sided Welch t-test of H0: mean(new) >= mean(base) - delta vs H1: mean(new) < mean(base) - delta.
 
-    t = (m_new - (m_base - delta)) / sqrt(v_new/n_new + v_base/n_base) with sample variances (ddof=1),
+    scipy.stats.ttest_ind(new, base - delta, equal_var=False, alternative="less"): sample variances,
     Welch-Satterthwaite degrees of freedom, p = P(T_df <= t).
     """
     from scipy import stats  # scipy is a requirement (requirements.txt)
 
     new = [float(x) for x in new]
     base = [float(x) for x in base]
-    n1, n2 = len(new), len(base)
-    if n1 < 2 or n2 < 2:
-        raise ValueError(f"Welch t-test needs >= 2 values per group (got {n1} new, {n2} baseline)")
-    m1, m2 = statistics.fmean(new), statistics.fmean(base)
-    a, b = statistics.variance(new) / n1, statistics.variance(base) / n2
-    se2 = a + b
-    num = m1 - (m2 - delta)
-    if se2 == 0.0:
-        t = -math.inf if num < 0 else (math.inf if num > 0 else 0.0)
-        return WelchResult(t, math.nan, 0.0 if num < 0 else 1.0, m1, m2, delta)
-    t = num / math.sqrt(se2)
-    df = se2 * se2 / (a * a / (n1 - 1) + b * b / (n2 - 1))
-    p = float(stats.t.cdf(t, df))
-    return WelchResult(t, df, p, m1, m2, delta)
+    if len(new) < 2 or len(base) < 2:
+        raise ValueError(f"Welch t-test needs >= 2 values per group (got {len(new)} new, {len(base)} baseline)")
+    res = stats.ttest_ind(new, [b - delta for b in base], equal_var=False, alternative="less")
+    return WelchResult(float(res.statistic), float(res.df), float(res.pvalue),
+                       statistics.fmean(new), statistics.fmean(base), delta)
 
 
 def _mean_std(xs):
@@ -484,105 +498,140 @@ def artifact_bytes_for(r: RunLog, code_bytes_override: int | None) -> int | None
     return r.model_bytes + code_bytes_override
 
 
+def _each(rule: str, runs: list[RunLog], problem, ok_detail: str) -> Check:
+    """A rule checked on every seed: `problem(run)` returns None, or why that seed fails."""
+    bad = [f"{_name(r)}: {why}" for r in runs if (why := problem(r))]
+    return Check(rule, "fail" if bad else "pass", "; ".join(bad) if bad else ok_detail)
+
+
+def _headline_checks(runs: list[RunLog]) -> list[Check]:
+    missing = [f"{_name(r)} ({Path(r.path).name})" for r in runs if not r.has_headline]
+    present = Check("headline metric present", "pass", ", ".join(f"{_name(r)}: {r.headline_key}" for r in runs))
+    if missing:  # a truncated or killed run has no (finite) headline line
+        present = Check("headline metric present", "fail", "no finite " + " / ".join(HEADLINE_KEYS) +
+                        " line in: " + ", ".join(missing) + " (truncated or killed run?)")
+    kinds = {r.headline_key for r in runs if r.has_headline}
+    same = Check("same headline metric for all seeds", "pass" if len(kinds) == 1 else "fail",
+                 ", ".join(f"{_name(r)}: {r.headline_key}" for r in runs) if len(kinds) > 1 else
+                 (next(iter(kinds)) if kinds else "none"))
+    return [present, same]
+
+
+def _size_check(runs, code_bytes_override, size_limit) -> Check:
+    def problem(r):
+        b = artifact_bytes_for(r, code_bytes_override)
+        if b is None:
+            return "no 'Total submission size' line"
+        return f"{b:,} > {size_limit:,} by {b - size_limit:,}" if b > size_limit else None
+    sizes = [artifact_bytes_for(r, code_bytes_override) or 0 for r in runs]
+    ok = f"max {max(sizes):,}" + (" (model + packaged compact code)" if code_bytes_override is not None else "")
+    return _each(f"artifact <= {size_limit:,} bytes", runs, problem, ok)
+
+
+def _train_time_check(runs, limit_s) -> Check:
+    # The wallclock cap stops training after the step during which 600 s elapsed, so the last train_time exceeds
+    # the cap by part of that step (accepted records: ~600.09 s). Tolerance for a run stopped by the cap: two
+    # average steps (the crossing step may be slower than average); none otherwise.
+    def problem(r):
+        if r.train_time_ms is None:
+            return "no training time logged"
+        tol_ms = 2.0 * (r.step_avg_ms or 0.0) if r.stopped_early else 0.0
+        return f"{r.train_time_s:.3f} s > {limit_s:g} s" if r.train_time_ms > limit_s * 1000 + tol_ms else None
+    worst = max((r.train_time_s for r in runs if r.train_time_ms is not None), default=0.0)
+    ok = f"max {worst:.3f} s" + (" (overshoot of the step that crossed the wallclock cap, <= 2 step_avg)"
+                                  if worst > limit_s else "")
+    return _each(f"training <= {limit_s:g} s", runs, problem, ok)
+
+
+def _eval_time_check(runs, limit_s) -> Check:
+    def problem(r):
+        if r.eval_time_ms is None:
+            return "no eval_time_total line (the measured evaluation time)"
+        return f"{r.eval_time_s:.3f} s > {limit_s:g} s" if r.eval_time_ms > limit_s * 1000 else None
+    worst = max((r.eval_time_s for r in runs if r.eval_time_ms is not None), default=0.0)
+    return _each(f"evaluation <= {limit_s:g} s", runs, problem, f"max {worst:.3f} s (measured eval_time_total)")
+
+
+def _seed_check(runs, min_seeds) -> Check:
+    seeds = [r.seed for r in runs]
+    distinct = sorted({s for s in seeds if s is not None})
+    detail = f"{len(distinct)} distinct: {distinct}"
+    if dup := sorted({s for s in distinct if seeds.count(s) > 1}):
+        detail += f"; repeated: {dup}"
+    if None in seeds:
+        detail += "; a log has no seed line"
+    return Check(f">= {min_seeds} distinct seeds", "pass" if len(distinct) >= min_seeds else "fail", detail)
+
+
+def _code_checks(runs, script_path) -> list[Check]:
+    hashes = {r.code_sha256 for r in runs}
+    if None in hashes:
+        same = Check("same code for all seeds", "fail", "a log has no code_sha256 line: " + ", ".join(
+            _name(r) for r in runs if r.code_sha256 is None))
+    elif len(hashes) > 1:
+        same = Check("same code for all seeds", "fail", "; ".join(f"{_name(r)}: {r.code_sha256[:12]}" for r in runs))
+    else:
+        same = Check("same code for all seeds", "pass", f"code_sha256 {next(iter(hashes))[:16]}…")
+    if script_path is None:
+        return [same]
+    h, logged = _sha256_file(script_path), {x for x in hashes if x}
+    if logged == {h}:
+        return [same, Check("script matches logs", "pass", f"sha256({Path(script_path).name}) = code_sha256")]
+    have = ", ".join(x[:16] + "…" for x in sorted(logged)) if logged else "no code_sha256"
+    return [same, Check("script matches logs", "fail", f"sha256({script_path}) = {h[:16]}… but logs have {have}")]
+
+
+def _hardware_problem(r: RunLog) -> str | None:
+    if r.world_size != RECORD_WORLD_SIZE:
+        return f"world_size {r.world_size} (the record track needs {RECORD_WORLD_SIZE} GPUs)"
+    if not r.device or not RECORD_DEVICE.search(r.device):
+        return f"device {r.device!r} is not an H100"
+    return None
+
+
+def _full_val_problem(r: RunLog) -> str | None:
+    full = PUBLISHED_DATA.get(r.dataset, (None, None))[1]
+    if r.val_tokens is None:
+        return "no val_loader tokens line"
+    if full is not None and r.val_tokens != full:
+        return f"{r.val_tokens:,} validation tokens; the full {r.dataset} split has {full:,}"
+    if full is None and r.config.get("VAL_TOKENS") != "0":
+        return f"VAL_TOKENS={r.config.get('VAL_TOKENS')} (the full split needs VAL_TOKENS=0)"
+    return None
+
+
+def _published_data_problem(r: RunLog) -> str | None:
+    if r.dataset not in PUBLISHED_DATA:
+        return f"dataset {r.dataset!r} is not one of {', '.join(PUBLISHED_DATA)}"
+    want = PUBLISHED_DATA[r.dataset][0]
+    return None if r.tokenizer_file == want else f"TOKENIZER_PATH file {r.tokenizer_file!r}, {r.dataset} needs {want}"
+
+
+def _same_config_check(runs) -> Check:
+    keys = set().union(*(r.config for r in runs)) - set(PER_SEED_CONFIG)
+    diff = [f"{k} ({' / '.join(str(r.config.get(k)) for r in runs)})"
+            for k in sorted(keys) if len({r.config.get(k) for r in runs}) > 1]
+    return Check("same config (except " + ", ".join(PER_SEED_CONFIG) + ")", "fail" if diff else "pass",
+                 ("differs: " + "; ".join(diff)) if diff else f"{len(keys)} knobs")
+
+
 def check_rules(runs: list[RunLog], *, script_path=None, code_bytes_override: int | None = None,
                 sig: Significance | None = None, size_limit: int = SIZE_LIMIT_BYTES,
                 train_limit_s: float = TRAIN_LIMIT_S, eval_limit_s: float = EVAL_LIMIT_S,
                 min_seeds: int = MIN_SEEDS) -> list[Check]:
-    checks: list[Check] = []
-
-    # 1. every log has a (finite) headline metric: a truncated or killed run has none.
-    missing = [f"{_name(r)} ({Path(r.path).name})" for r in runs if not r.has_headline]
-    if missing:
-        checks.append(Check("headline metric present", "fail",
-                            "no finite " + " / ".join(HEADLINE_KEYS) + " line in: " + ", ".join(missing)
-                            + " (truncated or killed run?)"))
-    else:
-        checks.append(Check("headline metric present", "pass",
-                            ", ".join(f"{_name(r)}: {r.headline_key}" for r in runs)))
-    kinds = {r.headline_key for r in runs if r.has_headline}
-    if len(kinds) > 1:
-        checks.append(Check("same headline metric for all seeds", "fail", ", ".join(
-            f"{_name(r)}: {r.headline_key}" for r in runs)))
-    else:
-        checks.append(Check("same headline metric for all seeds", "pass" if kinds else "fail",
-                            next(iter(kinds)) if kinds else "none"))
-
-    # 2. artifact size (decimal bytes), every seed.
-    bad, det = [], []
-    for r in runs:
-        b = artifact_bytes_for(r, code_bytes_override)
-        if b is None:
-            bad.append(f"{_name(r)}: no 'Total submission size' line")
-        elif b > size_limit:
-            bad.append(f"{_name(r)}: {b:,} > {size_limit:,} by {b - size_limit:,}")
-        else:
-            det.append(f"{b:,}")
-    checks.append(Check(f"artifact <= {size_limit:,} bytes", "fail" if bad else "pass",
-                        "; ".join(bad) if bad else "max " + f"{max(artifact_bytes_for(r, code_bytes_override) for r in runs):,}"
-                        + (" (model + packaged compact code)" if code_bytes_override is not None else "")))
-
-    # 3. training time. The wallclock cap stops training after the step during which 600 s elapsed, so the
-    # last train_time exceeds the cap by part of that step (accepted records: ~600.09 s). Tolerance for a run
-    # stopped by the cap: two average steps (the crossing step may be slower than average); none otherwise.
-    bad, worst = [], 0.0
-    for r in runs:
-        if r.train_time_ms is None:
-            bad.append(f"{_name(r)}: no training time logged")
-            continue
-        tol_ms = 2.0 * (r.step_avg_ms or 0.0) if r.stopped_early else 0.0
-        if r.train_time_ms > train_limit_s * 1000.0 + tol_ms:
-            bad.append(f"{_name(r)}: {r.train_time_ms / 1000:.3f} s > {train_limit_s:g} s")
-        worst = max(worst, r.train_time_ms / 1000.0)
-    detail = "; ".join(bad) if bad else f"max {worst:.3f} s"
-    if not bad and worst > train_limit_s:
-        detail += " (overshoot of the step that crossed the wallclock cap, <= 2 step_avg)"
-    checks.append(Check(f"training <= {train_limit_s:g} s", "fail" if bad else "pass", detail))
-
-    # 4. evaluation time (eval_time_total).
-    bad, worst = [], 0.0
-    for r in runs:
-        if r.eval_time_ms is None:
-            bad.append(f"{_name(r)}: no evaluation time logged")
-            continue
-        if r.eval_time_ms > eval_limit_s * 1000.0:
-            bad.append(f"{_name(r)}: {r.eval_time_ms / 1000:.3f} s > {eval_limit_s:g} s")
-        worst = max(worst, r.eval_time_ms / 1000.0)
-    checks.append(Check(f"evaluation <= {eval_limit_s:g} s", "fail" if bad else "pass",
-                        "; ".join(bad) if bad else f"max {worst:.3f} s (eval_time_total)"))
-
-    # 5. seeds.
-    seeds = [r.seed for r in runs]
-    distinct = sorted({s for s in seeds if s is not None})
-    dup = sorted({s for s in distinct if seeds.count(s) > 1})
-    det = f"{len(distinct)} distinct: {distinct}"
-    if dup:
-        det += f"; repeated: {dup}"
-    if None in seeds:
-        det += "; a log has no seed line"
-    checks.append(Check(f">= {min_seeds} distinct seeds", "pass" if len(distinct) >= min_seeds else "fail", det))
-
-    # 6. all logs from the same code.
-    hashes = {r.code_sha256 for r in runs}
-    if None in hashes:
-        checks.append(Check("same code for all seeds", "fail", "a log has no code_sha256 line: " + ", ".join(
-            _name(r) for r in runs if r.code_sha256 is None)))
-    elif len(hashes) > 1:
-        checks.append(Check("same code for all seeds", "fail", "; ".join(
-            f"{_name(r)}: {r.code_sha256[:12]}" for r in runs)))
-    else:
-        checks.append(Check("same code for all seeds", "pass", f"code_sha256 {next(iter(hashes))[:16]}…"))
-
-    # 7. the packaged script is the code that produced the logs.
-    if script_path is not None:
-        h = _sha256_file(script_path)
-        logged = {x for x in hashes if x}
-        if logged == {h}:
-            checks.append(Check("script matches logs", "pass", f"sha256({Path(script_path).name}) = code_sha256"))
-        else:
-            have = ", ".join(x[:16] + "…" for x in sorted(logged)) if logged else "no code_sha256"
-            checks.append(Check("script matches logs", "fail", f"sha256({script_path}) = {h[:16]}… but logs have {have}"))
-
-    # 8. significance against the current record.
+    """Every rule of the record track (records/README.md); a "fail" refuses a record-track package."""
+    checks = _headline_checks(runs)
+    checks += [_size_check(runs, code_bytes_override, size_limit), _train_time_check(runs, train_limit_s),
+               _eval_time_check(runs, eval_limit_s), _seed_check(runs, min_seeds)]
+    checks += _code_checks(runs, script_path)
+    checks += [
+        _each("8xH100 (world_size 8, H100 device)", runs, _hardware_problem, f"{runs[0].world_size}x {runs[0].device}"),
+        _each("full validation split", runs, _full_val_problem, f"{runs[0].val_tokens:,} tokens"
+              if runs[0].val_tokens is not None else "n/a"),
+        _each("published dataset and tokenizer", runs, _published_data_problem,
+              f"{runs[0].dataset} + {runs[0].tokenizer_file}"),
+        _same_config_check(runs),
+    ]
     if sig is None:
         checks.append(Check("significance vs record", "skip", "no baseline given (not checked)"))
     else:
@@ -591,22 +640,13 @@ def check_rules(runs: list[RunLog], *, script_path=None, code_bytes_override: in
             "significance vs record", "pass" if sig.passed else "fail",
             f"Δ {w.diff:+.5f} nats (need <= {-sig.min_delta_nats:+.4f}), t={w.t:.3f}, df={w.df:.2f}, "
             f"p={w.p:.3g} vs alpha {sig.alpha:g}"))
-
-    # informational: the script's own projection of the evaluation to 8 GPUs on the full val split (it differs
-    # from eval_time_total for runs on fewer GPUs or a capped VAL_TOKENS).
+    # informational: the script's projection of the evaluation to 8 GPUs on the full split (never a rule: the
+    # rule is the measured eval_time_total).
     proj = [(r, r.eval_projection_total_s) for r in runs if r.eval_projection_total_s is not None]
     if proj:
         over = [f"{_name(r)}: {s:.1f} s" for r, s in proj if s > eval_limit_s]
         checks.append(Check("projected 8-GPU full-val eval (info)", "warn" if over else "pass",
-                            ("over budget: " + ", ".join(over)) if over else
-                            f"max {max(s for _, s in proj):.1f} s"))
-
-    # informational: configuration identical across seeds (apart from SEED / RUN_ID).
-    ignore = {"SEED", "RUN_ID"}
-    keys = set().union(*(r.config.keys() for r in runs)) - ignore
-    diff = sorted(k for k in keys if len({r.config.get(k) for r in runs}) > 1)
-    checks.append(Check("same config (except SEED, RUN_ID)", "warn" if diff else "pass",
-                        ("differs: " + ", ".join(diff)) if diff else f"{len(keys)} knobs"))
+                            ("over budget: " + ", ".join(over)) if over else f"max {max(s for _, s in proj):.1f} s"))
     return checks
 
 
@@ -755,20 +795,29 @@ def _fmt_s(ms):
     return "n/a" if ms is None else f"{ms / 1000:.1f}"
 
 
+def _variant(r: RunLog) -> str:
+    return (r.dataset or "fineweb10B_sp1024").removeprefix("fineweb10B_")
+
+
 def _run_command(runs: list[RunLog]) -> str:
-    """The run command from the log's resolved `config` lines (booleans as the 0/1 the script reads back)."""
+    """The run command from the log's resolved `config` lines (booleans as the 0/1 the script reads back), run
+    from inside the packaged folder: data paths go through DATA_ROOT, and every seed gets its own RUN_ID and
+    ARTIFACT_PATH."""
     r = runs[0]
-    env = []
+    dataset = Path(r.config.get("DATA_PATH", "")).name or r.dataset or "fineweb10B_sp1024"
+    env = [f"DATA_PATH=$DATA_ROOT/datasets/{dataset}"]
+    if r.tokenizer_file:
+        env.append(f"TOKENIZER_PATH=$DATA_ROOT/tokenizers/{r.tokenizer_file}")
     for k, v in r.config.items():
-        if k in ("SEED", "RUN_ID") or v == "":
+        if k in PER_SEED_CONFIG or k in ("DATA_PATH", "TOKENIZER_PATH") or v == "":
             continue
-        v = {"True": "1", "False": "0"}.get(v, v)
-        env.append(f"{k}={_shell_quote(v)}")
+        env.append(f"{k}={_shell_quote({'True': '1', 'False': '0'}.get(v, v))}")
+    env.append("SEED=$SEED RUN_ID=seed$SEED ARTIFACT_PATH=final_model_seed$SEED.int6.ptz")
     seeds = " ".join(str(x.seed) for x in sorted(runs, key=lambda x: (x.seed is None, x.seed)))
-    nproc = r.world_size or 8
-    body = "".join(f"  {e} \\\n" for e in env)
-    return (f"for SEED in {seeds}; do\n  env \\\n{body}  SEED=$SEED RUN_ID=seed$SEED \\\n"
-            f"  torchrun --standalone --nproc_per_node={nproc} train_gpt.py\ndone")
+    body = "".join(f"    {e} \\\n" for e in env)
+    return (f"DATA_ROOT=${{DATA_ROOT:-{DEFAULT_DATA_ROOT}}}  # holds datasets/ and tokenizers/\n"
+            f"for SEED in {seeds}; do\n  env \\\n{body}"
+            f"  torchrun --standalone --nproc_per_node={r.world_size or 8} train_gpt.py\ndone")
 
 
 def _shell_quote(v: str) -> str:
@@ -819,7 +868,7 @@ def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Signif
           + f"; logs' code_sha256 `{sub['code_sha256']}`.",
           "- Artifact bytes = code bytes + compressed model bytes, decimal cap 16,000,000.",
           "- Training time = `train_time` of the final step (compile warm-up and validation excluded); "
-          "evaluation time = `eval_time_total`."]
+          "evaluation time = the measured `eval_time_total`."]
     proj = [r.eval_projection_total_s for r in runs if r.eval_projection_total_s is not None]
     if proj:
         L.append(f"- Projected 8-GPU full-val evaluation time (from the logs): max {max(proj):.1f} s.")
@@ -836,69 +885,131 @@ def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Signif
               "", f"Result: {'significant' if sig.passed else 'NOT significant'} at alpha {sig.alpha} (nats).", ""]
     L += ["## Approach", "", "_TODO: what changed versus the previous record, and why._", "",
           "## Reproduce", "",
-          "Run from inside this folder; every knob below is read from the `config` lines of the logs "
-          "(adjust `DATA_PATH` / `TOKENIZER_PATH` to where the data lives).", "",
-          "<details><summary>command</summary>", "", "```bash", _run_command(runs), "```", "", "</details>", "",
+          "On a GPU machine with a CUDA build of PyTorch: `pip install -r requirements-gpu.txt` (it leaves torch "
+          "alone; `requirements.txt` is the CPU pin list). Get the data from the repository root with "
+          f"`python3 data/cached_challenge_fineweb.py --variant {_variant(runs[0])}`, then run the command below "
+          "from inside this folder, as is. "
+          f"`DATA_ROOT` is the folder that holds `datasets/` and `tokenizers/` (default `{DEFAULT_DATA_ROOT}`, "
+          "the repo's `data/` when this folder sits in `records/<track>/`). Every other knob is read from the "
+          "`config` lines of the logs; each seed writes `logs/seed<SEED>.txt` and its own artifact.", "",
+          "```bash", _run_command(runs), "```", "",
           "## Files", "",
           "- `train_gpt.py` — the training + evaluation script" + (" (compact self-extracting)" if code_bytes_override is not None else ""),
           "- " + ", ".join(f"`train_seed{r.seed}.log`" for r in runs_sorted) + " — one log per seed",
-          "- `submission.json`, `requirements.txt`, `curves.png`", ""]
+          "- `submission.json`, `requirements.txt` (CPU pins), `requirements-gpu.txt` (GPU machines, keeps "
+          "their torch), `curves.png`", ""]
     return "\n".join(L)
 
 
-def plot_curves(runs: list[RunLog], out_png, title: str = "") -> None:
+# Final evaluation phases, in the order the script runs them: (RunLog attribute, label, marker).
+FINAL_PHASES = (("pre_quant_val_bpb", "pre-quant (DIAGNOSTIC post_*)", "D"),
+                ("roundtrip_val_bpb", "final_int6_roundtrip", "s"),
+                ("sliding_val_bpb", "final_int6_sliding_window", "^"),
+                ("ttt_val_bpb", "legal_ttt", "*"))
+
+
+def seed_groups(runs: list[RunLog]) -> list[list[RunLog]]:
+    """Runs with identical config apart from the per-seed knobs, in order of first appearance."""
+    groups: dict = {}
+    for r in runs:
+        key = tuple(sorted((k, v) for k, v in r.config.items() if k not in PER_SEED_CONFIG))
+        groups.setdefault(key, []).append(r)
+    return [sorted(g, key=lambda r: (r.seed is None, r.seed)) for g in groups.values()]
+
+
+def _last_step(runs: list[RunLog]) -> int:
+    steps = [s for r in runs for s, *_ in r.train_curve + r.val_curve]
+    return max(steps, default=0)
+
+
+def _robust_ylim(ax, values, pad=0.08):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if values:
+        lo, hi = min(values), max(values)
+        span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+        ax.set_ylim(lo - pad * span, hi + pad * span)
+
+
+def _plot_train(ax, group, colors, last):
+    from matplotlib.ticker import FormatStrFormatter
+    for r in group:
+        if r.train_curve:
+            xs, ys = zip(*[(s, l) for s, l, _ in r.train_curve])
+            ax.plot(xs, ys, ".-", ms=3, lw=1.0, color=colors[id(r)], label=f"seed {r.seed} train_loss")
+        if r.val_curve:  # same unit; the val points often reach later steps than the sparse train lines
+            xs, ys = zip(*[(s, l) for s, l, _, _ in r.val_curve])
+            ax.plot(xs, ys, "o", ms=4, mfc="none", color=colors[id(r)], label=f"seed {r.seed} val_loss")
+    losses = [l for r in group for l in [x[1] for x in r.train_curve + r.val_curve] if l > 0 and math.isfinite(l)]
+    if losses:  # log scale keeps the early spike and the late decline both readable
+        ax.set_yscale("log")
+        ax.set_ylim(min(losses) * 0.97, max(losses) * 1.03)
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%.2g"))
+    ax.set_xlim(0, max(last, 1))
+    ax.set(xlabel="step", ylabel="loss (nats, log scale)", title="training loss (lines), val_loss (circles)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def _plot_val(ax, group, colors, last, title):
+    last = max(last, 1)
+    present = [ph for ph in FINAL_PHASES if any(getattr(r, ph[0]) is not None for r in group)]
+    xs_phase = {ph[0]: last * (1 + 0.08 * (k + 1)) for k, ph in enumerate(present)}
+    ys = []
+    for i, r in enumerate(group):
+        c = colors[id(r)]
+        curve = [(s, b) for s, _, b, _ in r.val_curve]
+        if curve:
+            ax.plot(*zip(*curve), "o-", ms=3.5, lw=0.8, color=c, label=f"seed {r.seed} val (live weights)")
+            ys += [b for s, b in curve if s > 0] or [b for _, b in curve]
+        jitter = (i - (len(group) - 1) / 2) * 0.015 * last  # seeds side by side at each phase
+        finals = [(xs_phase[a] + jitter, getattr(r, a), m) for a, _, m in present if getattr(r, a) is not None]
+        if finals:
+            ax.plot([x for x, _, _ in finals], [y for _, y, _ in finals], ":", lw=0.8, color=c)
+            for x, y, m in finals:
+                ax.plot([x], [y], m, ms=9 if m == "*" else 6, color=c, mec="black", mew=0.5)
+            ys += [y for _, y, _ in finals]
+    for _, label, m in present:  # one legend entry per phase marker
+        ax.plot([], [], m, color="white", mec="black", label=label)
+    ax.axvline(last, color="gray", lw=0.6, ls="--")
+    _robust_ylim(ax, ys)
+    ax.set_xlim(0, last * (1 + 0.08 * (len(present) + 1)))
+    ax.set(xlabel="step (final phases right of the dashed line)", ylabel="val_bpb", title=title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper right")
+
+
+def _group_title(group: list[RunLog], index: int, n_groups: int) -> str:
+    head = group[0].headline_key.replace("_exact", "") if group[0].has_headline else "no headline"
+    scores = [r.val_bpb for r in group if r.has_headline]
+    mean, std = _mean_std(scores)
+    score = "n/a" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if len(scores) > 1 else "")
+    prefix = f"config {index + 1}/{n_groups}: " if n_groups > 1 else ""
+    return f"{prefix}{head} val_bpb {score} ({len(group)} seed{'s' * (len(group) > 1)})"
+
+
+def plot_curves(runs: list[RunLog], out_png, title: str = ""):
+    """curves.png: one row per seed group (training loss | val_bpb with the final phases); returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in sorted(runs, key=lambda r: (r.seed is None, r.seed)):
-        lab = f"seed {r.seed}"
-        if r.train_curve:
-            xs, ys = zip(*[(s, l) for s, l, _ in r.train_curve])
-            line, = ax1.plot(xs, ys, lw=1.0, label=lab)
-            color = line.get_color()
-        else:
-            color = None
-        if r.val_curve:
-            xs, ys = zip(*[(s, b) for s, _, b, _ in r.val_curve])
-            line2, = ax2.plot(xs, ys, "o-", ms=4, lw=0.8, color=color, label=f"{lab} (live weights)")
-            color = line2.get_color()
-        if r.has_headline and r.steps is not None:
-            ax2.plot([r.steps], [r.val_bpb], "*", ms=12, color=color,
-                     label=f"{lab} final {r.headline_key.replace('_exact', '')} {r.val_bpb:.4f}")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("train_loss (nats)")
-    ax1.set_title("training loss")
-    ax1.grid(alpha=0.3)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("val_bpb")
-    ax2.set_title("validation bpb (points) and final score (stars)")
-    ax2.grid(alpha=0.3)
-    for ax in (ax1, ax2):
-        if ax.lines:
-            ax.legend(fontsize=7)
-    # Early losses dwarf the end of training: zoom on the part that matters, but only when the early values
-    # would squash the rest (long runs); every later value and every final score stays in view.
-    def zoom(ax, late, early):
-        if not late:
-            return
-        lo, hi = min(late), max(late)
-        span = max(hi - lo, 1e-6)
-        top = max(early, default=hi)
-        if top > hi + 1.0 * span:
-            ax.set_ylim(lo - 0.05 * span, hi + 0.25 * span)
-    tc = [c for r in runs for c in r.train_curve]
-    if tc:
-        cut = 0.1 * max(s for s, _, _ in tc)  # the first 10% of the steps
-        zoom(ax1, [l for s, l, _ in tc if s >= cut], [l for s, l, _ in tc if s < cut])
-    zoom(ax2, [b for r in runs for s, _, b, _ in r.val_curve if s > 0] + [r.val_bpb for r in runs if r.has_headline],
-         [b for r in runs for s, _, b, _ in r.val_curve if s == 0])
+    groups = seed_groups(runs)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.6 * len(groups)), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for gi, group in enumerate(groups):
+        colors = {id(r): palette[i % len(palette)] for i, r in enumerate(group)}
+        last = _last_step(group)
+        _plot_train(axes[gi][0], group, colors, last)
+        _plot_val(axes[gi][1], group, colors, last, _group_title(group, gi, len(groups)))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -917,7 +1028,7 @@ class PackagingError(Exception):
 
 
 def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", track: str = "10min_16mb",
-            out_root=None, date: str | None = None, script=None, requirements=None,
+            out_root=None, date: str | None = None, script=None, requirements=None, gpu_requirements=None,
             baseline_values=None, baseline_logs=None, baseline_metric: str = "val_loss",
             min_delta_nats: float = DEFAULT_MIN_DELTA_NATS, alpha: float = DEFAULT_ALPHA,
             non_record: bool = False, compact: bool = False, force: bool = False, check_only: bool = False,
@@ -925,7 +1036,8 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
     """Parse, check, and (unless a rule fails on the record track) write the submission folder.
 
     Returns (folder or None, submission dict or None, checks). Raises PackagingError when a rule fails and
-    non_record is False; nothing is left on disk in that case.
+    non_record is False, or when author / github_id is missing (unless check_only); nothing is left on disk
+    in that case.
     """
     if non_record:
         track = "non_record_16mb"
@@ -934,6 +1046,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
     non_record = non_record or track == "non_record_16mb"
     script = Path(script) if script is not None else REPO_ROOT / "train_gpt.py"
     requirements = Path(requirements) if requirements is not None else REPO_ROOT / "requirements.txt"
+    gpu_requirements = Path(gpu_requirements) if gpu_requirements is not None else REPO_ROOT / "requirements-gpu.txt"
     out_root = Path(out_root) if out_root is not None else RECORDS_DIR
     date = date or _dt.date.today().isoformat()
     try:
@@ -942,6 +1055,9 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         raise PackagingError(f"--date must be YYYY-MM-DD, got {date!r}")
     if not logs:
         raise PackagingError("no log files given")
+    missing = [flag for flag, v in (("--author", author), ("--github-id", github_id)) if not (v or "").strip()]
+    if missing and not check_only:
+        raise PackagingError(f"{' and '.join(missing)} required: submission.json names the author")
     for p in list(logs) + list(baseline_logs or []):
         if not Path(p).is_file():
             raise PackagingError(f"log not found: {p}")
@@ -1012,10 +1128,11 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         packaged_sha = _sha256_file(stage / "train_gpt.py")
         for r in runs:
             shutil.copyfile(r.path, stage / f"train_seed{r.seed}.log")
-        if requirements.is_file():
-            shutil.copyfile(requirements, stage / "requirements.txt")
-        else:
-            out(f"warning: {requirements} not found; no requirements.txt written")
+        for src, dst in ((requirements, "requirements.txt"), (gpu_requirements, "requirements-gpu.txt")):
+            if src.is_file():
+                shutil.copyfile(src, stage / dst)
+            else:
+                out(f"warning: {src} not found; no {dst} written")
         sub = build_submission(runs, name=name, author=author, github_id=github_id, blurb=blurb, date=date,
                                track=track, checks=checks, sig=sig, code_bytes_override=code_bytes_override,
                                code_sha256_packaged=packaged_sha)
@@ -1023,6 +1140,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         (stage / "README.md").write_text(build_readme(runs, sub, checks, sig, non_record, code_bytes_override),
                                          encoding="utf-8")
         plot_curves(runs, stage / "curves.png", title=f"{name}: {len(runs)} seeds")
+        _publish_modes(stage)
         if final.exists():
             shutil.rmtree(final)
         os.replace(stage, final)
@@ -1031,6 +1149,20 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         raise
     out(f"wrote {final}")
     return final, sub, checks
+
+
+def _publish_modes(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder: give the submission the usual 0755 folder / 0644 files."""
+    folder.chmod(0o755)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+
+
+def _ask(prompt: str) -> str | None:
+    """Interactive fallback for a missing --author / --github-id: only on a terminal, never in scripts/CI."""
+    if not sys.stdin.isatty():
+        return None
+    return input(prompt).strip() or None
 
 
 def _floats(s: str):
@@ -1043,21 +1175,24 @@ def _floats(s: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Package train logs of train_gpt.py into a records/ submission folder, checking the "
-                    "challenge rules (artifact <= 16,000,000 bytes, training and evaluation <= 600 s, >= 3 seeds, "
-                    "one code hash) and, given the current record's per-seed values, a one-sided Welch t-test.",
+                    "record-track rules (artifact <= 16,000,000 bytes, training and measured evaluation <= 600 s, "
+                    ">= 3 seeds, one code hash, 8xH100, full validation split, published data, one config) and, "
+                    "given the current record's per-seed values, a one-sided Welch t-test.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Record 2026-03-23 per-seed val_loss: 1.88976776,1.89110239,1.88919190 "
                "(val_bpb 1.11922988,1.12002032,1.11888882).")
     ap.add_argument("logs", nargs="+", metavar="LOG", help="train logs, one per seed (logs/<RUN_ID>.txt)")
     ap.add_argument("--name", required=True, help="short name; folder = <date>_<name>")
-    ap.add_argument("--author", default=None)
-    ap.add_argument("--github-id", default=None)
+    ap.add_argument("--author", default=None,
+                    help="your name for submission.json (required; asked for when missing on a terminal)")
+    ap.add_argument("--github-id", default=None, help="your GitHub user name (required, like --author)")
     ap.add_argument("--blurb", default="", help="one-paragraph description (submission.json and README)")
     ap.add_argument("--track", default="10min_16mb", choices=sorted(TRACKS))
     ap.add_argument("--out-root", default=None, help="records root (default: the records/ folder of this repo)")
     ap.add_argument("--date", default=None, help="YYYY-MM-DD (default: today)")
     ap.add_argument("--script", default=None, help="script that produced the logs (default: <repo>/train_gpt.py)")
     ap.add_argument("--requirements", default=None, help="default: <repo>/requirements.txt")
+    ap.add_argument("--gpu-requirements", default=None, help="default: <repo>/requirements-gpu.txt")
     ap.add_argument("--baseline-values", type=_floats, default=None,
                     help="current record's per-seed values, comma-separated (unit: --baseline-metric)")
     ap.add_argument("--baseline-logs", nargs="+", default=None,
@@ -1071,16 +1206,20 @@ def main(argv=None) -> int:
                     help="significance level; 0.01 per the challenge README (the leaderboard later accepted "
                          "p < 0.25 against the previous frontier row)")
     ap.add_argument("--non-record", action="store_true",
-                    help="package into track_non_record_16mb; failed rules are marked, not fatal")
+                    help="package into track_non_record_16mb; failed record-track rules are marked, not fatal")
     ap.add_argument("--compact", action="store_true",
                     help="ship train_gpt.py as a self-extracting lzma+base85 copy; its size is the code size "
                          "(artifact = logged model bytes + compact file bytes)")
     ap.add_argument("--force", action="store_true", help="replace an existing folder of the same name")
     ap.add_argument("--check-only", action="store_true", help="print the checks, write nothing")
     a = ap.parse_args(argv)
+    if not a.check_only:
+        a.author = a.author or _ask("author (full name): ")
+        a.github_id = a.github_id or _ask("github id: ")
     try:
         package(a.logs, name=a.name, author=a.author, github_id=a.github_id, blurb=a.blurb, track=a.track,
                 out_root=a.out_root, date=a.date, script=a.script, requirements=a.requirements,
+                gpu_requirements=a.gpu_requirements,
                 baseline_values=a.baseline_values, baseline_logs=a.baseline_logs,
                 baseline_metric=a.baseline_metric, min_delta_nats=a.min_delta_nats, alpha=a.alpha,
                 non_record=a.non_record, compact=a.compact, force=a.force, check_only=a.check_only)
