@@ -10,7 +10,7 @@ convention and the rules.
     python records/package.py --name MyRun --author "A. Person" --github-id aperson \\
         --baseline-values 1.88976776,1.89110239,1.88919190 logs/seed1337.txt logs/seed42.txt logs/seed2025.txt
 
-Importable pieces: parse_log, check_rules, welch_one_sided, significance, make_compact, package.
+Importable pieces: parse_log, check_rules, welch_one_sided, significance, plot_curves, make_compact, package.
 """
 
 import argparse
@@ -945,7 +945,7 @@ def _plot_train(ax, group, colors, last):
         ax.set_ylim(min(losses) * 0.97, max(losses) * 1.03)
         for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis(FormatStrFormatter("%.2g"))
-    ax.set_xlim(0, max(last, 1))
+    ax.set_xlim(0, max(last, 1) * 1.02)  # a sliver of margin keeps the last point's marker whole
     ax.set(xlabel="step", ylabel="loss (nats, log scale)", title="training loss (lines), val_loss (circles)")
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
@@ -963,7 +963,7 @@ def _plot_val(ax, group, colors, last, title):
         if curve:
             ax.plot(*zip(*curve), "o-", ms=3.5, lw=0.8, color=c, label=f"seed {r.seed} val (live weights)")
             ys += [b for s, b in curve if s > 0] or [b for _, b in curve]
-        jitter = (i - (len(group) - 1) / 2) * 0.015 * last  # seeds side by side at each phase
+        jitter = (i - (len(group) - 1) / 2) * min(0.015, 0.05 / len(group)) * last  # seeds side by side
         finals = [(xs_phase[a] + jitter, getattr(r, a), m) for a, _, m in present if getattr(r, a) is not None]
         if finals:
             ax.plot([x for x, _, _ in finals], [y for _, y, _ in finals], ":", lw=0.8, color=c)

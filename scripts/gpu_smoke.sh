@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# One-H100 timing run on the proxy corpus (see docs/RESULTS.md). Needs .bench/ and .whl/ carried.
+# GPU runs behind docs/RESULTS.md:  bash scripts/gpu_smoke.sh bench|train|eval|ddp   (logs and copies to $OUT)
+# Needs, and checks first:
+#   - a CUDA build of torch plus the packages of requirements-gpu.txt (pip install -r requirements-gpu.txt
+#     keeps the machine's torch). Offline machine: put the wheels in a folder and set WHEELS=<folder>.
+#   - the data the run reads: DATA_PATH / TOKENIZER_PATH (defaults of the RECIPE). docs/RESULTS.md used a proxy
+#     corpus written in the challenge's shard format (data/README.md, "Proxy corpus").
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-[ -d data/datasets/fineweb10B_sp1024 ] || bash .bench/unpack.sh ./data > "$OUT/unpack.log" 2>&1
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -c "import torch, numpy, sentencepiece, zstandard" 2>/dev/null || {
+  echo "error: missing Python packages: pip install -r requirements-gpu.txt (it keeps the CUDA torch)" >&2; exit 1; }
+read -r DATA TOK < <(python3 -c "import train_gpt as t; a = t.Hyperparameters(); print(a.data_path, a.tokenizer_path)")
+if [ ! -d "${DATA:-}" ] || [ ! -f "${TOK:-}" ]; then
+  VARIANT=$(basename "${DATA:-fineweb10B_sp1024}"); VARIANT=${VARIANT#fineweb10B_}
+  cat >&2 <<EOF
+error: this run reads DATA_PATH=${DATA:-?} and TOKENIZER_PATH=${TOK:-?}, which do not exist. Get data with
+  python3 data/cached_challenge_fineweb.py --variant $VARIANT --train-shards 2   (the challenge's data; network)
+  python3 data/build_shards.py TEXT_FILES --out DIR --tokenizer MODEL           (your own text, e.g. a proxy corpus)
+and set DATA_PATH / TOKENIZER_PATH (and VOCAB_SIZE or RECIPE to match) to it; see data/README.md.
+EOF
+  exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 export PYTHONUNBUFFERED=1
 MODE=${1:-bench}
@@ -12,7 +32,7 @@ if [ "$MODE" = bench ]; then
   VAL_TOKENS=${VAL_TOKENS:-1048576} ARTIFACT_PATH=/tmp/bench.ptz timeout 560 python3 train_gpt.py > "$OUT/bench.log" 2>&1
   grep -vE '^config' "$OUT/bench.log" | tail -60
 fi
-# Proxy-corpus training run with the bench README's short-run settings (TTT left for the eval-only call).
+# Short training run (batch 262,144, momentum warm-up 300, WALL seconds); TTT is left for the eval-only call.
 if [ "$MODE" = train ]; then
   RUN_ID=${RUN_ID:-proxy_train} TRAIN_BATCH_TOKENS=262144 WARMDOWN_ITERS=500 MUON_MOMENTUM_WARMUP_STEPS=300 \
   MAX_WALLCLOCK_SECONDS=${WALL:-240} VAL_LOSS_EVERY=200 TTT_ENABLED=0 timeout 580 python3 train_gpt.py > "$OUT/train.log" 2>&1

@@ -32,12 +32,21 @@ import train_gpt as tg  # noqa: E402,F401
 ACC = dict(ITERATIONS=6, WARMUP_STEPS=0, TTT_ENABLED=0, VAL_LOSS_EVERY=3, EMA_DECAY=0)
 SHORT = dict(WARMUP_STEPS=0, TTT_ENABLED=0, EVAL_STRIDE=64)
 
+# A tiny frontier config (RECIPE=frontier on top of the r549 H.TINY_RUN): 6 layers, layers 2..3 looped twice from
+# 30% of the run (step 2 of 6, after a warm-up that compiles both graphs), lanes from layer 4, shuffled loader,
+# the recipe's EMA (with warm-up) exported.
+FRONTIER_ACC = dict(RECIPE="frontier", ITERATIONS=6, WARMUP_STEPS=2, TTT_ENABLED=0, VAL_LOSS_EVERY=3, NUM_LAYERS=6,
+                    LOOP_START=2, LOOP_END=3, PARALLEL_START=4, ENABLE_LOOPING_AT=0.3, VOCAB_SIZE=1024,
+                    BIGRAM_VOCAB_SIZE=0, XSA_LAST_N=6, TRAIN_LOADER="shuffled")
+
 # name -> (overrides, nproc, run this first). Submitted in this order (slowest first). An override may be
 # "<dep>" (the artifact path of the run it depends on) or a function of that run's RunResult.
 RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "smoke": ({}, 1, None),
     "acc_2p": (ACC, 2, None),
     "acc_1p": (ACC, 1, None),
+    "frontier_acc_2p": (FRONTIER_ACC, 2, None),
+    "frontier_acc_1p": (FRONTIER_ACC, 1, None),
     "seed_again": (ACC, 1, None),
     "seed_other": (dict(ACC, SEED=2), 1, None),
     "smoke_eval_2p": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 2, "smoke"),
@@ -45,10 +54,10 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # TTT with 3 sequences per chunk: an uneven split over 2 ranks must still give the 1-process update
     "ttt_uneven_1p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 1, "smoke"),
     "ttt_uneven_2p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 2, "smoke"),
-    # SWA: one snapshot at step 3 only (ITERATIONS=5, lr_scale at step 2 = 3/5 < 0.7); exported with lzma
+    # SWA: one snapshot at step 3 only (ITERATIONS=5, warmdown at step 2 = 3/5 < 0.7); exported with lzma
     "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
                      EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),
-    # EMA with decay 1 never moves off the initial weights; SWA disabled -> falls back to EMA
+    # EMA_DECAY=1: only the warm-up decay (1+t)/(10+t) moves the EMA; SWA disabled -> falls back to EMA
     "exp_ema1": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=1, EXPORT_WEIGHTS="swa",
                       SWA_ENABLED=0), 1, None),
     # live weights, artifact over a 1000-byte cap (size fitting cannot get there)

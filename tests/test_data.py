@@ -455,8 +455,9 @@ def fake_repo(tokenizer_path: Path, files_train=3, files_val=1) -> dict[str, byt
     return files
 
 
-def run_downloader(endpoint: str, hf_home: Path, out: Path, *args: str, repo_id: str = REPO_ID,
-                   timeout: float = 60) -> subprocess.CompletedProcess:
+def run_downloader(endpoint: str, hf_home: Path, out: Path, *args: str, repo_id: str | None = REPO_ID,
+                   timeout: float = 60, **extra_env: str) -> subprocess.CompletedProcess:
+    """The downloader against `endpoint`; repo_id=None leaves MATCHED_FINEWEB_REPO_ID unset."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGING_FACE", "MATCHED_FINEWEB")) and k.lower() not in
            ("http_proxy", "https_proxy", "all_proxy")}
@@ -464,8 +465,10 @@ def run_downloader(endpoint: str, hf_home: Path, out: Path, *args: str, repo_id:
         "HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
-        "MATCHED_FINEWEB_REPO_ID": repo_id, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **extra_env,
     })
+    if repo_id is not None:
+        env["MATCHED_FINEWEB_REPO_ID"] = repo_id
     return subprocess.run([sys.executable, str(DOWNLOADER), "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -595,8 +598,96 @@ def test_downloader_unreachable_and_missing_repo(tmp_path, smoke_build):
         assert r.returncode != 0 and "manifest.json does not exist" in r.stderr
 
 
+OFFLINE_HINTS = ("python3 data/make_smoke_dataset.py", "python3 data/build_shards.py")
+
+
+def assert_offline_message(r: subprocess.CompletedProcess):
+    """One complete line (no traceback, not cut mid-word) that points to the two offline data tools."""
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert all(h in err for h in OFFLINE_HINTS) and err.endswith("(see data/README.md).")
+
+
+def test_downloader_offline_message(tmp_path):
+    r = run_downloader(closed_port_endpoint(), tmp_path / "hf", tmp_path / "data", "1", HF_HUB_OFFLINE="1")
+    assert_offline_message(r)
+    assert "HF_HUB_OFFLINE is set" in r.stderr and "datasets/manifest.json" in r.stderr
+    r = run_downloader(closed_port_endpoint(), tmp_path / "hf", tmp_path / "data", "--variant", "sp8192",
+                       repo_id=None)
+    assert_offline_message(r)
+    assert "cannot reach" in r.stderr and "kevclark/parameter-golf" in r.stderr
+    assert not (tmp_path / "data" / "datasets").exists()
+
+
+def test_downloader_error_detail_cut_at_a_word():
+    sys.path.insert(0, str(DATA))
+    import cached_challenge_fineweb as dl
+
+    long = "word " * 200 + "end"
+    short = dl._first_line(RuntimeError(long + "\nsecond line"))
+    assert len(short) <= 240 and short.endswith(" ...") and short[:-4].split(" ")[-1] == "word"
+    assert dl._first_line(RuntimeError("")) == "RuntimeError"
+
+
+def fake_sp8192_repo(tokenizer_path: Path) -> dict[str, bytes]:
+    """The layout of the sp8192 export: same prefix, its own manifest, fineweb_8192_bpe.model."""
+    files = {"datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin": shard_bytes(np.r_[1, np.arange(4, 400)]),
+             "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin": shard_bytes(np.r_[1, np.arange(4, 900)]),
+             "datasets/datasets/fineweb10B_sp8192/fineweb_train_000001.bin": shard_bytes(np.r_[1, np.arange(4, 700)]),
+             "datasets/tokenizers/fineweb_8192_bpe.model": tokenizer_path.read_bytes()}
+    manifest = {"datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
+                              "stats": {"files_train": 2, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}]}
+    files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    return files
+
+
+def test_downloader_sp8192_from_its_repo(tmp_path, smoke_build):
+    sys.path.insert(0, str(DATA))
+    import cached_challenge_fineweb as dl
+
+    assert dl.VARIANT_REPO_IDS["sp8192"] == "kevclark/parameter-golf"
+    files = fake_sp8192_repo(smoke_build["tokenizer_path"])
+    out = tmp_path / "data"
+    with FakeHub(files, repo_id="kevclark/parameter-golf") as hub:
+        # no MATCHED_FINEWEB_REPO_ID: --variant sp8192 picks the repo that publishes it
+        r = run_downloader(hub.endpoint, tmp_path / "hf", out, "--variant", "sp8192", "--train-shards", "1",
+                           repo_id=None)
+        assert r.returncode == 0, r.stderr
+        assert "from dataset repo kevclark/parameter-golf" in r.stdout
+        for rel in ("datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+                    "datasets/fineweb10B_sp8192/fineweb_train_000000.bin", "tokenizers/fineweb_8192_bpe.model"):
+            assert (out / rel).read_bytes() == files["datasets/" + rel], rel
+        assert not (out / "datasets" / "fineweb10B_sp8192" / "fineweb_train_000001.bin").exists()
+        assert f"TOKENIZER_PATH={out / 'tokenizers' / 'fineweb_8192_bpe.model'} VOCAB_SIZE=8192" in r.stdout
+        # sp1024 still comes from the challenge's own repo, which this fake hub is not
+        r = run_downloader(hub.endpoint, tmp_path / "hf", tmp_path / "other", "0", repo_id=None)
+        assert r.returncode == 1 and "willdepueoai/parameter-golf" in r.stderr and "not found" in r.stderr
+
+
+def test_build_shards_help_and_single_txt_advice(tmp_path):
+    script = str(DATA / "build_shards.py")
+    helptext = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+    flat = " ".join(helptext.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert flat.count("(default: 50000)") == 1 and "(default 50000)" not in flat
+    assert "--txt-docs-per-line --val-fraction 0.01" in flat
+    book = tmp_path / "book.txt"
+    book.write_text("First line of the book.\nSecond line.\n\nThird line, after a blank one.\n")
+    tok = str(REPO / "tests" / "fixtures" / "fineweb_1024_bpe.model")
+    r = subprocess.run([sys.executable, script, str(book), "--out", str(tmp_path / "a"), "--tokenizer", tok],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "each .txt file is read as ONE document" in r.stderr
+    assert "--txt-docs-per-line" in r.stderr
+    # the advice works as given
+    r = subprocess.run([sys.executable, script, str(book), "--out", str(tmp_path / "b"), "--tokenizer", tok,
+                        "--txt-docs-per-line", "--val-fraction", "0.01", "--workers", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "val: docs=1 " in r.stdout and "train: docs=2 " in r.stdout
+
+
 def test_jsonl_shards_train_with_train_gpt_unchanged(tmp_path):
-    """Issue 5 acceptance: JSONL -> build_shards.py (CLI) -> train_gpt.py trains and evaluates on it as is."""
+    """JSONL -> build_shards.py (CLI) -> train_gpt.py trains and evaluates on it as is."""
     import pydoc_data.topics as topics
 
     repo = Path(__file__).resolve().parents[1]
@@ -606,7 +697,7 @@ def test_jsonl_shards_train_with_train_gpt_unchanged(tmp_path):
     tok = repo / "tests" / "fixtures" / "fineweb_1024_bpe.model"
     subprocess.run([sys.executable, str(repo / "data" / "build_shards.py"), str(src), "--out", str(out),
                     "--tokenizer", str(tok), "--val-docs", "20", "--workers", "1"], check=True, capture_output=True)
-    env = dict(os.environ, DATA_PATH=str(out), TOKENIZER_PATH=str(tok), RUN_ID="jsonl", NUM_LAYERS="2",
+    env = dict(os.environ, RECIPE="r549", DATA_PATH=str(out), TOKENIZER_PATH=str(tok), RUN_ID="jsonl", NUM_LAYERS="2",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
                TRAIN_BATCH_TOKENS="1024", ITERATIONS="3", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
                MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="2048", EVAL_STRIDE="64", TTT_ENABLED="0", VE_LAYERS="1",

@@ -269,7 +269,8 @@ def _record_blocks(model):
 def test_unet_skips_are_lifo(make_args, L):
     m, a = tiny_model(make_args, NUM_LAYERS=str(L), VE_LAYERS=str(L - 1), MODEL_DIM="32")
     E = L // 2
-    assert m.num_encoder == E and m.skip_weights.shape == (min(E, L - E), 32)
+    assert m.schedules[False] == m.schedules[True] == (list(range(E)), list(range(E, L)))  # NUM_LOOPS=0
+    assert m.skip_weights.shape == (min(E, L - E), 32) and m.skip_gates is None
     ins, outs, _, handles = _record_blocks(m)
     with torch.no_grad():
         m.forward_logits(rand_ids(a.vocab_size, (1, 10)))
@@ -330,7 +331,7 @@ def test_ve_disabled_injects_nothing(make_args):
 
 @pytest.mark.parametrize("buckets, expected", [("1536", 26_928_220), ("2048", 26_993_756)])
 def test_default_parameter_count(make_args, buckets, expected):
-    a = make_args(_tiny=False, BIGRAM_VOCAB_SIZE=buckets)
+    a = make_args(_tiny=False, RECIPE="r549", BIGRAM_VOCAB_SIZE=buckets)
     with torch.device("meta"):
         m = tg.GPT(a)
     assert sum(p.numel() for p in m.parameters()) == expected  # SPEC §3.1 / Appendix B

@@ -23,19 +23,23 @@ BOS = 1
 
 # Every environment knob the script reads, taken from its source so that a stray variable in the caller's
 # shell can never leak into a test config.
-KNOBS = sorted(set(re.findall(r'env(?:_int_list)?\("([A-Z0-9_]+)"', TRAIN_GPT.read_text())))
+KNOBS = sorted(set(re.findall(r'env(?:_list)?\("([A-Z0-9_]+)"', TRAIN_GPT.read_text())))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
-# A tiny model for in-process tests (values are strings, as in the environment).
+# A tiny model for in-process tests (values are strings, as in the environment), on the r549 stack (the
+# defaults written in Hyperparameters); the frontier recipe has its own tests in test_frontier.py.
 TINY_MODEL = dict(
+    RECIPE="r549",
     VOCAB_SIZE="1024", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
     BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1,2", XSA_LAST_N="1", ROPE_DIMS="16",
     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", COMPILE="0",
 )
 
-# The tiny end-to-end run of the brief (subprocess); DATA_PATH / TOKENIZER_PATH / RUN_ID are added per run.
+# The tiny end-to-end run of the brief (subprocess) on the r549 stack; DATA_PATH / TOKENIZER_PATH / RUN_ID are
+# added per run.
 TINY_RUN = dict(
+    RECIPE="r549",
     VOCAB_SIZE="1024", SEED="1", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="30", WARMUP_STEPS="2",
     WARMDOWN_ITERS="10", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="5", MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="4096",
@@ -182,21 +186,26 @@ def sha256_file(path) -> str:
 
 
 def param_count(a) -> int:
-    """Closed-form parameter count of tg.GPT for a Hyperparameters-like object (SPEC §3.1 breakdown)."""
+    """Closed-form parameter count of tg.GPT for a Hyperparameters-like object (SPEC §3.1 breakdown, plus the
+    frontier's loops, gates and lanes)."""
     L, d, V = a.num_layers, a.model_dim, a.vocab_size
     head = d // a.num_heads
     kv = a.num_kv_heads * head
     hidden = int(a.mlp_mult * d)
-    enc = L // 2
+    virtual = L + (a.num_loops * (a.loop_end - a.loop_start + 1) if a.num_loops else 0)  # looped depth
+    enc = virtual // 2                          # looped encoder length: one skip weight (and gate) each
     n = V * d                                   # tok_emb (tied head)
     if a.bigram_vocab_size:
         n += a.bigram_vocab_size * a.bigram_dim + d * a.bigram_dim + 1   # embed, proj, scale
     if a.smear_enabled:
-        n += d                                  # smear.gate
-    n += min(enc, L - enc) * d                  # skip_weights
+        n += a.smear_gate_dims + 1 if a.smear_gate_dims else d   # smear.proj + smear.lam, or smear.gate
+    n += enc * d * (2 if a.skip_gates else 1)   # skip_weights (+ skip_gates)
     n += 2 * L * d * d + 2 * L * kv * d         # qo_bank, kv_bank
     n += 2 * L * hidden * d                     # mlp up + down banks
     n += L * (4 * d + a.num_heads)              # attn_scale, mlp_scale, resid_mix (2d), q_gain
+    n += L * a.num_heads * a.attn_gate_dims     # SparseAttnGate [H, k] per block
+    if a.parallel_start and a.parallel_mode == "lanes":
+        n += (L - a.parallel_start) * (2 + 4)   # lane_resid, lane_post per lanes block
     ve_layers = a.ve_layers if a.ve_enabled else []
     if ve_layers:
         n += V * a.ve_dim + kv * a.ve_dim + 1 + len(ve_layers)

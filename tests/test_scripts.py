@@ -1,0 +1,62 @@
+"""Tests of the helper scripts in scripts/: size_probe.py on a real chunked artifact, gpu_smoke.sh's checks."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import train_gpt as tg
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE_PROBE = REPO / "scripts" / "size_probe.py"
+
+
+def _run(*args, **env):
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **env)  # no __pycache__ next to train_gpt.py
+    return subprocess.run([*args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_size_probe_help_prints_usage():
+    r = _run(sys.executable, str(SIZE_PROBE), "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: size_probe.py") and "artifact" in r.stdout
+
+
+def test_size_probe_reads_a_chunked_artifact(tmp_path):
+    torch.manual_seed(0)
+    # > 1 MiB of codes, so the artifact has several independently compressed chunks
+    state = {"blocks.mlp_up_bank": torch.randn(3, 512, 768), "tok_emb.weight": torch.randn(256, 64),
+             "final_norm.weight": torch.randn(64)}
+    blob, _ = tg.pack_artifact(state, {"num_layers": 3}, "zstd", [1.0])
+    art = tmp_path / "final_model.int6.ptz"
+    art.write_bytes(blob)
+    (hlen,) = struct.unpack("<I", blob[10:14])
+    assert blob.startswith(b"PGOLF2") and len(json.loads(blob[14:14 + hlen])["chunks"]) >= 2
+    r = _run(sys.executable, str(SIZE_PROBE), str(art), "--no-recompress")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("blocks.mlp_up_bank.q6") and lines[1].startswith("tok_emb.weight.q8")
+    assert f"artifact {len(blob) / 1e6:.3f} MB" in r.stdout and "int6 step x1.5" in r.stdout
+    sys.path.insert(0, str(SIZE_PROBE.parent))
+    import size_probe
+    codes = size_probe.load_codes(str(art))
+    assert codes["blocks.mlp_up_bank.q6"].dtype == torch.int8 and codes["blocks.mlp_up_bank.q6"].shape == (3, 512, 768)
+    assert codes["blocks.mlp_up_bank.q6"].abs().max() <= 31
+    # a file that is not an artifact: one error line, no traceback
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(b"not an artifact")
+    r = _run(sys.executable, str(SIZE_PROBE), str(bad))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_gpu_smoke_explains_missing_data(tmp_path):
+    r = _run("bash", str(REPO / "scripts" / "gpu_smoke.sh"), "train", OUT=str(tmp_path),
+             DATA_PATH=str(tmp_path / "nowhere" / "fineweb10B_sp1024"))
+    assert r.returncode == 1 and "nvidia-smi" not in r.stderr
+    assert f"DATA_PATH={tmp_path / 'nowhere' / 'fineweb10B_sp1024'}" in r.stderr
+    assert "python3 data/cached_challenge_fineweb.py --variant sp1024" in r.stderr
+    assert "python3 data/build_shards.py" in r.stderr
