@@ -1,7 +1,8 @@
 """Parameter Golf: train, quantize, export and evaluate an 11-layer U-Net GPT in one file.
 
 Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (python3 train_gpt.py runs single-process).
-Every knob is an environment variable; defaults reproduce the 2026-03-23 record recipe.
+Every knob is an environment variable. RECIPE=frontier (default) selects the SP8192 stack with depth recurrence
+and parallel residuals; RECIPE=r549 reproduces the 2026-03-23 record stack.
 """
 from __future__ import annotations
 
@@ -229,8 +230,8 @@ class Hyperparameters:
              f"MUON_BACKEND_STEPS must be in [1, {len(POLAR_EXPRESS)}] with MUON_NS=polar")
         need(0 <= self.smear_gate_dims <= self.model_dim and 0 <= self.attn_gate_dims <= self.model_dim,
              "SMEAR_GATE_DIMS and ATTN_GATE_DIMS must lie in [0, MODEL_DIM]")
-        need(self.num_loops >= 0 and 0 <= self.enable_looping_at <= 1, "NUM_LOOPS must be >= 0 and "
-             "ENABLE_LOOPING_AT in [0, 1]")
+        need(self.num_loops >= 0 and 0 <= self.enable_looping_at < 1, "NUM_LOOPS must be >= 0 and "
+             "ENABLE_LOOPING_AT in [0, 1) (evaluation always runs the looped model)")
         need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers,
              "LOOP_START..LOOP_END must be layers with 0 <= LOOP_START <= LOOP_END < NUM_LAYERS")
         need(0 <= self.parallel_start < self.num_layers, "PARALLEL_START must be a layer < NUM_LAYERS (0 = off)")
@@ -390,6 +391,8 @@ class ShuffledLoader:
     world_size * local_seqs sequences, so any WORLD_SIZE x GRAD_ACCUM split trains on the same batches."""
 
     def __init__(self, files, rank, world_size, local_tokens, seq_len, device, seed):
+        if any("_val_" in os.path.basename(f) for f in files):
+            raise ValueError("training loader was given a validation shard")
         self.shards = [load_shard(f) for f in files]
         self.rank, self.world_size, self.seq_len, self.device = rank, world_size, seq_len, device
         self.local_seqs = local_tokens // seq_len
@@ -889,12 +892,14 @@ def window_plan(total: int, seq_len: int, stride: int) -> tuple[torch.Tensor, to
     return starts, first
 
 
-def score_windows(logits_fn, val, luts, starts, first, seq_len, batch, device):
+def score_windows(logits_fn, val, luts, starts, first, seq_len, batch, device, progress=None):
     """Sum of NLL, scored-token count and byte count over the scored positions of the given windows."""
     total = val.numel() - 1
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     offsets = torch.arange(seq_len + 1, device=device)
     for i in range(0, len(starts), batch):
+        if progress is not None:
+            progress(i, len(starts))
         ws, lo = starts[i:i + batch].to(device), first[i:i + batch].to(device)
         n = ws.numel()
         if n < batch:  # pad to a fixed batch so compiled graphs see one shape
@@ -924,12 +929,31 @@ def rank_slice(n: int, rank: int, world: int) -> slice:
     return slice(n * rank // world, n * (rank + 1) // world)
 
 
-def evaluate(logits_fn, val, luts, seq_len, stride, batch, dctx: Dist) -> tuple[float, float]:
-    """val_loss and val_bpb over every target position; stride == seq_len is the plain block eval."""
+def evaluate(logits_fn, val, luts, seq_len, stride, batch, dctx: Dist, log=None, phase="") -> tuple[float, float]:
+    """val_loss and val_bpb over every target position; stride == seq_len is the plain block eval. With
+    `log`, rank 0 reports its progress about every 10 % of its windows."""
     starts, first = window_plan(val.numel() - 1, seq_len, stride)
     part = rank_slice(len(starts), dctx.rank, dctx.world_size)
-    sums = score_windows(logits_fn, val, luts, starts[part], first[part], seq_len, batch, dctx.device)
+    progress = ProgressLog(log, f"eval_progress phase:{phase}", "windows", 10) if log else None
+    sums = score_windows(logits_fn, val, luts, starts[part], first[part], seq_len, batch, dctx.device, progress)
     return bpb_from(dctx.all_reduce(sums))
+
+
+class ProgressLog:
+    """Logs `done/total` with elapsed time and a linear ETA at most `every` times over a phase."""
+
+    def __init__(self, log, prefix: str, unit: str, every: int):
+        self.log, self.prefix, self.unit, self.every = log, prefix, unit, every
+        self.t0, self.next_frac = time.perf_counter(), 1 / every
+
+    def __call__(self, done: int, total: int, extra: str = ""):
+        if total <= 0 or done / total < self.next_frac:
+            return
+        while self.next_frac <= done / total:
+            self.next_frac += 1 / self.every
+        secs = time.perf_counter() - self.t0
+        self.log(f"{self.prefix} {self.unit}:{done}/{total}{extra} elapsed:{secs:.1f}s "
+                 f"eta:{secs * (total - done) / done:.1f}s")
 
 
 def autocast(device):
@@ -986,7 +1010,9 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
             ttt_train_chunk(model, loss_fn, opt, params, val, c * C, scored_end, lr, args, dctx)
         if dctx.master and (c % 10 == 0 or c == n_chunks - 1):
             _, bpb = bpb_from(sums) if sums[1] > 0 else (0.0, 0.0)
-            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+            secs = time.perf_counter() - t0
+            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={secs:.1f}s "
+                f"eta={secs * (n_chunks - c - 1) / (c + 1):.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
     loss, bpb = bpb_from(dctx.all_reduce(sums))
@@ -1152,9 +1178,14 @@ def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None
 
 
+# Artifacts written before recipes existed hold the r549 stack and lack these keys.
+PRE_RECIPE_ARCH = dict(smear_gate_dims=0, skip_gates=False, attn_gate_dims=0, attn_gate_scale=1.0, num_loops=0,
+                       loop_start=3, loop_end=5, parallel_start=0, parallel_mode="lanes")
+
+
 def model_from_artifact(path: str, args: Hyperparameters, device) -> GPT:
     arch, state = load_artifact(path)
-    for key, value in arch.items():
+    for key, value in {**PRE_RECIPE_ARCH, **arch}.items():
         setattr(args, key, value)
     model = GPT(args).to(device)
     model.load_state_dict(state, strict=True)
@@ -1239,15 +1270,11 @@ class Trainer:
         return loss_sum / self.grad_accum
 
     def graph_variants(self) -> list[tuple[bool, bool]]:
-        """The (qat, looped) forward graphs the run can reach, in the order it reaches them."""
+        """Every (qat, looped) forward graph the run can reach; the one it starts with first."""
         a = self.args
-        looped_from_start = a.num_loops > 0 and a.enable_looping_at == 0
-        variants = [(a.qat_enabled, looped_from_start)]
-        if a.num_loops > 0:
-            variants.append((a.qat_enabled, True))
-        if not a.qat_enabled and a.late_qat_threshold > 0:
-            variants.append((True, a.num_loops > 0))
-        return list(dict.fromkeys(variants))
+        qats = dict.fromkeys([a.qat_enabled, a.qat_enabled or a.late_qat_threshold > 0])
+        loops = dict.fromkeys([a.num_loops > 0 and a.enable_looping_at == 0, a.num_loops > 0])
+        return [(q, lp) for q in qats for lp in loops]
 
     def warm_up(self):
         """Compile every reachable graph outside the timed run, then restore weights and optimizer state."""
@@ -1257,22 +1284,30 @@ class Trainer:
         opt_states = [torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, opt.state_dict())
                       for opt in self.optimizers]
         variants = self.graph_variants()
+        steps = max(self.args.warmup_steps, len(variants))
         loader = self.new_loader()
-        for i in range(self.args.warmup_steps):
-            qat, looped = variants[max(0, i - self.args.warmup_steps + len(variants))]
+        for i in range(steps):  # the last len(variants) steps visit every graph once
+            qat, looped = variants[max(0, i - steps + len(variants))]
             self.step(loader, qat, looped)
-            self.log(f"warmup_step:{i + 1}/{self.args.warmup_steps}")
+            self.log(f"warmup_step:{i + 1}/{steps}")
         self.model.load_state_dict(snapshot)
         for opt, state in zip(self.optimizers, opt_states):
             opt.load_state_dict(state)
             opt.zero_grad(set_to_none=True)
 
-    def run(self, evaluate_live, averager: WeightAverager) -> None:
-        """The timed loop: wall-clock-aware LR/warmdown, looping and late-QAT switches, averaging, logging."""
+    def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
+        a = self.args
+        eta_s = a.max_wallclock_seconds - ms / 1000 if a.max_wallclock_seconds > 0 else (a.iterations - step) * ms / step / 1000
+        self.log(f"step:{step}/{a.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
+                 f"step_avg:{ms / step:.2f}ms eta:{max(eta_s, 0):.0f}s")
+
+    def run(self, evaluate_live, averager: WeightAverager) -> tuple[int, float]:
+        """The timed loop: wall-clock-aware LR/warmdown, looping and late-QAT switches, averaging, logging.
+        Returns the number of steps and the training time in ms."""
         args, dctx, log = self.args, self.dctx, self.log
         loader = self.new_loader()
         qat, looped = args.qat_enabled, args.num_loops > 0 and args.enable_looping_at == 0
-        train_ms, step, stop_after = 0.0, 0, None
+        train_ms, step, stop_after, train_loss, logged = 0.0, 0, None, None, 0
         sync(dctx.device)
         t0 = time.perf_counter()
         while True:
@@ -1286,6 +1321,8 @@ class Trainer:
             if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
                 sync(dctx.device)
                 train_ms += 1000 * (time.perf_counter() - t0)
+                if last and logged < step:  # the last step's train line, whatever TRAIN_LOG_EVERY says
+                    self.log_train_step(step, train_loss, train_ms)
                 vl, vb = evaluate_live(looped)
                 log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
                     f"step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -1294,7 +1331,7 @@ class Trainer:
             if last:
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-                return
+                return step, train_ms
             scale, down = lr_scale(args, step, elapsed)
             if not looped and args.num_loops > 0 and run_progress(args, step, elapsed) >= args.enable_looping_at:
                 looped = True
@@ -1312,9 +1349,8 @@ class Trainer:
             step += 1
             averager.update(step, down)
             if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
-                ms = train_ms + 1000 * (time.perf_counter() - t0)
-                log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
-                    f"step_avg:{ms / step:.2f}ms")
+                self.log_train_step(step, train_loss, train_ms + 1000 * (time.perf_counter() - t0))
+                logged = step
 
 # ----------------------------------------------------------------------------- main
 
@@ -1342,16 +1378,17 @@ def main():
     log = Logger(f"logs/{args.run_id}.txt" if dctx.master else None)
     code = start_run(args, dctx, log)
     val, luts = load_eval_data(args, dctx, log)
+    results = {}  # what the closing summary reports, filled in by each phase
     if args.eval_only_path:
         log(f"eval_only:{args.eval_only_path}")
         log(f"world_size:{dctx.world_size}")
-        status = final_evaluation(args, dctx, log, val, luts)
+        status = final_evaluation(args, dctx, log, val, luts, results)
     else:
-        model, pre_quant_bpb = train_model(args, dctx, log, val, luts)
-        status = export_model(args, dctx, log, model, code)
+        model = train_model(args, dctx, log, val, luts, results)
+        status = export_model(args, dctx, log, model, code, results)
         if status == 0:
             args.eval_only_path = args.artifact_path
-            status = final_evaluation(args, dctx, log, val, luts, pre_quant_bpb)
+            status = final_evaluation(args, dctx, log, val, luts, results)
     dctx.close()
     return status
 
@@ -1389,9 +1426,8 @@ def load_eval_data(args: Hyperparameters, dctx: Dist, log):
     return val, luts
 
 
-def train_model(args: Hyperparameters, dctx: Dist, log, val, luts) -> tuple[GPT, float]:
-    """Build, compile-warm and train the model, then load the export weights; returns the model and its
-    pre-quantization val_bpb."""
+def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> GPT:
+    """Build, compile-warm and train the model, then load the export weights and measure them."""
     device, world = dctx.device, dctx.world_size
     grad_accum = args.grad_accum_steps or (8 // world if 8 % world == 0 else 0)
     if grad_accum <= 0:
@@ -1416,8 +1452,10 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts) -> tuple[GPT,
     trainer.warm_up()
     averager = WeightAverager(trainer.params, args, log)
     L = args.train_seq_len
-    trainer.run(lambda looped: evaluate(lambda x: logits_fn(x, False, looped), val, luts, L, L,
-                                        args.eval_batch_seqs, dctx), averager)
+    results["steps"], train_ms = trainer.run(
+        lambda looped: evaluate(lambda x: logits_fn(x, False, looped), val, luts, L, L, args.eval_batch_seqs, dctx),
+        averager)
+    results["train_s"] = train_ms / 1000
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1426,10 +1464,11 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts) -> tuple[GPT,
     vl, vb = evaluate(logits_fn, val, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, dctx)
     log(f"DIAGNOSTIC post_{weights} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"DIAGNOSTIC post_{weights}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    return model, vb
+    results["pre_quant"] = vb
+    return model
 
 
-def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes) -> int:
+def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes, results: dict) -> int:
     """Rank 0 quantizes, fits and writes the artifact; every rank learns its size. 1 = over the cap."""
     t = time.perf_counter()
     model_bytes = 0
@@ -1445,6 +1484,7 @@ def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes
         write_atomic(args.artifact_path, blob)
     model_bytes = int(dctx.all_reduce(torch.tensor(model_bytes, dtype=torch.float64, device=dctx.device)).item())
     total = model_bytes + len(code)
+    results["bytes"] = (total, len(code), model_bytes)
     log(f"export_time:{1000 * (time.perf_counter() - t):.0f}ms")
     if total > args.size_limit:
         log(f"size_check total:{total} limit:{args.size_limit} OVER")
@@ -1455,7 +1495,7 @@ def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes
     return 0
 
 
-def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quant_bpb: float | None = None) -> int:
+def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> int:
     """Round-trip the saved artifact into a fresh model, then block, sliding-window and TTT evaluation."""
     device = dctx.device
     torch._dynamo.reset()
@@ -1467,17 +1507,19 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quan
     projections = []
     L = args.eval_seq_len
     t = time.perf_counter()
-    vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx)
+    vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx, log, "roundtrip")
     secs = time.perf_counter() - t
+    results["roundtrip"] = vb
     log(f"final_int6_roundtrip val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
     log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    if pre_quant_bpb is not None:
-        log(f"quantization_gap val_bpb:{vb - pre_quant_bpb:+.8f} (int6 round-trip minus pre-quantization)")
+    if "pre_quant" in results:
+        log(f"quantization_gap val_bpb:{vb - results['pre_quant']:+.8f} (int6 round-trip minus pre-quantization)")
     project_eval(log, "roundtrip", secs, tokens, dctx.world_size, projections)
     if args.eval_stride < L:
         t = time.perf_counter()
-        vl, vb = evaluate(logits_fn, val, luts, L, args.eval_stride, args.eval_batch_seqs, dctx)
+        vl, vb = evaluate(logits_fn, val, luts, L, args.eval_stride, args.eval_batch_seqs, dctx, log, "sliding_window")
         secs = time.perf_counter() - t
+        results["sliding_window"] = vb
         log(f"final_int6_sliding_window val_loss:{vl:.4f} val_bpb:{vb:.4f} stride:{args.eval_stride} "
             f"eval_time:{1000 * secs:.0f}ms")
         log(f"final_int6_sliding_window_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
@@ -1487,13 +1529,32 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, pre_quan
         loss_fn = torch.compile(model, dynamic=False) if args.compile else model
         vl, vb, warm_s = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
         secs = time.perf_counter() - t
+        results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
         project_eval(log, "legal_ttt", secs, tokens, dctx.world_size, projections, warm_s)
     projected = sum(projections)
     log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:600 fits:{projected <= 600}")
-    log(f"eval_time_total:{1000 * (time.perf_counter() - t_all):.0f}ms")
+    results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
+    log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")
+    log_summary(log, results, args)
     return 0
+
+
+def log_summary(log, r: dict, args: Hyperparameters):
+    """The closing block: the run's score (the last legal evaluation phase that ran) and what led to it."""
+    phase = next(p for p in ("legal_ttt", "sliding_window", "roundtrip") if p in r)
+    log("summary ====================================================================")
+    log(f"summary score val_bpb:{r[phase]:.8f} phase:{phase}")
+    for key in ("pre_quant", "roundtrip", "sliding_window", "legal_ttt"):
+        if key in r:
+            log(f"summary {key} val_bpb:{r[key]:.8f}")
+    if "bytes" in r:
+        total, code, model = r["bytes"]
+        log(f"summary bytes total:{total} code:{code} model:{model} limit:{args.size_limit}")
+    if "train_s" in r:
+        log(f"summary train_time:{r['train_s']:.1f}s steps:{r['steps']} cap:{args.max_wallclock_seconds:.0f}s")
+    log(f"summary eval_time:{r['eval_s']:.1f}s measured, {r['projected_s']:.1f}s projected for 8 GPUs, budget 600s")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ _RE = {
         rf"^step:(\d+)/(\d+) train_loss:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),
     "stop": re.compile(r"^stopping_early: (\S+) train_time:(\d+)ms step:(\d+)/(\d+)"),
     "swa": re.compile(r"^swa:start step:(\d+)"),
-    "qat": re.compile(rf"^late_qat:enabled step:(\d+) scale:({_NUM})"),
+    "qat": re.compile(rf"^late_qat:enabled step:(\d+) (?:scale|warmdown):({_NUM})"),
     "peak": re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB"),
     "export_weights": re.compile(r"^export_weights:(\S+)"),
     "diag": re.compile(rf"^DIAGNOSTIC post_(\w+?) val_loss:({_NUM}) val_bpb:({_NUM}) eval_time:(\d+)ms"),

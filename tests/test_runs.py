@@ -18,7 +18,7 @@ SMOKE_KEYS = ["final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "
 FORMATS = [
     r"code_sha256:[0-9a-f]{64} code_bytes:\d+",
     r"step:\d+/\d+ val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms",
-    r"step:\d+/\d+ train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms",
+    r"step:\d+/\d+ train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms eta:\d+s",
     r"DIAGNOSTIC post_ema val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
     r"DIAGNOSTIC post_ema_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
     r"Total submission size int6\+zstd: \d+ bytes",
@@ -27,7 +27,11 @@ FORMATS = [
     r"final_int6_sliding_window val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} stride:32 eval_time:\d+ms",
     r"ttt_sliding:start chunks=4 chunk_tokens=1024 total_windows=127 stride=32 ttt_lr=0\.002 ttt_epochs=3 "
     r"freeze_blocks=0",
-    r"  ttt_chunk \[4/4\] bpb=\d+\.\d{6} time=\d+\.\ds",
+    r"  ttt_chunk \[4/4\] bpb=\d+\.\d{6} time=\d+\.\ds eta=0\.0s",
+    r"eval_progress phase:sliding_window windows:\d+/\d+ elapsed:\d+\.\ds eta:\d+\.\ds",
+    r"summary score val_bpb:\d+\.\d{8} phase:legal_ttt",
+    r"summary bytes total:\d+ code:\d+ model:\d+ limit:16000000",
+    r"summary train_time:\d+\.\ds steps:30 cap:0s",
     r"ttt_sliding:warmup time=\d+\.\ds",
     r"ttt_sliding:done val_loss=\d+\.\d{6} val_bpb=\d+\.\d{6} elapsed=\d+\.\ds",
     r"legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
@@ -158,9 +162,10 @@ def test_two_process_training_matches_grad_accumulation(tg_runs):
 def _strip_times(log):
     out = []
     for line in log.splitlines():
-        if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_time_total")):
+        if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_time_total",
+                            "summary eval_time")):
             continue
-        line = re.sub(r"(train_time|eval_time|step_avg|export_time|elapsed|time|measured_s):?=?[\d.]+m?s?", "", line)
+        line = re.sub(r"(train_time|eval_time|step_avg|export_time|elapsed|time|eta|measured_s):?=?[\d.]+m?s?", "", line)
         line = re.sub(r"projected_8gpu_full_val_s:[\d.]+", "", line)
         out.append(line)
     return out
@@ -271,3 +276,24 @@ def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
     assert H.exact(log, "DIAGNOSTIC post_ema_exact") == H.exact(base.log, "DIAGNOSTIC post_ema_exact")
     rt_fit, rt_base = H.exact(log, "final_int6_roundtrip_exact"), H.exact(base.log, "final_int6_roundtrip_exact")
     assert rt_fit != rt_base and abs(rt_fit[0] - rt_base[0]) < 0.1
+
+
+@pytest.mark.tg_runs("smoke")
+def test_summary_block_repeats_the_logged_numbers(tg_runs):
+    """The closing summary names the score (TTT outranks sliding window outranks round-trip) and repeats each
+    phase's exact val_bpb, the byte counts, the last step and the training time of the lines above it."""
+    log = ok(tg_runs("smoke"))
+    summary = dict(re.findall(r"^summary (\w+) val_bpb:(\d+\.\d{8})", log, re.M))
+    assert float(summary["score"]) == H.exact(log, "legal_ttt_exact")[1]
+    assert re.search(r"^summary score val_bpb:\S+ phase:legal_ttt$", log, re.M)
+    for key, line in (("pre_quant", "DIAGNOSTIC post_ema_exact"), ("roundtrip", "final_int6_roundtrip_exact"),
+                      ("sliding_window", "final_int6_sliding_window_exact"), ("legal_ttt", "legal_ttt_exact")):
+        assert float(summary[key]) == H.exact(log, line)[1], key
+    total, code, model = map(int, re.search(r"^summary bytes total:(\d+) code:(\d+) model:(\d+)", log, re.M).groups())
+    assert total == int(H.line_value(log, r"Total submission size int6\+zstd: (\d+) bytes"))
+    assert code == int(H.line_value(log, r"Code size: (\d+) bytes")) and total == code + model
+    steps, train_s = re.search(r"^summary train_time:(\d+\.\d)s steps:(\d+)", log, re.M).groups()[::-1]
+    last_ms = int(re.findall(r"^step:30/30 val_loss:\S+ val_bpb:\S+ train_time:(\d+)ms", log, re.M)[-1])
+    assert int(steps) == 30 and abs(float(train_s) - last_ms / 1000) <= 0.05
+    assert re.search(r"^step:30/30 train_loss:", log, re.M), "the last train step is always logged"
+    assert log.rstrip().splitlines()[-1].startswith("summary eval_time:")
