@@ -16,13 +16,7 @@ import train_gpt as tg
 CPU = torch.device("cpu")
 
 
-def randomize(model, std=0.2, seed=0):
-    """Give every parameter random values, so no block is the identity and no branch is zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+randomize = H.randomize
 
 
 def tiny_model(make_args, seed=0, **knobs):

@@ -210,3 +210,33 @@ def param_count(a) -> int:
     if ve_layers:
         n += V * a.ve_dim + kv * a.ve_dim + 1 + len(ve_layers)
     return n
+
+
+def randomize(model, std=0.2, seed=0):
+    """Give every parameter random values (gates, lanes and zero-init banks included), so no block is the
+    identity and no branch is zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def assert_same_training(one: str, two: str):
+    """A 1-process and a 2-process log of the same 6-step config: same val curve (steps 0, 3, 6), it trained,
+    the same exported weights (DIAGNOSTIC post_ema_exact) and close train losses."""
+    import pytest
+    assert "world_size:1 grad_accum_steps:8" in one and "world_size:2 grad_accum_steps:4" in two
+    v1, v2 = val_lines(one), val_lines(two)
+    assert sorted(v1) == sorted(v2) == [0, 3, 6]
+    for s in v1:
+        assert abs(v1[s][0] - v2[s][0]) <= 1.5e-4 and abs(v1[s][1] - v2[s][1]) <= 1.5e-4, (s, v1[s], v2[s])
+    assert v1[6][0] < v1[0][0] - 0.3  # the runs did train
+    (l1, b1), (l2, b2) = exact(one, "DIAGNOSTIC post_ema_exact"), exact(two, "DIAGNOSTIC post_ema_exact")
+    assert l2 == pytest.approx(l1, rel=1e-6) and b2 == pytest.approx(b1, rel=1e-6)
+    # rank 0 logs its own micro-batches' mean, so train losses agree only roughly (exactly at init)
+    t1, t2 = train_lines(one), train_lines(two)
+    assert sorted(t1) == sorted(t2) == list(range(1, 7))
+    assert t1[1] == pytest.approx(t2[1], abs=0.02)
+    assert all(abs(t1[s] - t2[s]) < 0.3 for s in t1)
+    return v1, l1
