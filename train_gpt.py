@@ -6,15 +6,19 @@ and parallel residuals; RECIPE=r549 reproduces the 2026-03-23 record stack.
 """
 from __future__ import annotations
 
+import difflib
+import fcntl
 import glob
 import hashlib
 import json
 import lzma
 import math
 import os
+import signal
 import struct
 import sys
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +104,8 @@ class Hyperparameters:
         self.data_path = env("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = env("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = env("RUN_ID", str(uuid.uuid4()))
+        self.resume_log = env("RESUME_LOG", False)  # 1: append to an existing logs/<RUN_ID>.txt instead of refusing
+        self.strict_env = env("STRICT_ENV", False)  # 1: stop on unknown knob-like environment variables
         self.seed = env("SEED", 1337)
         self.val_tokens = env("VAL_TOKENS", 0)  # cap on validation tokens for quick runs (0 = the full split)
         # schedule
@@ -202,6 +208,11 @@ class Hyperparameters:
         def need(ok, msg):
             if not ok:
                 raise SystemExit(f"error: {msg}")
+        for name, value in CONFIG.items():
+            need(not isinstance(value, float) or math.isfinite(value), f"{name}={value} is not a finite number")
+        need(self.iterations >= 0, "ITERATIONS must be >= 0")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no wall-clock cap)")
+        need(0 <= self.seed < 2**32, "SEED must be in [0, 2**32)")
         for name in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "VOCAB_SIZE", "TRAIN_SEQ_LEN",
                      "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_BATCH_SEQS", "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS",
                      "SWA_EVERY", "TTT_EPOCHS"):
@@ -243,6 +254,24 @@ class Hyperparameters:
         need(all(0 < f <= 1 for f in self.clip_fracs), "GPTQ_CLIP_FRACS must lie in (0, 1]")
 
 
+# Environment variables of launchers, build tools and our own scripts that share a first word with a knob.
+KNOB_FAMILY_EXCEPTIONS = {"LOCAL_RANK", "LOCAL_WORLD_SIZE", "DATA_ROOT", "DATA_DIR", "MAX_JOBS"}
+
+
+def stray_knobs(environ, known) -> list[str]:
+    """Environment variables that look like knobs of this script (same first word as a knob, or a near
+    spelling) but are not read by it: NUM_LAYER, LATE_QAT, ..."""
+    families = {k.split("_")[0] for k in known}
+    found = []
+    for name in sorted(environ):
+        if name in known or name in KNOB_FAMILY_EXCEPTIONS or not name.isupper():
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close or name.split("_")[0] in families:
+            found.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    return found
+
+
 ARCH_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
              "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "ve_enabled",
              "ve_dim", "ve_layers", "ln_scale", "smear_enabled", "logit_softcap", "qk_gain_init",
@@ -272,6 +301,22 @@ class Dist:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
+    def share(self, obj):
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's value of a picklable object, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean_(self, tensors: list[torch.Tensor]):
         """Average tensors over ranks in place, with one collective."""
         if not self.enabled or not tensors:
@@ -291,18 +336,49 @@ class Dist:
 
 
 class Logger:
-    def __init__(self, path: str | None):
-        self.path = path
-        if path:
+    """Rank 0's log: stdout and logs/<RUN_ID>.txt. One run, one log: an existing file is refused unless the run
+    resumes it. `fail` writes why the run stopped (and a traceback for a crash) even before the log is open."""
+
+    def __init__(self, path: str | None = None, master: bool = True):
+        self.path, self.master = path, master
+
+    def open(self, run_id: str, resume: bool):
+        path = f"logs/{run_id}.txt"
+        if self.master and os.path.exists(path) and not resume:
+            raise SystemExit(f"error: log {path} already exists (a run with RUN_ID={run_id} ran before); "
+                             f"choose another RUN_ID, delete the file, or set RESUME_LOG=1 to append")
+        if self.master:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
 
     def __call__(self, msg: str, console: bool = True):
-        if self.path is None:
+        if self.path is None or not self.master:
             return
         if console:
             print(msg, flush=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
+
+    def fail(self, exc: BaseException):
+        if not self.master:
+            return
+        if self.path is None:  # stopped before the log opened (a config error): start one, never reuse another's
+            path = f"logs/{os.environ.get('RUN_ID') or 'run'}.txt"
+            self.path = path if not os.path.exists(path) else f"{path[:-4]}.failed-{os.getpid()}.txt"
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(exc, SystemExit):
+            text = f"{exc.code}" if isinstance(exc.code, str) else f"exit status {exc.code}"
+        else:
+            text = "".join(traceback.format_exception(exc)).rstrip() + f"\nerror: {type(exc).__name__}: {exc}"
+        self(f"run_stopped phase:{PROGRESS['phase']} step:{PROGRESS['step']}\n{text}", console=False)
+
+
+PROGRESS = {"phase": "setup", "step": 0}  # where the run is, for the line that says why it stopped
+
+
+def on_signal(signum, frame):
+    raise SystemExit(f"error: stopped by signal {signal.Signals(signum).name} in phase {PROGRESS['phase']} "
+                     f"at step {PROGRESS['step']}")
 
 
 def sync(device):
@@ -440,6 +516,44 @@ def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
     if usable <= 0:
         raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
+
+
+def check_shard(path: str, vocab_size: int) -> str | None:
+    """Why a shard cannot be used (bad header or size, a token id >= VOCAB_SIZE), or None. Reads the whole file."""
+    try:
+        tokens = load_shard(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        pos = int(np.argmax(tokens >= vocab_size))
+        return f"shard {path}: token id {int(tokens[pos])} at position {pos} is >= VOCAB_SIZE={vocab_size}"
+    return None
+
+
+def check_artifact_path(path: str):
+    """Stop now, not after training, when the artifact could not be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"error: ARTIFACT_PATH={path} is a directory; name a file")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: ARTIFACT_PATH={path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: ARTIFACT_PATH={path}: directory {folder} is not writable")
+
+
+def lock_artifact(path: str):
+    """An exclusive lock on ARTIFACT_PATH for the run's life (held by the returned file), so two runs can
+    never write, or score, each other's artifact."""
+    lock = open(path + ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(lock.name).st_ino != os.fstat(lock.fileno()).st_ino:  # its owner removed it as we opened it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        lock.close()
+        raise SystemExit(f"error: ARTIFACT_PATH={path} is in use by another run (locked); give this run its own "
+                         f"ARTIFACT_PATH") from None
+    return lock
 
 
 def load_tokenizer(path: str, vocab_size: int):
@@ -1053,7 +1167,7 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
 # ----------------------------------------------------------------------------- export
 
 
-ARTIFACT_MAGIC = b"PGOLF2"
+ARTIFACT_MAGIC = b"PGOLF3"
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 
 
@@ -1107,7 +1221,8 @@ def _decompress(piece: bytes, compressor: str) -> bytes:
 
 def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: float = 1.0) -> tuple[bytes, int]:
     """Quantize, then compress the concatenated tensor bytes in independent 1 MiB chunks on all CPU cores.
-    Layout: magic, compressor, header length, JSON header (arch, tensor specs, chunk sizes), chunks."""
+    Layout: magic, compressor, header length, JSON header (arch, tensor specs, chunk sizes), chunks, and the
+    SHA-256 of everything before it (so a changed digit in the header cannot load as a different model)."""
     packed = quantize_state(state, clip_fracs, step_mult)
     specs = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in packed.items()]
     data = b"".join(v.contiguous().numpy().tobytes() for v in packed.values())
@@ -1115,7 +1230,8 @@ def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: flo
         chunks = list(pool.map(lambda i: _compress(data[i:i + CHUNK_BYTES], compressor), range(0, len(data), CHUNK_BYTES)))
     header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks]}).encode()
     blob = ARTIFACT_MAGIC + compressor.encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
-    return blob + b"".join(chunks), len(data)
+    blob += b"".join(chunks)
+    return blob + hashlib.sha256(blob).digest(), len(data)
 
 
 def fit_artifact(state, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
@@ -1142,19 +1258,33 @@ def fit_artifact(state, arch: dict, args: Hyperparameters, budget: int, log) -> 
 
 def write_atomic(path: str, data: bytes):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Architecture and dequantized state of an artifact; `expected_sha256` pins the exact file bytes."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"artifact {path!r} not found")
     data = Path(path).read_bytes()
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"artifact {path} is not the file this run wrote (SHA-256 differs); another process "
+                         f"changed it")
+    if data.startswith(b"PGOLF") and not data.startswith(ARTIFACT_MAGIC):
+        raise ValueError(f"artifact {path} has format {data[:6].decode(errors='replace')}, written by another "
+                         f"(older) train_gpt.py; this one reads {ARTIFACT_MAGIC.decode()} (re-export it)")
     if not data.startswith(ARTIFACT_MAGIC):
         raise ValueError(f"artifact {path} is not a train_gpt.py artifact (bad magic)")
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise ValueError(f"artifact {path} is corrupted: its checksum does not match its contents")
+    data = data[:-32]
     try:
         compressor = data[6:10].rstrip(b"\0").decode()
         (hlen,) = struct.unpack("<I", data[10:14])
@@ -1169,7 +1299,8 @@ def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         for name, dtype, shape in header["tensors"]:
             dt = getattr(torch, dtype)
             n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            packed[name] = torch.frombuffer(bytearray(raw[offset:offset + n]), dtype=dt).reshape(shape)
+            chunk = bytearray(raw[offset:offset + n])
+            packed[name] = torch.frombuffer(chunk, dtype=dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
             offset += n
         if offset != len(raw):
             raise ValueError("payload size does not match the tensor specs")
@@ -1178,14 +1309,15 @@ def load_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None
 
 
-# Artifacts written before recipes existed hold the r549 stack and lack these keys.
-PRE_RECIPE_ARCH = dict(smear_gate_dims=0, skip_gates=False, attn_gate_dims=0, attn_gate_scale=1.0, num_loops=0,
-                       loop_start=3, loop_end=5, parallel_start=0, parallel_mode="lanes")
-
-
-def model_from_artifact(path: str, args: Hyperparameters, device) -> GPT:
-    arch, state = load_artifact(path)
-    for key, value in {**PRE_RECIPE_ARCH, **arch}.items():
+def model_from_artifact(path: str, args: Hyperparameters, device, log=lambda msg: None,
+                        expected_sha256: str | None = None) -> GPT:
+    """A fresh model of the artifact's architecture, which overrides the environment's; the log says where."""
+    arch, state = load_artifact(path, expected_sha256)
+    overridden = [f"{k.upper()}={v} (environment/recipe: {getattr(args, k)})" for k, v in arch.items()
+                  if getattr(args, k) != v]
+    log(f"artifact_arch: {' '.join(f'{k.upper()}={v}' for k, v in arch.items())}")
+    log(f"artifact_arch overrides: {', '.join(overridden) or 'none'}")
+    for key, value in arch.items():
         setattr(args, key, value)
     model = GPT(args).to(device)
     model.load_state_dict(state, strict=True)
@@ -1236,6 +1368,11 @@ class WeightAverager:
         return weights
 
 
+def all_finite(flag: torch.Tensor, dctx: Dist) -> bool:
+    """True when no rank saw a non-finite loss (every rank stops at the same step)."""
+    return dctx.all_reduce(flag.float(), dist.ReduceOp.MIN).item() > 0
+
+
 class Trainer:
     """One optimizer step over GRAD_ACCUM micro-batches, its compile warm-up, and the timed loop."""
 
@@ -1280,6 +1417,7 @@ class Trainer:
         """Compile every reachable graph outside the timed run, then restore weights and optimizer state."""
         if self.args.warmup_steps <= 0:
             return
+        PROGRESS["phase"] = "warmup"
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         opt_states = [torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, opt.state_dict())
                       for opt in self.optimizers]
@@ -1308,6 +1446,8 @@ class Trainer:
         loader = self.new_loader()
         qat, looped = args.qat_enabled, args.num_loops > 0 and args.enable_looping_at == 0
         train_ms, step, stop_after, train_loss, logged = 0.0, 0, None, None, 0
+        finite = torch.ones((), dtype=torch.bool, device=dctx.device)  # read every 10 steps: no per-step sync
+        PROGRESS["phase"] = "train"
         sync(dctx.device)
         t0 = time.perf_counter()
         while True:
@@ -1329,6 +1469,9 @@ class Trainer:
                 sync(dctx.device)
                 t0 = time.perf_counter()
             if last:
+                if not all_finite(finite, dctx):
+                    raise SystemExit(f"error: the training loss became non-finite in the last steps before step "
+                                     f"{step} (diverged); stopping, no artifact written")
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
                 return step, train_ms
@@ -1347,6 +1490,11 @@ class Trainer:
                         g["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
             train_loss = self.step(loader, qat, looped)
             step += 1
+            PROGRESS["step"] = step
+            finite &= torch.isfinite(train_loss)
+            if (step % 10 == 0 or step == args.iterations) and not all_finite(finite, dctx):
+                raise SystemExit(f"error: the training loss became non-finite at or before step {step} "
+                                 f"(diverged: check the learning rates); stopping, no artifact written")
             averager.update(step, down)
             if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
                 self.log_train_step(step, train_loss, train_ms + 1000 * (time.perf_counter() - t0))
@@ -1372,25 +1520,38 @@ def compiled_logits(model: GPT, args: Hyperparameters):
     return torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
 
 
-def main():
-    args = Hyperparameters()
-    dctx = Dist()
-    log = Logger(f"logs/{args.run_id}.txt" if dctx.master else None)
-    code = start_run(args, dctx, log)
-    val, luts = load_eval_data(args, dctx, log)
-    results = {}  # what the closing summary reports, filled in by each phase
-    if args.eval_only_path:
-        log(f"eval_only:{args.eval_only_path}")
-        log(f"world_size:{dctx.world_size}")
-        status = final_evaluation(args, dctx, log, val, luts, results)
-    else:
-        model = train_model(args, dctx, log, val, luts, results)
-        status = export_model(args, dctx, log, model, code, results)
-        if status == 0:
-            args.eval_only_path = args.artifact_path
+def main() -> int:
+    log = Logger(master=int(os.environ.get("RANK", "0")) == 0)
+    signal.signal(signal.SIGTERM, on_signal)
+    PROGRESS.update(phase="setup", step=0)
+    lock = None
+    try:
+        args = Hyperparameters()
+        log.open(args.run_id, args.resume_log)
+        dctx = Dist()
+        code = start_run(args, dctx, log)
+        lock = preflight(args, dctx, log)
+        val, luts = load_eval_data(args, dctx, log)
+        results = {}  # what the closing summary reports, filled in by each phase
+        if args.eval_only_path:
+            log(f"eval_only:{args.eval_only_path}")
+            log(f"world_size:{dctx.world_size}")
             status = final_evaluation(args, dctx, log, val, luts, results)
-    dctx.close()
-    return status
+        else:
+            model = train_model(args, dctx, log, val, luts, results)
+            status = export_model(args, dctx, log, model, code, results)
+            if status == 0:
+                args.eval_only_path = args.artifact_path
+                status = final_evaluation(args, dctx, log, val, luts, results)
+        dctx.close()
+        return status
+    except BaseException as e:
+        log.fail(e)
+        raise
+    finally:
+        if lock is not None:  # remove the file while holding it: a run that opened it meanwhile sees it gone
+            os.remove(lock.name)
+            lock.close()
 
 
 def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
@@ -1410,11 +1571,43 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():
         log(f"config {name}={value}")
+    stray = stray_knobs(os.environ, CONFIG)
+    for name in stray:
+        log(f"warning: environment variable {name} looks like a knob but this script does not read it")
+    if stray and args.strict_env:
+        raise SystemExit(f"error: STRICT_ENV=1 and the environment sets unknown knobs: {', '.join(stray)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
     return code
+
+
+def preflight(args: Hyperparameters, dctx: Dist, log):
+    """Check, before any training step, what would otherwise fail after it: the compressor's import, the
+    artifact path (locked for the run's life; the lock is returned), every shard's header, size and token ids
+    (ranks split the files)."""
+    PROGRESS["phase"] = "preflight"
+    t = time.perf_counter()
+    if args.compressor == "zstd" and not args.eval_only_path:
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: COMPRESSOR=zstd needs the zstandard package (pip install zstandard); "
+                             "or set COMPRESSOR=lzma") from None
+    if args.eval_only_path and not os.path.isfile(args.eval_only_path):
+        raise SystemExit(f"error: EVAL_ONLY_PATH={args.eval_only_path} is not a file")
+    if not args.eval_only_path:
+        check_artifact_path(args.artifact_path)
+    files = shard_files(args.data_path, "val") + ([] if args.eval_only_path else shard_files(args.data_path, "train"))
+    errors = [e for f in files[dctx.rank::dctx.world_size] if (e := check_shard(f, args.vocab_size))]
+    errors = [e for rank_errors in dctx.gather(errors) for e in rank_errors]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad shards)" if len(errors) > 1 else ""
+        raise SystemExit(f"error: {errors[0]}{more}")
+    log(f"preflight: ok shards:{len(files)} token_ids<{args.vocab_size} compressor:{args.compressor} "
+        f"time:{time.perf_counter() - t:.1f}s")
+    return lock_artifact(args.artifact_path) if dctx.master and not args.eval_only_path else None
 
 
 def load_eval_data(args: Hyperparameters, dctx: Dist, log):
@@ -1428,6 +1621,7 @@ def load_eval_data(args: Hyperparameters, dctx: Dist, log):
 
 def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> GPT:
     """Build, compile-warm and train the model, then load the export weights and measure them."""
+    PROGRESS["phase"] = "build"
     device, world = dctx.device, dctx.world_size
     grad_accum = args.grad_accum_steps or (8 // world if 8 % world == 0 else 0)
     if grad_accum <= 0:
@@ -1469,9 +1663,15 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
 
 
 def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes, results: dict) -> int:
-    """Rank 0 quantizes, fits and writes the artifact; every rank learns its size. 1 = over the cap."""
+    """Rank 0 quantizes, fits and writes the artifact; every rank learns its size and hash. 1 = over the cap.
+    Non-finite weights or val_bpb stop the run here: they never become an artifact."""
+    PROGRESS["phase"] = "export"
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad or not math.isfinite(results["pre_quant"]):
+        raise SystemExit(f"error: the export weights are not finite (val_bpb {results['pre_quant']}, non-finite "
+                         f"tensors: {', '.join(bad[:4]) or 'none'}); no artifact written")
     t = time.perf_counter()
-    model_bytes = 0
+    model_bytes, sha = 0, None
     if dctx.master:
         arch = {k: getattr(args, k) for k in ARCH_KEYS}
         blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch, args,
@@ -1482,6 +1682,8 @@ def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes
         log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
         log(f"Total submission size int6+{args.compressor}: {model_bytes + len(code)} bytes")
         write_atomic(args.artifact_path, blob)
+        sha = hashlib.sha256(blob).hexdigest()
+    results["artifact_sha256"] = dctx.share(sha)
     model_bytes = int(dctx.all_reduce(torch.tensor(model_bytes, dtype=torch.float64, device=dctx.device)).item())
     total = model_bytes + len(code)
     results["bytes"] = (total, len(code), model_bytes)
@@ -1500,7 +1702,8 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     device = dctx.device
     torch._dynamo.reset()
     t_all = time.perf_counter()
-    model = model_from_artifact(args.eval_only_path, args, device)
+    PROGRESS["phase"] = "evaluate"
+    model = model_from_artifact(args.eval_only_path, args, device, log, results.get("artifact_sha256"))
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logits_fn = compiled_logits(model, args)
     tokens = val.numel() - 1

@@ -6,7 +6,7 @@
 Prints, per quantized tensor, the order-0 entropy of its integer codes; the total entropy against the artifact
 size; the codes-only size under zstd-19/22 and lzma-9e; and the entropy if every int6 step were coarser by a
 factor. The artifact is read with train_gpt.load_artifact, so every format it can load works here (chunked
-`PGOLF2` files included).
+`PGOLF3` files included).
 """
 import argparse
 import lzma

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,12 +46,16 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "smoke": ({}, 1, None),
     "acc_2p": (ACC, 2, None),
     "acc_1p": (ACC, 1, None),
+    # 1 layer: no U-Net skip, so skip_weights is an empty [0, d] parameter that never gets a gradient
+    "l1_2p": (dict(SHORT, ITERATIONS=3, VAL_LOSS_EVERY=0, NUM_LAYERS=1, VE_LAYERS="0", XSA_LAST_N=1), 2, None),
     "frontier_acc_2p": (FRONTIER_ACC, 2, None),
     "frontier_acc_1p": (FRONTIER_ACC, 1, None),
     "seed_again": (ACC, 1, None),
     "seed_other": (dict(ACC, SEED=2), 1, None),
     "smoke_eval_2p": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 2, "smoke"),
     "smoke_eval": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 1, "smoke"),
+    # the 3-layer smoke artifact evaluated under an environment that says 11 layers and XSA on the last 2
+    "eval_l11": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>", "NUM_LAYERS": 11, "XSA_LAST_N": 2}, 1, "smoke"),
     # TTT with 3 sequences per chunk: an uneven split over 2 ranks must still give the 1-process update
     "ttt_uneven_1p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 1, "smoke"),
     "ttt_uneven_2p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 2, "smoke"),
@@ -66,6 +71,16 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(H.TRAIN_GPT.read_bytes()) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _process_state(monkeypatch):
+    """tg.main() run in-process installs a SIGTERM handler and moves tg.PROGRESS: each test starts from a fresh
+    PROGRESS and gets the pytest process's SIGTERM handler back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tg, "PROGRESS", {"phase": "setup", "step": 0}, raising=False)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 def pytest_configure(config):

@@ -3,7 +3,9 @@ clip search, artifact round trip with zstd and lzma, and corrupted-artifact erro
 checks (EMA/SWA/live choice, size accounting, over-the-cap runs) are in test_runs.py."""
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 
 import pytest
 import torch
@@ -160,18 +162,31 @@ def good_blob(make_args, tmp_path):
     return blobs, a
 
 
+def _resign(body: bytes) -> bytes:
+    """A PGOLF3 file of `body` (everything before the checksum) with a matching trailing SHA-256: a corruption
+    that the checksum cannot see, so the parser behind it is exercised."""
+    return body + hashlib.sha256(body).digest()
+
+
 @pytest.mark.parametrize("case", ["truncated_half", "truncated_tail", "wrong_magic", "unknown_compressor",
-                                  "empty", "garbage_payload"])
+                                  "empty", "garbage_payload", "signed_unknown_compressor", "signed_garbage_payload",
+                                  "signed_truncated_chunks", "signed_bad_header_json"])
 @pytest.mark.parametrize("compressor", ["zstd", "lzma"])
 def test_corrupted_artifact_fails_with_clear_error(good_blob, tmp_path, case, compressor):
     blob = good_blob[0][compressor]
+    body = blob[:-32]
+    hlen = struct.unpack("<I", body[10:14])[0]
     bad = {
         "truncated_half": blob[: len(blob) // 2],
         "truncated_tail": blob[:-16],
-        "wrong_magic": b"PGOLF9" + blob[6:],
+        "wrong_magic": b"NOTPG3" + blob[6:],
         "unknown_compressor": blob[:6] + b"gzip" + blob[10:],
         "empty": b"",
         "garbage_payload": blob[:10] + bytes(range(256)) * 8,
+        "signed_unknown_compressor": _resign(body[:6] + b"gzip" + body[10:]),
+        "signed_garbage_payload": _resign(body[:14 + hlen] + bytes(range(256)) * 8),
+        "signed_truncated_chunks": _resign(body[:-100]),
+        "signed_bad_header_json": _resign(body[:14] + b"{" * hlen + body[14 + hlen:]),
     }[case]
     path = tmp_path / f"bad_{case}.ptz"
     path.write_bytes(bad)
@@ -180,6 +195,10 @@ def test_corrupted_artifact_fails_with_clear_error(good_blob, tmp_path, case, co
     assert str(path) in str(ei.value)
     if case in ("wrong_magic", "empty"):
         assert "bad magic" in str(ei.value)
+    elif case.startswith("signed_"):  # past the checksum: the parser names the damage
+        assert "corrupted and cannot be loaded" in str(ei.value)
+    else:  # a truncated file or a changed byte: the trailing SHA-256 no longer matches
+        assert "checksum does not match" in str(ei.value)
     with pytest.raises(ValueError):
         tg.model_from_artifact(str(path), good_blob[1], CPU)
 

@@ -38,6 +38,9 @@ FORMATS = [
     r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d",
     r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
     r"eval_time_total:\d+ms",
+    r"preflight: ok shards:2 token_ids<1024 compressor:zstd time:\d+\.\ds",
+    r"artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 .* PARALLEL_MODE=lanes",
+    r"artifact_arch overrides: none",
 ]
 
 

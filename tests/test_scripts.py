@@ -35,7 +35,7 @@ def test_size_probe_reads_a_chunked_artifact(tmp_path):
     art = tmp_path / "final_model.int6.ptz"
     art.write_bytes(blob)
     (hlen,) = struct.unpack("<I", blob[10:14])
-    assert blob.startswith(b"PGOLF2") and len(json.loads(blob[14:14 + hlen])["chunks"]) >= 2
+    assert blob.startswith(tg.ARTIFACT_MAGIC) and len(json.loads(blob[14:14 + hlen])["chunks"]) >= 2
     r = _run(sys.executable, str(SIZE_PROBE), str(art), "--no-recompress")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
