@@ -1761,4 +1761,7 @@ def log_summary(log, r: dict, args: Hyperparameters):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # skip interpreter teardown: gloo's threads can abort a finished run there ("terminate called")
