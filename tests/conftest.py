@@ -54,6 +54,9 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "seed_other": (dict(ACC, SEED=2), 1, None),
     "smoke_eval_2p": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 2, "smoke"),
     "smoke_eval": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>"}, 1, "smoke"),
+    # re-export the smoke run's saved checkpoint without training (NUM_LAYERS=5 must be overridden by it)
+    "export_only": ({"TTT_ENABLED": 0, "NUM_LAYERS": 5, "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
+                    1, "smoke"),
     # the 3-layer smoke artifact evaluated under an environment that says 11 layers and XSA on the last 2
     "eval_l11": ({"TTT_ENABLED": 0, "EVAL_ONLY_PATH": "<smoke>", "NUM_LAYERS": 11, "XSA_LAST_N": 2}, 1, "smoke"),
     # TTT with 3 sequences per chunk: an uneven split over 2 ranks must still give the 1-process update
@@ -68,7 +71,7 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # live weights, artifact over a 1000-byte cap (size fitting cannot get there)
     "exp_over": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EXPORT_WEIGHTS="live", SIZE_LIMIT=1000), 1, None),
     # acc_1p again with a cap 10% below its model size: SIZE_FIT must coarsen the int6 steps until it fits
-    "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(H.TRAIN_GPT.read_bytes()) + int(0.9 * dep.artifact.stat().st_size)),
+    "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),
 }
 

@@ -572,7 +572,7 @@ def test_same_run_id_is_refused_and_resume_log_appends(tmp_path, tiny_data):
     log = resumed.log_path.read_bytes()
     assert log.startswith(before) and len(log) > len(before)
     assert log[len(before):].decode().startswith("logs/dup.txt\n")
-    assert sorted(p.name for p in cwd.iterdir()) == ["dup.int6.ptz", "logs"], "no lock or temporary file left"
+    assert sorted(p.name for p in cwd.iterdir()) == ["dup.int6.ptz", "dup.pt", "logs"], "no lock or temporary file left"
 
 
 def test_locked_artifact_path_is_refused_at_start(tmp_path, tiny_data):

@@ -16,7 +16,8 @@ SMOKE_KEYS = ["final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "
 
 # formats from docs/LOG_FORMAT.md
 FORMATS = [
-    r"code_sha256:[0-9a-f]{64} code_bytes:\d+",
+    r"code_sha256:[0-9a-f]{64} code_bytes:\d+ counted_code_bytes:\d+ \(compact copy\)",
+    r"checkpoint:\S+\.pt bytes:\d+ \(EXPORT_ONLY_FROM=\S+\.pt re-exports it without training\)",
     r"step:\d+/\d+ val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms",
     r"step:\d+/\d+ train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms eta:\d+s",
     r"DIAGNOSTIC post_ema val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
@@ -77,7 +78,7 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert all(line in out_lines for line in lines), "rank 0 prints every log line"
     code = H.TRAIN_GPT.read_bytes()
     assert H.line_value(log, r"^code_sha256:([0-9a-f]{64}) ") == H.sha256_file(H.TRAIN_GPT)
-    assert int(H.line_value(log, r"^code_sha256:\S+ code_bytes:(\d+)$")) == len(code)
+    assert int(H.line_value(log, r"^code_sha256:\S+ code_bytes:(\d+) ")) == len(code)
     a = tiny_run_args(make_args)
     assert int(H.line_value(log, r"^model_params:(\d+)$")) == H.param_count(a)
     assert "XSA:last_1 active_layers:[2]" in lines and "world_size:1 grad_accum_steps:8" in lines
@@ -95,8 +96,9 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert "swa:start step:28" in lines
     assert "late_qat:enabled step:29 warmdown:0.1000" in lines
     assert "export_weights:ema" in lines
-    # size accounting: code bytes + the artifact file, as written
+    # size accounting: the counted code (the compact copy a submission ships) + the artifact file, as written
     art = run.artifact.stat().st_size
+    code = tg.compact_code(code)
     assert int(H.line_value(log, r"^Code size: (\d+) bytes$")) == len(code)
     assert int(H.line_value(log, r"^Serialized model int6\+zstd: (\d+) bytes$")) == art
     assert int(H.line_value(log, r"^Total submission size int6\+zstd: (\d+) bytes$")) == len(code) + art
@@ -153,7 +155,7 @@ def _strip_times(log):
     out = []
     for line in log.splitlines():
         if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_time_total",
-                            "summary eval_time")):
+                            "summary eval_time", "checkpoint:")):
             continue
         line = re.sub(r"(train_time|eval_time|step_avg|export_time|elapsed|time|eta|measured_s):?=?[\d.]+m?s?", "", line)
         line = re.sub(r"projected_8gpu_full_val_s:[\d.]+", "", line)
@@ -233,7 +235,7 @@ def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
     assert run.rc == 1, run.describe()
     log = run.log
     lines = log.splitlines()
-    code = len(H.TRAIN_GPT.read_bytes())
+    code = len(tg.compact_code(H.TRAIN_GPT.read_bytes()))
     art = run.artifact.stat().st_size
     total = code + art
     assert f"size_check total:{total} limit:1000 OVER" in lines
@@ -251,7 +253,7 @@ def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
 def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
     base, fit = tg_runs("acc_1p"), tg_runs("fit")
     log = ok(fit)
-    code = len(H.TRAIN_GPT.read_bytes())
+    code = len(tg.compact_code(H.TRAIN_GPT.read_bytes()))
     limit = int(fit.env["SIZE_LIMIT"])
     art = fit.artifact.stat().st_size
     assert art < base.artifact.stat().st_size and code + art <= limit
