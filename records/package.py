@@ -974,7 +974,7 @@ def _plot_val(ax, group, colors, last, title):
     ax.set(xlabel="step (final phases right of the dashed line)", ylabel="val_bpb", title=title)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")  # never over the final-phase markers
 
 
 def _group_title(group: list[RunLog], index: int, n_groups: int) -> str:
