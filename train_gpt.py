@@ -348,12 +348,19 @@ class Logger:
 
     def open(self, run_id: str, resume: bool):
         path = f"logs/{run_id}.txt"
-        if self.master and os.path.exists(path) and not resume:
+        if self.master and os.path.exists(path) and not resume and not self.failed_at_setup(path):
             raise SystemExit(f"error: log {path} already exists (a run with RUN_ID={run_id} ran before); "
                              f"choose another RUN_ID, delete the file, or set RESUME_LOG=1 to append")
         if self.master:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if os.path.exists(path) and not resume:
+                os.remove(path)  # the record of a run that never started (a config error): retrying replaces it
         self.path = path
+
+    @staticmethod
+    def failed_at_setup(path: str) -> bool:
+        with open(path, "rb") as f:
+            return f.read(32).startswith(b"run_stopped phase:setup")
 
     def __call__(self, msg: str, console: bool = True):
         if self.path is None or not self.master:
@@ -364,12 +371,14 @@ class Logger:
             f.write(msg + "\n")
 
     def fail(self, exc: BaseException):
-        if not self.master:
-            return
-        if self.path is None:  # stopped before the log opened (a config error): start one, never reuse another's
+        if not self.master:  # another rank's crash (not a shared, logged stop) goes beside rank 0's log
+            if self.path is None or isinstance(exc, SystemExit):
+                return
+            self.path, self.master = f"{self.path[:-4]}.rank{os.environ.get('RANK')}.txt", True
+        elif self.path is None:  # stopped before the log opened (a config error): start one, never reuse another's
             path = f"logs/{os.environ.get('RUN_ID') or 'run'}.txt"
             self.path = path if not os.path.exists(path) else f"{path[:-4]}.failed-{os.getpid()}.txt"
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         if isinstance(exc, SystemExit):
             text = f"{exc.code}" if isinstance(exc.code, str) else f"exit status {exc.code}"
         else:
@@ -477,7 +486,7 @@ class ShuffledLoader:
         self.rank, self.world_size, self.seq_len, self.device = rank, world_size, seq_len, device
         self.local_seqs = local_tokens // seq_len
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.plan, self.cursor = np.zeros((0, 2), dtype=np.int64), 0
+        self._new_epoch()  # the first plan is built here, before the timed run starts
 
     def _new_epoch(self):
         walks = []
@@ -495,8 +504,7 @@ class ShuffledLoader:
             raise ValueError(f"no training shard holds a sequence of {self.seq_len + 1} tokens")
         order = self.rng.permutation(np.concatenate([np.full(len(w), i) for i, w in enumerate(walks)]))
         plan = np.empty((len(order), 2), dtype=np.int64)
-        for i, w in enumerate(walks):  # the k-th pick of walk i takes its k-th block: walks keep their order
-            plan[order == i] = w
+        plan[np.argsort(order, kind="stable")] = np.concatenate(walks)  # the k-th pick of walk i: its k-th block
         self.plan, self.cursor = plan, 0
 
     def next_batch(self):
@@ -969,10 +977,11 @@ def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
 
 
 def run_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Fraction of the run done: of the wall-clock cap when there is one, else of ITERATIONS."""
+    """Fraction of the run done: of ITERATIONS or of the wall-clock cap, whichever ends the run first."""
+    done = step / max(args.iterations, 1)
     if args.max_wallclock_seconds > 0:
-        return min(elapsed_ms / (1000 * args.max_wallclock_seconds), 1.0)
-    return min(step / max(args.iterations, 1), 1.0)
+        done = max(done, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    return min(done, 1.0)
 
 
 def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
@@ -1110,9 +1119,9 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     t0 = time.perf_counter()
     n_mine = len(range(args.ttt_chunk_tokens // L)[rank_slice(args.ttt_chunk_tokens // L, dctx.rank, dctx.world_size)])
     if n_mine > 0 and n_chunks > 1:  # compile the training graph on random tokens (no update is applied)
-        x, y = torch.randint(0, args.vocab_size, (2, min(n_mine, args.ttt_batch_seqs), L), device=dctx.device)
-        with autocast(dctx.device):
-            loss_fn(x, y).backward()
+        tok = torch.randint(0, args.vocab_size, (min(n_mine, args.ttt_batch_seqs), L + 1), device=dctx.device)
+        with autocast(dctx.device):  # strided views like the real batches', so the compiled graph is reused
+            loss_fn(tok[:, :-1], tok[:, 1:]).backward()
         opt.zero_grad(set_to_none=False)
     warm_s = time.perf_counter() - t0
     log(f"ttt_sliding:warmup time={warm_s:.1f}s")

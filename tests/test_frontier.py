@@ -653,8 +653,8 @@ def test_muon_passes_polar_and_build_optimizers_wires_the_knobs(make_args, ns_in
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1"), 90, 0.0, 0.325, 0.25),
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1"), 100, 0.0, 0.1, 0.0),
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1"), 130, 0.0, 0.1, 0.0),
-    # with a 50 s cap the fraction is of the wall clock; the step does not matter
-    (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1", MAX_WALLCLOCK_SECONDS="50"), 95, 0.0, 1.0, 1.0),
+    # with a 50 s cap the fraction is of the wall clock or of ITERATIONS, whichever is further along
+    (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1", MAX_WALLCLOCK_SECONDS="50"), 95, 0.0, 0.2125, 0.125),  # ITERATIONS ends the run first
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1", MAX_WALLCLOCK_SECONDS="50"), 3, 30000.0, 1.0, 1.0),
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1", MAX_WALLCLOCK_SECONDS="50"), 3, 40000.0, 0.55, 0.5),
     (dict(ITERATIONS="100", WARMDOWN_FRAC="0.4", MIN_LR="0.1", MAX_WALLCLOCK_SECONDS="50"), 3, 45000.0, 0.325, 0.25),
@@ -852,9 +852,8 @@ def test_shuffled_loader_plan_depends_on_the_seed_only(tmp_path):
 
 def test_shuffled_loader_needs_one_whole_sequence(tmp_path):
     files, _ = _shards(tmp_path, sizes=(16, 10))
-    loader = tg.ShuffledLoader(files, 0, 1, 16, 16, CPU, seed=0)
     with pytest.raises(ValueError, match="no training shard holds a sequence of 17 tokens"):
-        loader.next_batch()
+        tg.ShuffledLoader(files, 0, 1, 16, 16, CPU, seed=0)  # the first epoch's plan is built at construction
 
 
 def test_trainer_picks_the_loader_of_train_loader(make_args, train_shard):
@@ -899,3 +898,22 @@ def test_last_train_step_is_logged_with_eta(make_args, train_shard):
     assert [int(ln.split("/")[0].split(":")[1]) for ln in train] == list(range(1, 11)) + [13]
     assert steps == 13 and ms > 0
     assert all(re.search(r" eta:\d+s$", ln) for ln in train) and train[-1].endswith(" eta:0s")
+
+
+
+def test_progress_follows_whichever_limit_ends_the_run(make_args):
+    """ITERATIONS ending a capped run early still drives the warmdown and the recurrence switch to completion."""
+    a = make_args(ITERATIONS="100", MAX_WALLCLOCK_SECONDS="600", WARMDOWN_FRAC="0.5", NUM_LOOPS="1",
+                  LOOP_START="1", LOOP_END="1", ENABLE_LOOPING_AT="0.35")
+    assert tg.run_progress(a, 50, 30_000.0) == 0.5  # steps lead: 50 % of ITERATIONS, 5 % of the wall clock
+    assert tg.run_progress(a, 10, 300_000.0) == 0.5  # the clock leads
+    assert tg.lr_scale(a, 99, 60_000.0)[1] == pytest.approx(0.02)  # the warmdown reaches ~0 at step 100
+    assert tg.run_progress(a, 100, 1.0) == 1.0
+
+
+def test_first_epoch_is_planned_before_the_timed_run(tmp_path, monkeypatch):
+    files, _ = _shards(tmp_path, sizes=(400, 300))
+    loader = tg.ShuffledLoader(files, 0, 1, 32, 16, CPU, seed=0)
+    assert len(loader.plan) > 0 and loader.cursor == 0
+    monkeypatch.setattr(loader, "_new_epoch", lambda: pytest.fail("planned inside next_batch"))
+    loader.next_batch()

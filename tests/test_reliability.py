@@ -740,3 +740,35 @@ def test_one_layer_model_round_trips_through_the_artifact(make_args, tmp_path):
         assert state["skip_weights"].shape == (0, a.model_dim)
         loaded = tg.model_from_artifact(str(path), make_args(), CPU)
         assert len(loaded.blocks) == 1 and loaded.skip_weights.shape == (0, a.model_dim)
+
+
+
+def test_a_config_error_log_does_not_block_the_retry(tmp_path, monkeypatch):
+    """A run stopped by a bad knob leaves logs/<RUN_ID>.txt; fixing the knob and rerunning with the same RUN_ID
+    replaces that record instead of being refused (a log of a run that did start is still protected)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    failed = tmp_path / "logs" / "r.txt"
+    failed.write_text("run_stopped phase:setup step:0\nerror: NUM_LAYERS must be >= 1\n")
+    log = tg.Logger()
+    log.open("r", resume=False)
+    log("fresh")
+    assert failed.read_text() == "fresh\n"
+    with pytest.raises(SystemExit, match="already exists"):
+        tg.Logger().open("r", resume=False)
+
+
+def test_a_crash_on_another_rank_is_written_beside_the_log(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "3")
+    log = tg.Logger(master=False)
+    log.open("r", resume=False)
+    log("rank 3 never writes the main log")
+    log.fail(SystemExit("error: a stop every rank logs through rank 0"))
+    assert not (tmp_path / "logs").exists()
+    try:
+        raise MemoryError("CUDA out of memory on rank 3")
+    except MemoryError as e:
+        log.fail(e)
+    text = (tmp_path / "logs" / "r.rank3.txt").read_text()
+    assert text.startswith("run_stopped phase:") and "error: MemoryError: CUDA out of memory on rank 3" in text
