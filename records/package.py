@@ -493,7 +493,8 @@ def _sha256_file(path) -> str:
 
 
 def artifact_bytes_for(r: RunLog, code_bytes_override: int | None) -> int | None:
-    """Counted artifact of one seed: the logged total, or model bytes + packaged code bytes (the compact copy by default, the readable file with --readable)."""
+    """Counted artifact of one seed: the logged total, or model bytes + the shipped code's bytes (the compact
+    copy by default, the readable file with --readable)."""
     if code_bytes_override is None:
         return r.artifact_bytes
     if r.model_bytes is None:
