@@ -322,7 +322,9 @@ class Dist:
         return out
 
     def mean_(self, tensors: list[torch.Tensor]):
-        """Average tensors over ranks in place, with one collective."""
+        """Average tensors over ranks in place, with one collective; None (a parameter without a gradient,
+        the same on every rank) is skipped."""
+        tensors = [t for t in tensors if t is not None]
         if not self.enabled or not tensors:
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -1428,7 +1430,7 @@ class Trainer:
                 loss = self.loss_fn(x, y, qat, looped)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
-        self.dctx.mean_([p.grad for p in self.params if p.grad is not None])
+        self.dctx.mean_([p.grad for p in self.params])
         if self.args.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
         for opt in self.optimizers:
