@@ -53,7 +53,7 @@ RECIPES: dict[str, dict[str, object]] = {
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
-        TTT_LR=0.005),
+        TTT_LR=0.005, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0, EMBED_BITS=7),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -186,10 +186,21 @@ class Hyperparameters:
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
         # export
-        self.compressor = env("COMPRESSOR", "zstd")  # zstd | lzma
+        self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
+        self.matrix_bits = env("MATRIX_BITS", 6)  # attention/MLP matrices
+        self.embed_bits = env("EMBED_BITS", 8)  # embedding tables
+        self.sdclip_k_attn = env("SDCLIP_K_ATTN", 13.0)  # SDClip (gptq): row clip = k * std(row), per family
+        self.sdclip_k_mlp = env("SDCLIP_K_MLP", 11.5)
+        self.sdclip_k_embed = env("SDCLIP_K_EMBED", 14.0)
+        self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
+        self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
+        self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
+        self.lqer_top = env("LQER_TOP", 3)
+        self.prune_ones = env("PRUNE_ONES", True)  # size fit: finish by zeroing the cheapest +-1 codes
+        self.compressor = env("COMPRESSOR", "auto")  # auto (smallest) | brotli | zstd | lzma
         self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
         self.size_limit = env("SIZE_LIMIT", 16_000_000)
-        self.size_fit = env("SIZE_FIT", True)  # coarsen int6 steps just enough to fit SIZE_LIMIT
+        self.size_fit = env("SIZE_FIT", True)  # scale the quantization steps so the artifact just fits SIZE_LIMIT
         self.clip_fracs = env_list("GPTQ_CLIP_FRACS", "1.0,0.97,0.94,0.91,0.88,0.85,0.8", float)
         # evaluation
         self.eval_only_path = env("EVAL_ONLY_PATH", "")
@@ -228,7 +239,17 @@ class Hyperparameters:
              "ROPE_DIMS (or the head dim, when ROPE_DIMS=0) must be even and <= the head dim")
         need(self.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0")
         need(self.export_weights in ("ema", "swa", "ema_swa", "live"), "EXPORT_WEIGHTS must be ema|swa|ema_swa|live")
-        need(self.compressor in ("zstd", "lzma"), "COMPRESSOR must be zstd or lzma")
+        need(self.compressor in ("auto", *COMPRESSORS), "COMPRESSOR must be auto|brotli|zstd|lzma")
+        need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
+        need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
+        need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed) > 0, "SDCLIP_K_* must be > 0")
+        need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
+             "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
+        need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
+                                                 or self.gptq_reserve_seconds < self.max_wallclock_seconds),
+             "GPTQ_RESERVE_SECONDS must be >= 0 and below MAX_WALLCLOCK_SECONDS")
+        reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
+        self.train_cap_s = self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
         need(self.attention_backend in ("auto", "fa3", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|sdpa")
         need(not self.ve_enabled or all(0 <= i < self.num_layers for i in self.ve_layers),
              "VE_LAYERS must name layers < NUM_LAYERS")
@@ -522,6 +543,12 @@ class ShuffledLoader:
         return seqs[:, :-1], seqs[:, 1:]
 
 
+def train_loader(args: Hyperparameters, dctx: Dist, files: list[str], local_tokens: int):
+    if args.train_loader == "shuffled":
+        return ShuffledLoader(files, dctx.rank, dctx.world_size, local_tokens, args.train_seq_len, dctx.device, args.seed)
+    return TrainLoader(files, dctx.rank, dctx.world_size, local_tokens, args.train_seq_len, dctx.device)
+
+
 def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
     tokens = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
     if limit > 0:
@@ -629,10 +656,39 @@ def quantize_rows(w: torch.Tensor, qmax: int, clip_fracs, step_mult: float = 1.0
     return best_q.to(torch.int8), best_s.squeeze(-1).half()
 
 
-def fake_quant(w: torch.Tensor, clip_fracs) -> torch.Tensor:
-    """Forward = the int6 export's quantize-dequantize; backward = identity (straight-through)."""
-    q, s = quantize_rows(w.detach(), 31, clip_fracs)
+def sdclip_steps(w: torch.Tensor, k: float, qmax: int) -> torch.Tensor:
+    """SDClip: each row is clipped at k standard deviations, so its step is k * std(row) / qmax (fp16, as stored)."""
+    return (k * w.float().std(dim=-1, keepdim=True) / qmax).clamp_min(1e-7).half().float()
+
+
+def export_grid(args: Hyperparameters, family: str) -> tuple[int, float]:
+    """(largest code, SDClip k) of a tensor family: attn, mlp or embed."""
+    bits = args.embed_bits if family == "embed" else args.matrix_bits
+    k = {"attn": args.sdclip_k_attn, "mlp": args.sdclip_k_mlp, "embed": args.sdclip_k_embed}[family]
+    return 2 ** (bits - 1) - 1, k
+
+
+def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult: float = 1.0):
+    """The export's per-row grid of `family`, its steps scaled by `mult` (size fitting), rounded to nearest:
+    SDClip steps (QUANT_METHOD=gptq) or the clip search (search). Returns int8 codes and fp16 steps."""
+    qmax, k = export_grid(args, family)
+    if args.quant_method == "search":
+        return quantize_rows(w, qmax, args.clip_fracs, mult)
+    s = sdclip_steps(w, k * mult, qmax)
+    return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8), s.squeeze(-1).half()
+
+
+def fake_quant(w: torch.Tensor, args: Hyperparameters, family: str) -> torch.Tensor:
+    """Forward = the export grid's quantize-dequantize at k multiplier 1; backward = identity (straight-through)."""
+    q, s = round_to_grid(w.detach(), args, family)
     return w + (q.float() * s.float().unsqueeze(-1) - w).detach()
+
+
+def tap(store: dict | None, key: str, x: torch.Tensor):
+    """GPTQ calibration: add x^T x of a matrix's input to store[key] (store is None outside calibration)."""
+    if store is not None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        store[key] = store[key].addmm_(x.T, x) if key in store else x.T @ x
 
 # ----------------------------------------------------------------------------- model
 
@@ -683,6 +739,7 @@ class Block(nn.Module):
         super().__init__()
         d, H = args.model_dim, args.num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = H, args.num_kv_heads, d // H
+        self.idx, self.hessians = idx, None  # hessians: the GPTQ calibration store while it runs
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
@@ -719,11 +776,15 @@ class Block(nn.Module):
 
     def mlp_out(self, x, w):
         dt = x.dtype
-        h = F.leaky_relu(F.linear(rms_norm(x) * self.ln_factor, w["up"].to(dt)), 0.5).square()
+        u = rms_norm(x) * self.ln_factor
+        tap(self.hessians, f"up.{self.idx}", u)
+        h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
+        tap(self.hessians, f"down.{self.idx}", h)
         return self.mlp_scale.to(dt) * F.linear(h, w["down"].to(dt))
 
     def attn_out(self, x, w, ve, cos, sin):
         u = rms_norm(x) * self.ln_factor
+        tap(self.hessians, f"qkv.{self.idx}", u)
         b, t, _ = u.shape
         dt = u.dtype
         kv_dim = self.num_kv_heads * self.head_dim
@@ -742,7 +803,9 @@ class Block(nn.Module):
         if self.attn_gate is not None:  # SparseAttnGate: one sigmoid gate per head from the first dims of u
             gate = F.linear(u[..., :self.attn_gate.size(1)], self.attn_gate.to(dt)) * self.attn_gate_scale
             y = y * torch.sigmoid(gate).unsqueeze(-1)
-        return self.attn_scale.to(dt) * F.linear(y.reshape(b, t, -1), w["o"].to(dt))
+        y = y.reshape(b, t, -1)
+        tap(self.hessians, f"o.{self.idx}", y)
+        return self.attn_scale.to(dt) * F.linear(y, w["o"].to(dt))
 
 
 class BigramHash(nn.Module):
@@ -793,6 +856,9 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(ids)) * self.scale
 
 
+BANK_FAMILIES = ("attn", "attn", "mlp", "mlp")  # qo, kv, mlp_up, mlp_down
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -818,6 +884,7 @@ class GPT(nn.Module):
         self.ve_shared = ValueEmbedding(V, args.ve_dim, kv_dim) if self.ve_layers else None
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
+        self.hessians = None  # the GPTQ calibration store while it runs
         for T in {args.train_seq_len, args.eval_seq_len}:  # precomputed RoPE tables for the lengths in use
             cos, sin = rope_tables(T, self.rot_dims, args.rope_base, args.rope_train_seq_len, None)
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
@@ -843,11 +910,15 @@ class GPT(nn.Module):
     def banks(self):
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
 
+    def set_hessian_store(self, store: dict | None):
+        for m in (self, *self.blocks):
+            m.hessians = store
+
     def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True) -> torch.Tensor:
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
-        qo, kv, up, down = [fake_quant(b, self.args.clip_fracs) if qat else b for b in self.banks()]
+        qo, kv, up, down = [fake_quant(b, self.args, f) if qat else b for b, f in zip(self.banks(), BANK_FAMILIES)]
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -877,7 +948,9 @@ class GPT(nn.Module):
                 skips.append(x)
         if lane_m is not None:
             x = (x + lane_m) / 2
-        return rms_norm(x)
+        x = rms_norm(x)
+        tap(self.hessians, "emb", x)  # the tied LM head's input
+        return x
 
     def merge_skip(self, x, skip, j):
         skip = self.skip_weights[j].to(x.dtype) * skip
@@ -981,8 +1054,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
 def run_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """Fraction of the run done: of ITERATIONS or of the wall-clock cap, whichever ends the run first."""
     done = step / max(args.iterations, 1)
-    if args.max_wallclock_seconds > 0:
-        done = max(done, elapsed_ms / (1000 * args.max_wallclock_seconds))
+    if args.train_cap_s > 0:
+        done = max(done, elapsed_ms / (1000 * args.train_cap_s))
     return min(done, 1.0)
 
 
@@ -994,9 +1067,9 @@ def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> floa
         return min(1.0, (1.0 - run_progress(args, step, elapsed_ms)) / args.warmdown_frac)
     if args.warmdown_iters <= 0:
         return 1.0
-    if args.max_wallclock_seconds > 0:
+    if args.train_cap_s > 0:
         warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(1000 * args.train_cap_s - elapsed_ms, 0.0)
         return remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms and step > 0 else 1.0
     return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
 
@@ -1182,43 +1255,199 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
 # ----------------------------------------------------------------------------- export
 
 
-ARTIFACT_MAGIC = b"PGOLF3"
+ARTIFACT_MAGIC = b"PGOLF4"
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
+GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
 
 
-def quantize_state(state: dict[str, torch.Tensor], clip_fracs, step_mult: float = 1.0) -> dict[str, torch.Tensor]:
-    """int6 per-row for the attention/MLP banks, int8 per-row for embedding tables, fp16 for the rest."""
+def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-Hessian GPTQ of a batch of matrices W [B, rows, cols] on fixed per-row steps s [B, rows], where
+    H [B, cols, cols] is the Gram matrix of each matrix's inputs. Columns go in order of decreasing H_ii
+    (act-order); each is rounded and its error spread over the columns not yet quantized through the upper
+    Cholesky factor U of the damped H^-1 (128-column blocks). Returns int8 codes and, per matrix, whether its
+    Cholesky succeeded (where it did not, the codes are meaningless and the caller falls back)."""
+    W, H = W.float().clone(), H.float().clone()
+    B, rows, cols = W.shape
+    diag = H.diagonal(dim1=1, dim2=2)
+    dead = diag == 0  # inputs that never fire: any weight there is free, so it is zeroed
+    W.masked_fill_(dead[:, None, :], 0.0)
+    diag.add_(dead.float())
+    diag.add_(GPTQ_DAMP * diag.mean(-1, keepdim=True))
+    perm = diag.argsort(dim=-1, descending=True, stable=True)
+    W = W.gather(2, perm[:, None, :].expand(-1, rows, -1))
+    H = H.gather(1, perm[:, :, None].expand(-1, -1, cols)).gather(2, perm[:, None, :].expand(-1, cols, -1))
+    eye = torch.eye(cols, device=W.device).expand(B, -1, -1)
+    chol, info = torch.linalg.cholesky_ex(H)
+    ok = info == 0
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(torch.where(ok[:, None, None], chol, eye)), upper=True)
+    ok &= (info == 0) & torch.isfinite(U).flatten(1).all(1)
+    U = torch.where(ok[:, None, None], U, eye)
+    s = s.float()[:, :, None]
+    Q = torch.empty_like(W)
+    for a in range(0, cols, GPTQ_BLOCK):
+        b = min(a + GPTQ_BLOCK, cols)
+        Wb, Ub, err = W[:, :, a:b].clone(), U[:, a:b, a:b], torch.empty_like(W[:, :, a:b])
+        for j in range(b - a):
+            w = Wb[:, :, j:j + 1]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            Q[:, :, a + j:a + j + 1] = q
+            e = (w - q * s) / Ub[:, j, j][:, None, None]
+            Wb[:, :, j:] -= e * Ub[:, None, j, j:]
+            err[:, :, j:j + 1] = e
+        W[:, :, b:] -= err @ U[:, a:b, b:]
+    return Q.gather(2, perm.argsort(-1)[:, None, :].expand(-1, rows, -1)).to(torch.int8), ok
+
+
+def gptq_units(num_layers: int) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Each Hessian and the matrices (tensor name, bank index) whose inputs it describes: q, k and v of a
+    layer read the same normalized input, so their rows are quantized together."""
+    L, units = num_layers, []
+    for i in range(L):
+        units += [(f"qkv.{i}", [("qo_bank", i), ("kv_bank", i), ("kv_bank", L + i)]), (f"o.{i}", [("qo_bank", L + i)]),
+                  (f"up.{i}", [("mlp_up_bank", i)]), (f"down.{i}", [("mlp_down_bank", i)])]
+    return units + [("emb", [("tok_emb.weight", -1)])]
+
+
+def tensor_family(name: str) -> str:
+    return "embed" if name in TABLE_NAMES else next(f for b, f in zip(BANK_NAMES, BANK_FAMILIES) if name.endswith(b))
+
+
+def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessians: dict | None = None,
+                   mult: float = 1.0, log=None) -> dict[str, torch.Tensor]:
+    """Banks and embedding tables -> int8 codes (`.q`, MATRIX_BITS / EMBED_BITS wide) and fp16 per-row steps
+    (`.qscale`); everything else fp16. With Hessians (QUANT_METHOD=gptq) every matrix that has one goes through
+    GPTQ on its SDClip steps, the others are rounded to nearest. LQER_RANK > 0 adds low-rank corrections."""
+    mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
+    codes, steps = {}, {}
+    for name, t in mats.items():
+        q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), mult)
+        codes[name], steps[name] = q, s.float()
+    fallbacks = 0
+    if hessians and args.quant_method == "gptq":
+        batches = {}  # units of one shape run as one batched GPTQ
+        for key, parts in gptq_units(args.num_layers):
+            if key in hessians and all(n in mats for n, _ in parts):
+                W = torch.cat([mats[n][i] if mats[n].dim() == 3 else mats[n] for n, i in parts])
+                batches.setdefault((tensor_family(parts[0][0]), *W.shape), []).append((W, hessians[key], parts))
+        for (family, *_), units in batches.items():
+            qmax, k = export_grid(args, family)
+            W = torch.stack([u[0] for u in units])
+            s = sdclip_steps(W, k * mult, qmax).squeeze(-1)
+            Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
+            for (w, _, parts), q, si, good in zip(units, Q, s, ok.tolist()):
+                if not good:  # Cholesky failed: the clip search, rounded to nearest
+                    q, si = quantize_rows(w, qmax, args.clip_fracs, mult)
+                    fallbacks += 1
+                row = 0
+                for n, i in parts:
+                    r = mats[n].size(-2)
+                    codes[n][max(i, 0)], steps[n][max(i, 0)] = q[row:row + r], si[row:row + r].float()
+                    row += r
+    if log and fallbacks:
+        log(f"gptq: Cholesky failed for {fallbacks} matrices; they use the clip search instead")
     out = {}
     for name, t in state.items():
-        if name.endswith("_bank"):
-            q, s = quantize_rows(t.reshape(-1, t.size(-1)), 31, clip_fracs, step_mult)
-            out[name + ".q6"], out[name + ".qscale"] = q.view_as(t).cpu(), s.cpu()
-        elif name in TABLE_NAMES:
-            q, s = quantize_rows(t, 127, clip_fracs)
-            out[name + ".q8"], out[name + ".qscale"] = q.cpu(), s.cpu()
+        if name in mats:
+            out[name + ".q"] = codes[name].reshape(t.shape).cpu()
+            out[name + ".qscale"] = steps[name].reshape(-1).half().cpu()
         else:
             out[name] = t.detach().half().cpu()
+    if args.lqer_rank > 0:
+        add_lqer(out, mats, args.lqer_rank, args.lqer_top)
     return out
+
+
+def lqer_factors(err: torch.Tensor, rank: int, group: int = 64) -> dict[str, torch.Tensor]:
+    """LQER: err ~ A B with A = U_r S_r in INT2 (codes -2..1, one step max|A| / 1.5) and B = V_r^T in INT4
+    (codes -8..7, one step per 64 values of the flattened B: group max / 7.5)."""
+    U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1)
+    sa = (A.abs().max() / 1.5).clamp_min(1e-10).half().float()
+    Bg = F.pad(B, (0, -B.numel() % group)).view(-1, group)
+    sb = (Bg.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-10).half().float()
+    return {"a": torch.clamp(torch.round(A / sa), -2, 1).to(torch.int8).cpu(), "as": sa.half().view(1).cpu(),
+            "b": torch.clamp(torch.round(Bg / sb), -8, 7).to(torch.int8).cpu(), "bs": sb.half().cpu()}
+
+
+def lqer_product(f: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+    A = f["a"].float() * f["as"].float()
+    B = (f["b"].float() * f["bs"].float()).reshape(-1)[:A.size(1) * cols].view(A.size(1), cols)
+    return A @ B
+
+
+def add_lqer(out: dict, mats: dict, rank: int, top: int):
+    """Low-rank corrections of the `top` matrices with the largest quantization error (Frobenius norm)."""
+    errors = []
+    for name, W in mats.items():
+        W3 = W if W.dim() == 3 else W[None]
+        deq = out[name + ".q"].reshape(W3.shape).float() * out[name + ".qscale"].float().view(*W3.shape[:2], 1)
+        for i in range(W3.size(0)):
+            e = W3[i] - deq[i].to(W3.device)
+            errors.append((e.norm().item(), name, i, e))
+    for _, name, i, e in sorted(errors, key=lambda x: -x[0])[:top]:
+        for part, t in lqer_factors(e, min(rank, *e.shape)).items():
+            out[f"{name}.lqer.{i}.{part}"] = t
 
 
 def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = {}
     for key, t in packed.items():
-        if key.endswith(".qscale"):
-            continue
-        if key.endswith((".q6", ".q8")):
-            name = key[:-3]
-            s = packed[name + ".qscale"].float()
-            state[name] = (t.reshape(-1, t.size(-1)).float() * s[:, None]).view(t.shape)
-        else:
+        if key.endswith(".q"):
+            name = key[:-2]
+            state[name] = (t.reshape(-1, t.size(-1)).float() * packed[name + ".qscale"].float()[:, None]).view(t.shape)
+        elif not key.endswith(".qscale") and ".lqer." not in key:
             state[key] = t.float()
+    for key in packed:
+        if ".lqer." in key and key.endswith(".a"):
+            name, i = key[:-2].rsplit(".lqer.", 1)
+            prefix = key[:-1]
+            W = state[name] if state[name].dim() == 3 else state[name][None]
+            W[int(i)] += lqer_product({p: packed[prefix + p] for p in ("a", "as", "b", "bs")}, W.size(-1))
     return state
 
 
-CHUNK_BYTES = 1 << 20
+def prune_ones(packed: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Selective +-1 pruning: zero the `count` cheapest codes of magnitude 1, cheapest = smallest row step
+    (the squared error a zeroed code adds is on the order of its step squared); ties in reading order."""
+    names = [k[:-2] for k in packed if k.endswith(".q")]
+    rows = [packed[n + ".q"].reshape(-1, packed[n + ".q"].size(-1)) for n in names]
+    ones = torch.cat([(r.abs() == 1).sum(1) for r in rows])
+    order = torch.cat([packed[n + ".qscale"].float() for n in names]).argsort(stable=True)
+    cut = int(torch.searchsorted(ones[order].cumsum(0), torch.tensor(count), right=False))
+    budget = torch.zeros_like(ones)  # how many of each row's +-1 codes to zero, in column order
+    budget[order[:cut]] = ones[order[:cut]]
+    if cut < len(order):
+        budget[order[cut]] = count - int(ones[order[:cut]].sum())
+    out, start = dict(packed), 0
+    for n, r in zip(names, rows):
+        mask = r.abs() == 1
+        zero = mask & (mask.int().cumsum(1) <= budget[start:start + r.size(0), None])
+        out[n + ".q"] = r.masked_fill(zero, 0).view_as(packed[n + ".q"])
+        start += r.size(0)
+    return out
+
+
+CHUNK_BYTES = 2 << 20
+COMPRESSORS = ("brotli", "zstd", "lzma")
+COMPRESSOR_NAMES = {c[:4].encode().ljust(4, b"\0"): c for c in COMPRESSORS}  # the artifact's 4-byte field
+
+
+def available_compressors() -> list[str]:
+    found = []
+    for name, module in (("brotli", "brotli"), ("zstd", "zstandard")):
+        try:
+            __import__(module)
+            found.append(name)
+        except ImportError:
+            pass
+    return found + ["lzma"]
 
 
 def _compress(piece: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.compress(piece, quality=11, lgwin=24)
     if compressor == "zstd":
         import zstandard
         return zstandard.ZstdCompressor(level=22, write_checksum=True).compress(piece)
@@ -1226,6 +1455,9 @@ def _compress(piece: bytes, compressor: str) -> bytes:
 
 
 def _decompress(piece: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.decompress(piece)
     if compressor == "zstd":
         import zstandard
         return zstandard.ZstdDecompressor().decompress(piece)
@@ -1234,41 +1466,103 @@ def _decompress(piece: bytes, compressor: str) -> bytes:
     raise ValueError(f"unknown compressor {compressor!r}")
 
 
-def pack_artifact(state, arch: dict, compressor: str, clip_fracs, step_mult: float = 1.0) -> tuple[bytes, int]:
-    """Quantize, then compress the concatenated tensor bytes in independent 1 MiB chunks on all CPU cores.
-    Layout: magic, compressor, header length, JSON header (arch, tensor specs, chunk sizes), chunks, and the
-    SHA-256 of everything before it (so a changed digit in the header cannot load as a different model)."""
-    packed = quantize_state(state, clip_fracs, step_mult)
-    specs = [(k, str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in packed.items()]
-    data = b"".join(v.contiguous().numpy().tobytes() for v in packed.values())
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw bytes with multi-byte values split into byte planes (all low bytes, then all high bytes), which
+    compress better than interleaved bytes."""
+    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    size = t.element_size()
+    return raw.tobytes() if size == 1 else np.ascontiguousarray(raw.reshape(-1, size).T).tobytes()
+
+
+def pack_artifact(packed: dict[str, torch.Tensor], arch: dict, compressor: str) -> bytes:
+    """Serialize quantized tensors (one-byte codes first, grouped by role; then the byte planes of the rest)
+    and compress them in independent 2 MiB chunks on all CPU cores. Layout: magic, compressor, header length,
+    JSON header (arch, tensor specs, chunk sizes), chunks, and the SHA-256 of everything before it (so a
+    changed digit in the header cannot load as a different model)."""
+    keys = sorted(packed, key=lambda k: (packed[k].element_size(), k))
+    specs = [(k, str(packed[k].dtype).removeprefix("torch."), list(packed[k].shape)) for k in keys]
+    data = b"".join(tensor_bytes(packed[k]) for k in keys)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         chunks = list(pool.map(lambda i: _compress(data[i:i + CHUNK_BYTES], compressor), range(0, len(data), CHUNK_BYTES)))
     header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks]}).encode()
-    blob = ARTIFACT_MAGIC + compressor.encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
+    blob = ARTIFACT_MAGIC + compressor[:4].encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
     blob += b"".join(chunks)
-    return blob + hashlib.sha256(blob).digest(), len(data)
+    return blob + hashlib.sha256(blob).digest()
 
 
-def fit_artifact(state, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
-    """Pack the model; if it exceeds `budget` bytes and SIZE_FIT=1, coarsen every int6 step by a common
-    factor found by bisection on the real compressed size (each probe is a full pack), keeping a fit."""
-    fit = pack_artifact(state, arch, args.compressor, args.clip_fracs)
-    if len(fit[0]) <= budget or not args.size_fit:
-        return fit
-    unfitted = fit
-    pack = lambda m: pack_artifact(state, arch, args.compressor, args.clip_fracs, m)
-    lo, hi = 1.0, 1.25
-    while len((fit := pack(hi))[0]) > budget:
-        lo, hi = hi, hi * 1.25
-        if hi > 8:
-            log(f"size_fit: no int6 step multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
-            return unfitted
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        probe = pack(mid)
-        lo, hi, fit = (lo, mid, probe) if len(probe[0]) <= budget else (mid, hi, fit)
-    log(f"size_fit: int6 step x{hi:.4f} model_bytes:{len(fit[0])} budget:{budget} unfitted:{len(unfitted[0])}")
-    return fit
+def size_model(packed: dict[str, torch.Tensor]) -> float:
+    """Order-0 entropy of each tensor's one-byte codes plus the raw bytes of the rest: tracks the compressed
+    size of an artifact to a nearly constant ratio, at a fraction of the compressor's cost."""
+    total = 0.0
+    for t in packed.values():
+        if t.dtype == torch.int8 and t.numel():
+            p = torch.bincount(t.flatten().int() + 128, minlength=256).double() / t.numel()
+            p = p[p > 0]
+            total -= (p * p.log2()).sum().item() * t.numel() / 8
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
+    """Quantize at k multiplier 1 and pick the compressor (COMPRESSOR=auto: the smallest). With SIZE_FIT=1,
+    find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
+    0.2 %, and with PRUNE_ONES=1 zero the cheapest +-1 codes of the next finer m until that fits. The search
+    runs on size_model() scaled to the real compressed size of the last real pack; the chosen artifact is
+    then packed for real, and the target lowered by any excess until it truly fits. Returns (blob, raw bytes)."""
+    packed = quantize_state(state, args, hessians, 1.0, log)
+    raw = sum(t.numel() * t.element_size() for t in packed.values())
+    names = available_compressors() if args.compressor == "auto" else [args.compressor]
+    blobs = {c: pack_artifact(packed, arch, c) for c in names}
+    compressor = min(blobs, key=lambda c: len(blobs[c]))
+    log(f"compressors: {' '.join(f'{c}:{len(b)}' for c, b in blobs.items())} chosen:{compressor}")
+    blob, unfitted = blobs[compressor], len(blobs[compressor])
+    if not args.size_fit or (unfitted <= budget and args.quant_method == "search"):  # SDClip also uses spare bytes
+        return blob, raw
+    cache = {1.0: packed}
+    quant = lambda m: cache[m] if m in cache else cache.setdefault(m, quantize_state(state, args, hessians, m))
+    ratio, target = unfitted / size_model(packed), budget
+    for _ in range(4):
+        fits = lambda p: ratio * size_model(p) <= target
+        m, grow = 1.0, not fits(packed)  # bracket: lo over target, hi fitting, hi / lo <= 1.1, then bisect
+        while 0.5 < m < 8 and fits(quant(m := min(max(m * (1.1 if grow else 1 / 1.1), 0.5), 8.0))) != grow:
+            pass
+        ok = [m for m in cache if fits(cache[m])]
+        if not ok:
+            log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
+            return blobs[compressor], raw
+        hi = min(ok)
+        lo = max((m for m in cache if m < hi), default=None)
+        while lo is not None and hi / lo > 1.002:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if fits(quant(mid)) else (mid, hi)
+        chosen, pruned, used = cache[hi], 0, hi
+        if args.prune_ones and lo is not None and (cut := prune_to_fit(cache[lo], fits)):
+            (chosen, pruned), used = cut, lo
+        blob = pack_artifact(chosen, arch, compressor)
+        if len(blob) <= budget:
+            break
+        target -= len(blob) - budget + budget // 2000
+        ratio = len(blob) / size_model(chosen)
+    else:
+        log(f"size_fit: the size model missed {budget} bytes four times; keeping the unfitted model")
+        return blobs[compressor], raw
+    log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
+        f"pruned_ones:{pruned}")
+    if args.qat_enabled or args.late_qat_threshold > 0:
+        log(f"size_fit: QAT trained on the k x1.0000 grid; the export grid moved x{used:.4f} from it")
+    return blob, raw
+
+
+def prune_to_fit(packed, fits) -> tuple[dict, int] | None:
+    """The fewest cheapest +-1 codes whose zeroing makes `fits` true (bisection on their count), or None."""
+    lo, hi = 0, sum(int((t.abs() == 1).sum()) for k, t in packed.items() if k.endswith(".q"))
+    if not fits(prune_ones(packed, hi)):
+        return None
+    while hi - lo > max(hi // 1000, 1):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(prune_ones(packed, mid)) else (mid, hi)
+    return prune_ones(packed, hi), hi
 
 
 def write_atomic(path: str, data: bytes):
@@ -1301,7 +1595,7 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
         raise ValueError(f"artifact {path} is corrupted: its checksum does not match its contents")
     data = data[:-32]
     try:
-        compressor = data[6:10].rstrip(b"\0").decode()
+        compressor = COMPRESSOR_NAMES.get(data[6:10], data[6:10].decode(errors="replace"))
         (hlen,) = struct.unpack("<I", data[10:14])
         header = json.loads(data[14:14 + hlen])
         pos, parts = 14 + hlen, []
@@ -1313,8 +1607,10 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
         raw, offset, packed = b"".join(parts), 0, {}
         for name, dtype, shape in header["tensors"]:
             dt = getattr(torch, dtype)
-            n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            chunk = bytearray(raw[offset:offset + n])
+            size = torch.empty((), dtype=dt).element_size()
+            n = math.prod(shape) * size
+            planes = np.frombuffer(raw, np.uint8, n, offset).reshape(size, -1)  # tensor_bytes' byte planes
+            chunk = bytearray(np.ascontiguousarray(planes.T).tobytes())
             packed[name] = torch.frombuffer(chunk, dtype=dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
             offset += n
         if offset != len(raw):
@@ -1349,9 +1645,9 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log):
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
     buf = io.BytesIO()
-    torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS},
+    torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
     write_atomic(path, buf.getvalue())
     log(f"checkpoint:{path} bytes:{buf.tell()} (EXPORT_ONLY_FROM={path} re-exports it without training)")
@@ -1406,6 +1702,38 @@ def all_finite(flag: torch.Tensor, dctx: Dist) -> bool:
     return dctx.all_reduce(flag.float(), dist.ReduceOp.MIN).item() > 0
 
 
+@torch.no_grad()
+def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches: int,
+                     seconds: float | None = None) -> tuple[dict, int]:
+    """GPTQ calibration: the Gram matrices x^T x of every quantized matrix's inputs (all passes of a looped
+    layer; the LM head's from the final-norm output), summed over up to `batches` training batches of
+    TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training data only. With `seconds`, stops before the
+    next batch would overrun them (the calibration time belongs to the training wall clock)."""
+    PROGRESS["phase"] = "calibrate"
+    local = max(args.train_batch_tokens // 8 // dctx.world_size // args.train_seq_len, 1) * args.train_seq_len
+    loader = train_loader(args, dctx, shard_files(args.data_path, "train"), local)
+    store, done, t0 = {}, 0, time.perf_counter()
+    model.set_hessian_store(store)
+    try:
+        while done < batches:
+            elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=dctx.device)
+            elapsed = dctx.all_reduce(elapsed, dist.ReduceOp.MAX).item()
+            if seconds is not None and (seconds <= 0 or (done and elapsed * (done + 1) / done > seconds)):
+                break
+            x, _ = loader.next_batch()
+            with autocast(dctx.device):
+                model.hidden(x)
+            done += 1
+    finally:
+        model.set_hessian_store(None)
+    for key in sorted(store):
+        dctx.all_reduce(store[key])
+    sync(dctx.device)
+    log(f"gptq_calibration: batches:{done}/{batches} tokens:{done * local * dctx.world_size} "
+        f"hessians:{len(store)} time:{time.perf_counter() - t0:.1f}s")
+    return store, done
+
+
 class Trainer:
     """One optimizer step over GRAD_ACCUM micro-batches, its compile warm-up, and the timed loop."""
 
@@ -1415,12 +1743,7 @@ class Trainer:
         self.optimizers = build_optimizers(model, args, fused=dctx.device.type == "cuda")
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
-        if args.train_loader == "shuffled":
-            self.new_loader = lambda: ShuffledLoader(train_files, dctx.rank, dctx.world_size, local_tokens,
-                                                     args.train_seq_len, dctx.device, args.seed)
-        else:
-            self.new_loader = lambda: TrainLoader(train_files, dctx.rank, dctx.world_size, local_tokens,
-                                                  args.train_seq_len, dctx.device)
+        self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
 
     def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.dctx.device)
@@ -1468,7 +1791,7 @@ class Trainer:
 
     def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
         a = self.args
-        eta_s = a.max_wallclock_seconds - ms / 1000 if a.max_wallclock_seconds > 0 else (a.iterations - step) * ms / step / 1000
+        eta_s = a.train_cap_s - ms / 1000 if a.train_cap_s > 0 else (a.iterations - step) * ms / step / 1000
         self.log(f"step:{step}/{a.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
                  f"step_avg:{ms / step:.2f}ms eta:{max(eta_s, 0):.0f}s")
 
@@ -1488,7 +1811,7 @@ class Trainer:
             if dctx.enabled:  # every rank must take the same LR/QAT/SWA/stop decisions: share the slowest clock
                 elapsed = dctx.all_reduce(torch.tensor(elapsed, dtype=torch.float64, device=dctx.device),
                                           dist.ReduceOp.MAX).item()
-            if stop_after is None and args.max_wallclock_seconds > 0 and elapsed >= 1000 * args.max_wallclock_seconds:
+            if stop_after is None and args.train_cap_s > 0 and elapsed >= 1000 * args.train_cap_s:
                 stop_after = step
             last = step == args.iterations or (stop_after is not None and step >= stop_after)
             if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
@@ -1586,9 +1909,9 @@ def main() -> int:
             log(f"world_size:{dctx.world_size}")
             status = final_evaluation(args, dctx, log, val, luts, results)
         else:
-            model = (load_checkpoint(args, dctx, log, val, luts, results) if args.export_only_from
-                     else train_model(args, dctx, log, val, luts, results))
-            status = export_model(args, dctx, log, model, code, results)
+            model, hessians = (load_checkpoint(args, dctx, log, val, luts, results) if args.export_only_from
+                               else train_model(args, dctx, log, val, luts, results))
+            status = export_model(args, dctx, log, model, hessians, code, results)
             if status == 0:
                 args.eval_only_path = args.artifact_path
                 status = final_evaluation(args, dctx, log, val, luts, results)
@@ -1638,12 +1961,10 @@ def preflight(args: Hyperparameters, dctx: Dist, log):
     (ranks split the files)."""
     PROGRESS["phase"] = "preflight"
     t = time.perf_counter()
-    if args.compressor == "zstd" and not args.eval_only_path:
-        try:
-            import zstandard  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: COMPRESSOR=zstd needs the zstandard package (pip install zstandard); "
-                             "or set COMPRESSOR=lzma") from None
+    if args.compressor not in available_compressors() + ["auto"] and not args.eval_only_path:
+        package = {"zstd": "zstandard", "brotli": "brotli"}[args.compressor]
+        raise SystemExit(f"error: COMPRESSOR={args.compressor} needs the {package} package (pip install {package}); "
+                         f"or set COMPRESSOR=auto (uses what is installed) or lzma")
     for knob, path in (("EVAL_ONLY_PATH", args.eval_only_path), ("EXPORT_ONLY_FROM", args.export_only_from)):
         if path and not os.path.isfile(path):
             raise SystemExit(f"error: {knob}={path} is not a file")
@@ -1670,8 +1991,9 @@ def load_eval_data(args: Hyperparameters, dctx: Dist, log):
     return val, luts
 
 
-def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> GPT:
-    """Build, compile-warm and train the model, then load the export weights and measure them."""
+def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> tuple[GPT, dict | None]:
+    """Build, compile-warm and train the model, load the export weights, calibrate GPTQ on them within the
+    wall clock, and measure them. Returns the model and its Hessians (None without GPTQ)."""
     PROGRESS["phase"] = "build"
     device, world = dctx.device, dctx.world_size
     grad_accum = args.grad_accum_steps or (8 // world if 8 % world == 0 else 0)
@@ -1705,21 +2027,32 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights = averager.load_into_model()
+    hessians, calib = None, 0
+    if args.quant_method == "gptq":
+        cap, t = args.max_wallclock_seconds, time.perf_counter()
+        hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
+                                           cap - results["train_s"] if cap > 0 else None)
+        results["train_s"] += time.perf_counter() - t
+        log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
     if args.save_checkpoint and dctx.master:
-        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log)
-    return model
+        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib)
+    return model, hessians
 
 
-def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> GPT:
-    """EXPORT_ONLY_FROM: the saved export weights of an earlier run, measured as that run measured them."""
+def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> tuple[GPT, dict | None]:
+    """EXPORT_ONLY_FROM: the saved export weights of an earlier run, calibrated on as many batches and
+    measured as that run did."""
     PROGRESS["phase"] = "build"
     saved = torch.load(args.export_only_from, map_location="cpu")
     model = model_from_state(saved["arch"], saved["state"], args, dctx.device, log, "checkpoint")
     model.act_dtype = torch.bfloat16 if dctx.device.type == "cuda" else torch.float32
     log(f"export_only_from:{args.export_only_from}")
+    hessians = None
+    if args.quant_method == "gptq":
+        hessians, _ = collect_hessians(model, args, dctx, log, saved.get("calib_batches") or args.gptq_calib_batches)
     measure_pre_quant(compiled_logits(model, args), "checkpoint", args, dctx, log, val, luts, results)
-    return model
+    return model, hessians
 
 
 def measure_pre_quant(logits_fn, weights: str, args: Hyperparameters, dctx: Dist, log, val, luts, results: dict):
@@ -1730,7 +2063,7 @@ def measure_pre_quant(logits_fn, weights: str, args: Hyperparameters, dctx: Dist
     results["pre_quant"] = vb
 
 
-def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes, results: dict) -> int:
+def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, hessians, code: bytes, results: dict) -> int:
     """Rank 0 quantizes, fits and writes the artifact; every rank learns its size and hash. 1 = over the cap.
     Non-finite weights or val_bpb stop the run here: they never become an artifact."""
     PROGRESS["phase"] = "export"
@@ -1742,13 +2075,13 @@ def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, code: bytes
     model_bytes, sha = 0, None
     if dctx.master:
         arch = {k: getattr(args, k) for k in ARCH_KEYS}
-        blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, arch, args,
+        blob, raw_bytes = fit_artifact({k: v.detach() for k, v in model.state_dict().items()}, hessians, arch, args,
                                        args.size_limit - len(code), log)
-        model_bytes = len(blob)
+        model_bytes, kind = len(blob), f"int{args.matrix_bits}+{COMPRESSOR_NAMES[blob[6:10]]}"
         log(f"Serialized model: {raw_bytes} bytes")
         log(f"Code size: {len(code)} bytes")
-        log(f"Serialized model int6+{args.compressor}: {model_bytes} bytes")
-        log(f"Total submission size int6+{args.compressor}: {model_bytes + len(code)} bytes")
+        log(f"Serialized model {kind}: {model_bytes} bytes")
+        log(f"Total submission size {kind}: {model_bytes + len(code)} bytes")
         write_atomic(args.artifact_path, blob)
         sha = hashlib.sha256(blob).hexdigest()
     results["artifact_sha256"] = dctx.share(sha)

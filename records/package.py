@@ -90,7 +90,7 @@ _RE = {
     "raw_model": re.compile(r"^Serialized model: (\d+) bytes"),
     "code_size": re.compile(r"^Code size: (\d+) bytes"),
     "model_bytes": re.compile(r"^Serialized model int6\+(\w+): (\d+) bytes"),
-    "total_bytes": re.compile(r"^Total submission size int6\+(\w+): (\d+) bytes"),
+    "total_bytes": re.compile(r"^Total submission size int\d+\+(\w+): (\d+) bytes"),
     "size_check": re.compile(r"^size_check total:(\d+) limit:(\d+) (\w+)"),
     "export_time": re.compile(r"^export_time:(\d+)ms"),
     "rt": re.compile(rf"^final_int6_roundtrip val_loss:({_NUM}) val_bpb:({_NUM}) eval_time:(\d+)ms"),

@@ -5,8 +5,7 @@
 
 Prints, per quantized tensor, the order-0 entropy of its integer codes; the total entropy against the artifact
 size; the codes-only size under zstd-19/22 and lzma-9e; and the entropy if every int6 step were coarser by a
-factor. The artifact is read with train_gpt.load_artifact, so every format it can load works here (chunked
-`PGOLF3` files included).
+factor. The artifact is read with train_gpt.load_artifact, so every format it can load works here.
 """
 import argparse
 import lzma
@@ -61,11 +60,11 @@ def probe(path: str, recompress: bool = True) -> dict:
     for name, fn in compressors() if recompress else []:
         t = time.time()
         print(f"{name} codes only: {len(fn(blob)) / 1e6:.3f} MB in {time.time() - t:.1f}s")
-    int6 = [a for k, a in codes.items() if k.endswith(".q6")]
+    int6 = [a for k, a in codes.items() if k.endswith("_bank.q")]
     rest_bits = total_bits - sum(entropy_bits(a) * a.size for a in int6)
     for factor in (1.15, 1.3, 1.5):
         bits = rest_bits + sum(entropy_bits(np.round(a / factor)) * a.size for a in int6)
-        print(f"int6 step x{factor}: order-0 entropy {bits / 8e6:.3f} MB")
+        print(f"matrix step x{factor}: order-0 entropy {bits / 8e6:.3f} MB")
     return {"artifact_bytes": size, "payload_bytes": raw, "entropy_bytes": total_bits / 8, "tensors": len(codes)}
 
 

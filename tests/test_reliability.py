@@ -147,7 +147,7 @@ def _tiny_artifact(make_args, path: Path, seed=0, **knobs) -> tuple[bytes, "tg.H
     torch.manual_seed(seed)
     m = H.randomize(tg.GPT(a), std=0.05, seed=seed)
     arch = {k: getattr(a, k) for k in tg.ARCH_KEYS}
-    blob, _ = tg.pack_artifact({k: v.detach() for k, v in m.state_dict().items()}, arch, "lzma", a.clip_fracs)
+    blob = tg.pack_artifact(tg.quantize_state(m.state_dict(), a), arch, "lzma")
     tg.write_atomic(str(path), blob)
     return blob, a
 
@@ -236,7 +236,7 @@ def test_preflight_splits_files_over_ranks_and_gathers_errors(make_args, monkeyp
     a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "ok.ptz"))
     logs = []
     tg.preflight(a, H.DistStub(), logs.append).close()
-    assert len(logs) == 1 and re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:zstd time:\d+\.\ds",
+    assert len(logs) == 1 and re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds",
                                            logs[0])
 
 
@@ -289,14 +289,14 @@ def test_missing_zstandard_fails_at_start(tmp_path, tiny_data):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "zstandard.py").write_text("raise ImportError('zstandard is hidden by this test')\n")
-    run = cli(tmp_path / "run", "nozstd", tiny_data, PYTHONPATH=shim)
-    assert_stopped_before_training(run, "zstandard", "COMPRESSOR=lzma", "COMPRESSOR=zstd")
+    run = cli(tmp_path / "run", "nozstd", tiny_data, PYTHONPATH=shim, COMPRESSOR="zstd")
+    assert_stopped_before_training(run, "zstandard", "COMPRESSOR=auto", "COMPRESSOR=zstd")
 
 
 def test_preflight_without_zstandard_in_process(make_args, monkeypatch, tmp_path, tiny_data):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` raises ImportError
-    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "a.ptz"))
-    with pytest.raises(SystemExit, match=r"zstandard.*COMPRESSOR=lzma"):
+    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "a.ptz"), COMPRESSOR="zstd")
+    with pytest.raises(SystemExit, match=r"zstandard.*COMPRESSOR=auto.*lzma"):
         tg.preflight(a, H.DistStub(), lambda msg: None)
     assert list(tmp_path.iterdir()) == [], "checked before the artifact path is locked"
     a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "b.ptz"), COMPRESSOR="lzma")
@@ -378,7 +378,7 @@ def test_non_finite_export_weights_write_nothing(make_args, tmp_path):
         m.skip_weights[0, 0] = math.inf
     logs = []
     with pytest.raises(SystemExit) as ei:
-        tg.export_model(a, H.DistStub(), logs.append, m, b"code", {"pre_quant": 1.0})
+        tg.export_model(a, H.DistStub(), logs.append, m, None, b"code", {"pre_quant": 1.0})
     msg = str(ei.value)
     assert msg.startswith("error: the export weights are not finite") and "no artifact written" in msg
     assert "skip_weights" in msg and "blocks.1.mlp_scale" in msg
@@ -389,7 +389,7 @@ def test_non_finite_pre_quant_bpb_writes_nothing(make_args, tmp_path):
     a = _export_args(make_args, tmp_path)
     m = tg.GPT(a)
     with pytest.raises(SystemExit, match="val_bpb nan"):
-        tg.export_model(a, H.DistStub(), lambda msg: None, m, b"code", {"pre_quant": math.nan})
+        tg.export_model(a, H.DistStub(), lambda msg: None, m, None, b"code", {"pre_quant": math.nan})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -397,7 +397,7 @@ def test_export_records_the_sha256_it_wrote(make_args, tmp_path):
     a = _export_args(make_args, tmp_path)
     m = H.randomize(tg.GPT(a), std=0.05)
     results = {"pre_quant": 1.0}
-    assert tg.export_model(a, H.DistStub(), lambda msg: None, m, b"code", results) == 0
+    assert tg.export_model(a, H.DistStub(), lambda msg: None, m, None, b"code", results) == 0
     assert results["artifact_sha256"] == H.sha256_file(a.artifact_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int6.ptz"]
 
@@ -626,9 +626,9 @@ def test_final_evaluation_loads_only_the_artifact_it_wrote(make_args, tmp_path, 
 # ----------------------------------------------------------------------------- 6. artifact integrity
 
 
-def test_artifact_is_pgolf3_with_a_trailing_sha256(make_args, tmp_path):
+def test_artifact_is_pgolf4_with_a_trailing_sha256(make_args, tmp_path):
     blob, _ = _tiny_artifact(make_args, tmp_path / "m.ptz")
-    assert tg.ARTIFACT_MAGIC == b"PGOLF3" and blob.startswith(b"PGOLF3lzma")
+    assert tg.ARTIFACT_MAGIC == b"PGOLF4" and blob.startswith(b"PGOLF4lzma")
     assert blob[-32:] == hashlib.sha256(blob[:-32]).digest()
 
 
@@ -647,11 +647,11 @@ def test_changed_header_digit_fails_the_checksum(make_args, tmp_path, key, old, 
 def test_pgolf2_artifact_names_the_older_format(make_args, tmp_path):
     path = tmp_path / "m.ptz"
     blob, _ = _tiny_artifact(make_args, path)
-    path.write_bytes(b"PGOLF2" + blob[6:-32])  # the PGOLF2 layout: the same, without the checksum
+    path.write_bytes(b"PGOLF2" + blob[6:-32])  # the PGOLF2 layout: no checksum (and no byte planes)
     with pytest.raises(ValueError) as ei:
         tg.load_artifact(str(path))
     msg = str(ei.value)
-    assert str(path) in msg and "PGOLF2" in msg and "(older) train_gpt.py" in msg and "PGOLF3" in msg
+    assert str(path) in msg and "PGOLF2" in msg and "(older) train_gpt.py" in msg and "PGOLF4" in msg
 
 
 @pytest.mark.parametrize("fail", ["replace", "write"])
@@ -734,7 +734,7 @@ def test_one_layer_model_round_trips_through_the_artifact(make_args, tmp_path):
     arch = {k: getattr(a, k) for k in tg.ARCH_KEYS}
     for compressor in ("zstd", "lzma"):
         path = tmp_path / f"l1.{compressor}.ptz"
-        blob, _ = tg.pack_artifact({k: v.detach() for k, v in m.state_dict().items()}, arch, compressor, a.clip_fracs)
+        blob = tg.pack_artifact(tg.quantize_state(m.state_dict(), a), arch, compressor)
         tg.write_atomic(str(path), blob)
         _, state = tg.load_artifact(str(path))
         assert state["skip_weights"].shape == (0, a.model_dim)

@@ -22,7 +22,7 @@ FORMATS = [
     r"step:\d+/\d+ train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms eta:\d+s",
     r"DIAGNOSTIC post_ema val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms",
     r"DIAGNOSTIC post_ema_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
-    r"Total submission size int6\+zstd: \d+ bytes",
+    r"Total submission size int6\+brotli: \d+ bytes",
     r"size_check total:\d+ limit:16000000 ok",
     r"final_int6_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
     r"final_int6_sliding_window val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} stride:32 eval_time:\d+ms",
@@ -39,7 +39,7 @@ FORMATS = [
     r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d",
     r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
     r"eval_time_total:\d+ms",
-    r"preflight: ok shards:2 token_ids<1024 compressor:zstd time:\d+\.\ds",
+    r"preflight: ok shards:2 token_ids<1024 compressor:auto time:\d+\.\ds",
     r"artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 .* PARALLEL_MODE=lanes",
     r"artifact_arch overrides: none",
 ]
@@ -100,8 +100,8 @@ def test_cli_smoke_run(tg_runs, make_args):
     art = run.artifact.stat().st_size
     code = tg.compact_code(code)
     assert int(H.line_value(log, r"^Code size: (\d+) bytes$")) == len(code)
-    assert int(H.line_value(log, r"^Serialized model int6\+zstd: (\d+) bytes$")) == art
-    assert int(H.line_value(log, r"^Total submission size int6\+zstd: (\d+) bytes$")) == len(code) + art
+    assert int(H.line_value(log, r"^Serialized model int6\+brotli: (\d+) bytes$")) == art
+    assert int(H.line_value(log, r"^Total submission size int6\+\w+: (\d+) bytes$")) == len(code) + art
     assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
     assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"zstd"
     # the three projections add up to the total
@@ -242,7 +242,7 @@ def test_artifact_over_the_cap_fails_and_keeps_the_log(tg_runs):
     assert (f"ERROR: artifact {run.artifact} is {total - 1000} bytes OVER the 1000-byte limit (code {code} + "
             f"model {art}); this run cannot be submitted") in lines
     assert "final_int6_roundtrip" not in log and "eval_time_total" not in log
-    assert "size_fit: no int6 step multiplier up to 8 fits" in log  # SIZE_FIT tried, but nothing fits 1000 bytes
+    assert "size_fit: no k multiplier up to 8 fits" in log  # SIZE_FIT tried, but nothing fits 1000 bytes
     assert "export_weights:live" in lines
     post = H.exact(log, "DIAGNOSTIC post_live_exact")
     last = H.val_lines(log)[4]
@@ -257,7 +257,7 @@ def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
     limit = int(fit.env["SIZE_LIMIT"])
     art = fit.artifact.stat().st_size
     assert art < base.artifact.stat().st_size and code + art <= limit
-    steps = re.findall(r"^size_fit: int6 step x(\S+) model_bytes:(\d+) budget:(\d+) unfitted:\d+$", log, re.M)
+    steps = re.findall(r"^size_fit: k x(\S+) model_bytes:(\d+) budget:(\d+) unfitted:\d+ probes:\d+ pruned_ones:\d+$", log, re.M)
     assert steps, "no size_fit line"
     assert all(int(b) == limit - code for _, _, b in steps)
     assert int(steps[-1][1]) == art and float(steps[-1][0]) > 1.0
@@ -282,7 +282,7 @@ def test_summary_block_repeats_the_logged_numbers(tg_runs):
                       ("sliding_window", "final_int6_sliding_window_exact"), ("legal_ttt", "legal_ttt_exact")):
         assert float(summary[key]) == H.exact(log, line)[1], key
     total, code, model = map(int, re.search(r"^summary bytes total:(\d+) code:(\d+) model:(\d+)", log, re.M).groups())
-    assert total == int(H.line_value(log, r"Total submission size int6\+zstd: (\d+) bytes"))
+    assert total == int(H.line_value(log, r"Total submission size int6\+\w+: (\d+) bytes"))
     assert code == int(H.line_value(log, r"Code size: (\d+) bytes")) and total == code + model
     steps, train_s = re.search(r"^summary train_time:(\d+\.\d)s steps:(\d+)", log, re.M).groups()[::-1]
     last_ms = int(re.findall(r"^step:30/30 val_loss:\S+ val_bpb:\S+ train_time:(\d+)ms", log, re.M)[-1])

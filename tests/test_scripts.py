@@ -26,12 +26,12 @@ def test_size_probe_help_prints_usage():
     assert r.returncode == 0 and r.stdout.startswith("usage: size_probe.py") and "artifact" in r.stdout
 
 
-def test_size_probe_reads_a_chunked_artifact(tmp_path):
+def test_size_probe_reads_a_chunked_artifact(tmp_path, make_args):
     torch.manual_seed(0)
     # > 1 MiB of codes, so the artifact has several independently compressed chunks
-    state = {"blocks.mlp_up_bank": torch.randn(3, 512, 768), "tok_emb.weight": torch.randn(256, 64),
+    state = {"blocks.mlp_up_bank": torch.randn(6, 512, 768), "tok_emb.weight": torch.randn(256, 64),
              "final_norm.weight": torch.randn(64)}
-    blob, _ = tg.pack_artifact(state, {"num_layers": 3}, "zstd", [1.0])
+    blob = tg.pack_artifact(tg.quantize_state(state, make_args()), {"num_layers": 3}, "zstd")
     art = tmp_path / "final_model.int6.ptz"
     art.write_bytes(blob)
     (hlen,) = struct.unpack("<I", blob[10:14])
@@ -39,13 +39,13 @@ def test_size_probe_reads_a_chunked_artifact(tmp_path):
     r = _run(sys.executable, str(SIZE_PROBE), str(art), "--no-recompress")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("blocks.mlp_up_bank.q6") and lines[1].startswith("tok_emb.weight.q8")
-    assert f"artifact {len(blob) / 1e6:.3f} MB" in r.stdout and "int6 step x1.5" in r.stdout
+    assert lines[0].startswith("blocks.mlp_up_bank.q ") and lines[1].startswith("tok_emb.weight.q ")
+    assert f"artifact {len(blob) / 1e6:.3f} MB" in r.stdout and "matrix step x1.5" in r.stdout
     sys.path.insert(0, str(SIZE_PROBE.parent))
     import size_probe
     codes = size_probe.load_codes(str(art))
-    assert codes["blocks.mlp_up_bank.q6"].dtype == torch.int8 and codes["blocks.mlp_up_bank.q6"].shape == (3, 512, 768)
-    assert codes["blocks.mlp_up_bank.q6"].abs().max() <= 31
+    assert codes["blocks.mlp_up_bank.q"].dtype == torch.int8 and codes["blocks.mlp_up_bank.q"].shape == (6, 512, 768)
+    assert codes["blocks.mlp_up_bank.q"].abs().max() <= 31
     # a file that is not an artifact: one error line, no traceback
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"not an artifact")

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Compare export methods on one saved checkpoint (the `final_model.pt` a run writes beside its artifact).
+
+    RECIPE=frontier DATA_PATH=... TOKENIZER_PATH=... python3 scripts/export_table.py final_model.pt [--out table.md]
+
+Collects the GPTQ Hessians once (as many calibration batches as the run used), then exports the checkpoint
+with each method, reloads every artifact from its bytes and measures its round-trip val_bpb (non-overlapping
+windows of EVAL_SEQ_LEN, the `final_int6_roundtrip` number), against the unquantized checkpoint. Every
+artifact is fitted to SIZE_LIMIT minus the compact code size, exactly as a run would. Prints a Markdown table.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as tg  # noqa: E402
+
+# (label, knob overrides on top of the environment's recipe)
+VARIANTS = [
+    ("clip search + step fit (previous export)", dict(quant_method="search", compressor="zstd", prune_ones=False)),
+    ("GPTQ + SDClip, k x1, no fit", dict(quant_method="gptq", size_fit=False)),
+    ("GPTQ + SDClip fit", dict(quant_method="gptq", prune_ones=False)),
+    ("GPTQ + SDClip fit + ±1 pruning", dict(quant_method="gptq", prune_ones=True)),
+    ("GPTQ + SDClip fit + LQER r4 top3", dict(quant_method="gptq", prune_ones=False, lqer_rank=4, lqer_top=3)),
+    ("GPTQ + SDClip fit, int8 embedding k=20", dict(quant_method="gptq", prune_ones=False, embed_bits=8,
+                                                    sdclip_k_embed=20.0)),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="final_model.pt written by a train_gpt.py run")
+    ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--only", type=int, nargs="*", help="variant numbers to run (default: all)")
+    opts = ap.parse_args(argv)
+    args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
+    saved = torch.load(opts.checkpoint, map_location="cpu")
+    model = tg.model_from_state(saved["arch"], saved["state"], args, dctx.device, log, "checkpoint")
+    model.act_dtype = torch.bfloat16 if dctx.device.type == "cuda" else torch.float32
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    val, luts = tg.load_eval_data(args, dctx, log)
+    logits_fn = tg.compiled_logits(model, args)
+    L = args.eval_seq_len
+    measure = lambda: tg.evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx)[1]
+    pre = measure()
+    t = time.perf_counter()
+    hessians, batches = tg.collect_hessians(model, args, dctx, log, saved.get("calib_batches") or args.gptq_calib_batches)
+    calib_s = time.perf_counter() - t
+    budget = args.size_limit - len(tg.code_info()[1])
+    rows = [f"| export | model bytes | round-trip val_bpb | gap | export s | compressors at k x1 / fit |",
+            "|---|---|---|---|---|---|",
+            f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
+    for i, (label, knobs) in enumerate(VARIANTS):
+        if opts.only and i not in opts.only:
+            continue
+        run = tg.Hyperparameters()
+        for k, v in knobs.items():
+            setattr(run, k, v)
+        lines = []
+        t = time.perf_counter()
+        blob, _ = tg.fit_artifact(original, hessians if run.quant_method == "gptq" else None, saved["arch"], run,
+                                  budget, lines.append)
+        secs = time.perf_counter() - t
+        with tempfile.NamedTemporaryFile(suffix=".ptz") as f:
+            f.write(blob)
+            f.flush()
+            _, state = tg.load_artifact(f.name)
+        model.load_state_dict(state)
+        bpb = measure()
+        notes = "; ".join(ln.removeprefix("compressors: ") for ln in lines if ln.startswith(("compressors", "size_fit: k")))
+        rows.append(f"| {label} | {len(blob)}{' (over)' if len(blob) > budget else ''} | {bpb:.5f} | "
+                    f"{bpb - pre:+.5f} | {secs:.1f} | {notes} |")
+        log(rows[-1])
+    table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows)
+    print(table)
+    if opts.out:
+        Path(opts.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
