@@ -53,7 +53,7 @@ RECIPES: dict[str, dict[str, object]] = {
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
-        TTT_LR=0.005, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0, EMBED_BITS=7),
+        TTT_LR=0.005, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -191,12 +191,12 @@ class Hyperparameters:
         self.embed_bits = env("EMBED_BITS", 8)  # embedding tables
         self.sdclip_k_attn = env("SDCLIP_K_ATTN", 13.0)  # SDClip (gptq): row clip = k * std(row), per family
         self.sdclip_k_mlp = env("SDCLIP_K_MLP", 11.5)
-        self.sdclip_k_embed = env("SDCLIP_K_EMBED", 14.0)
+        self.sdclip_k_embed = env("SDCLIP_K_EMBED", 20.0)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
         self.lqer_top = env("LQER_TOP", 3)
-        self.prune_ones = env("PRUNE_ONES", True)  # size fit: finish by zeroing the cheapest +-1 codes
+        self.prune_ones = env("PRUNE_ONES", False)  # size fit: finish by zeroing the cheapest +-1 codes
         self.compressor = env("COMPRESSOR", "auto")  # auto (smallest) | brotli | zstd | lzma
         self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
         self.size_limit = env("SIZE_LIMIT", 16_000_000)
@@ -688,7 +688,8 @@ def tap(store: dict | None, key: str, x: torch.Tensor):
     """GPTQ calibration: add x^T x of a matrix's input to store[key] (store is None outside calibration)."""
     if store is not None:
         x = x.detach().reshape(-1, x.size(-1)).float()
-        store[key] = store[key].addmm_(x.T, x) if key in store else x.T @ x
+        with torch.autocast(x.device.type, enabled=False):
+            store[key] = store[key].addmm_(x.T, x) if key in store else x.T @ x
 
 # ----------------------------------------------------------------------------- model
 

@@ -26,8 +26,11 @@ VARIANTS = [
     ("GPTQ + SDClip fit", dict(quant_method="gptq", prune_ones=False)),
     ("GPTQ + SDClip fit + ±1 pruning", dict(quant_method="gptq", prune_ones=True)),
     ("GPTQ + SDClip fit + LQER r4 top3", dict(quant_method="gptq", prune_ones=False, lqer_rank=4, lqer_top=3)),
-    ("GPTQ + SDClip fit, int8 embedding k=20", dict(quant_method="gptq", prune_ones=False, embed_bits=8,
-                                                    sdclip_k_embed=20.0)),
+    ("GPTQ + SDClip fit, int7 embedding k=14", dict(quant_method="gptq", prune_ones=False, embed_bits=7,
+                                                    sdclip_k_embed=14.0)),
+    ("GPTQ + SDClip fit, k 12.85 attention and MLP", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=12.85,
+                                                          sdclip_k_mlp=12.85)),
+    ("GPTQ + SDClip fit + LQER r8 top8", dict(quant_method="gptq", prune_ones=False, lqer_rank=8, lqer_top=8)),
 ]
 
 

@@ -28,7 +28,7 @@ FRONTIER = dict(
     SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085,
     BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar", WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965,
     SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, TTT_LR=0.005,
-    QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0, EMBED_BITS=7,
+    QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
 )
 
 # A tiny frontier model for in-process tests (on top of H.TINY_MODEL): 6 layers, layers 2..3 looped, lanes from
