@@ -2,7 +2,7 @@
 and token ids, the artifact path, the compressor), finite-or-stop (a diverged loss, non-finite knobs, non-finite
 export weights), errors written to logs/<RUN_ID>.txt (exceptions, config errors, SIGTERM), knob hygiene (stray
 knob-like variables, STRICT_ENV, range checks), one run / one log / one artifact (RUN_ID refusal, RESUME_LOG, the
-artifact lock, the SHA-256 pin of the final evaluation), the PGOLF3 checksum, eval-only honesty, and a 2-process
+artifact lock, the SHA-256 pin of the final evaluation), the PGOLF4 checksum, eval-only honesty, and a 2-process
 run with a parameter that gets no gradient.
 
 Runs that must stop before training are single train_gpt.py processes started here (no torchrun), each a few

@@ -103,7 +103,7 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert int(H.line_value(log, r"^Serialized model int6\+brotli: (\d+) bytes$")) == art
     assert int(H.line_value(log, r"^Total submission size int6\+\w+: (\d+) bytes$")) == len(code) + art
     assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
-    assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"zstd"
+    assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"brot"
     # the three projections add up to the total
     phases = re.findall(r"^eval_projection phase:\S+ .* projected_8gpu_full_val_s:(\S+)$", log, re.M)
     phases = [float(x) for x in phases]

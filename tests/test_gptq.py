@@ -1,0 +1,333 @@
+"""Export v2 (SPEC §10.3, §10.8): full-Hessian GPTQ and its calibration inside the wall clock, SDClip steps and
+the size fit by k multiplier, selective +-1 pruning, LQER, byte planes and the compressor choice, QAT on the
+export grid, and EXPORT_ONLY_FROM reproducing a GPTQ run's artifact."""
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+import tg_helpers as H
+import train_gpt as tg
+
+from test_frontier import TINY_FRONTIER
+
+
+def correlated_problem(B=2, rows=48, cols=160, seed=0):
+    """Matrices whose inputs are strongly correlated (what makes GPTQ's error feedback pay)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) * 0.4 + torch.eye(cols)
+    X = torch.randn(B, 2048, cols, generator=g) @ mix
+    W = torch.randn(B, rows, cols, generator=g)
+    return W, X.mT @ X
+
+
+def hessian_error(W, deq, Hs):
+    E = W - deq
+    return torch.einsum("bri,bij,brj->", E, Hs, E).item()
+
+
+def sdclip(W, k=4.0, qmax=31):
+    return tg.sdclip_steps(W, k, qmax).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+def test_gptq_beats_round_to_nearest_on_the_hessian_weighted_error():
+    W, Hs = correlated_problem()
+    s = sdclip(W)
+    Q, ok = tg.gptq(W, Hs, s, 31)
+    assert ok.all() and Q.dtype == torch.int8 and Q.abs().max() <= 31
+    rtn = torch.clamp(torch.round(W / s[..., None]), -31, 31)
+    gptq_err = hessian_error(W, Q.float() * s[..., None], Hs)
+    rtn_err = hessian_error(W, rtn * s[..., None], Hs)
+    assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
+
+
+def test_act_order_permutation_round_trips():
+    """With a diagonal Hessian there is no error feedback, so GPTQ must give round-to-nearest codes in the
+    original column order, whatever order act-order visits the columns in."""
+    W = torch.randn(2, 16, 300, generator=torch.Generator().manual_seed(1))  # 300: blocks of 128 + a rest
+    diag = torch.rand(2, 300, generator=torch.Generator().manual_seed(2)) + 0.1  # distinct: a real permutation
+    assert not torch.equal(diag[0].argsort(descending=True), torch.arange(300))
+    s = sdclip(W)
+    Q, ok = tg.gptq(W, torch.diag_embed(diag), s, 31)
+    assert ok.all()
+    assert torch.equal(Q, torch.clamp(torch.round(W / s[..., None]), -31, 31).to(torch.int8))
+
+
+def test_dead_inputs_are_zeroed():
+    W, Hs = correlated_problem(B=1, cols=64)
+    Hs[0, 5, :] = Hs[0, :, 5] = 0  # input 5 never fires
+    Q, ok = tg.gptq(W, Hs, sdclip(W), 31)
+    assert ok.all() and (Q[0, :, 5] == 0).all() and (Q[0, :, 4] != 0).any()
+
+
+@pytest.mark.parametrize("bad", ["indefinite", "nan"])
+def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
+    W, Hs = correlated_problem(B=2, cols=64)
+    Hs[1] = -torch.eye(64) if bad == "indefinite" else torch.full((64, 64), math.nan)
+    _, ok = tg.gptq(W, Hs, sdclip(W), 31)
+    assert ok.tolist() == [True, False]
+    # inside quantize_state: the failed unit gets the clip search's codes and steps, and the log says so
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.05)
+    state = m.state_dict()
+    hess = {key: torch.eye(W.size(-1)) for key in ("up.0", "up.1")}
+    for key in hess:
+        d = state["mlp_up_bank"].size(-1)
+        hess[key] = torch.eye(d)
+    hess["up.1"] = -torch.eye(hess["up.1"].size(0)) if bad == "indefinite" else hess["up.1"] * math.nan
+    logs = []
+    packed = tg.quantize_state(state, a, hess, 1.0, logs.append)
+    assert logs == ["gptq: Cholesky failed for 1 matrices; they use the clip search instead"]
+    q, s = tg.quantize_rows(state["mlp_up_bank"][1].float(), 31, a.clip_fracs)
+    assert torch.equal(packed["mlp_up_bank.q"][1], q)
+    assert torch.equal(packed["mlp_up_bank.qscale"].view(2, -1)[1], s)
+
+
+def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args):
+    """QAT's fake quantizer (k multiplier 1) equals the export's dequantization: rounded to nearest, and
+    through GPTQ when the Hessian carries no correlation."""
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.05)
+    state = m.state_dict()
+    eye = lambda n: torch.eye(n)
+    d, hid = a.model_dim, int(a.mlp_mult * a.model_dim)
+    hess = {f"{kind}.{i}": eye(hid if kind == "down" else d) for i in range(2) for kind in ("qkv", "o", "up", "down")}
+    for hessians in (None, hess):
+        deq = tg.dequantize_state(tg.quantize_state(state, a, hessians))
+        for name, bank, family in zip(tg.BANK_NAMES, m.banks(), tg.BANK_FAMILIES):
+            assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, family)), (name, hessians is None)
+
+
+def test_gptq_lowers_the_models_output_error_with_calibrated_hessians(make_args, tiny_data):
+    """End to end on a small model: Hessians from training batches, then GPTQ codes give outputs closer to the
+    unquantized model's than round-to-nearest on the same SDClip grid."""
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", SDCLIP_K_ATTN="4",
+                  SDCLIP_K_MLP="4", SDCLIP_K_EMBED="4", MATRIX_BITS="3", EMBED_BITS="4", TRAIN_BATCH_TOKENS="4096")
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.08)
+    hess, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 8)
+    assert n == 8
+    ids = tg.load_shard(str(tiny_data / "fineweb_val_000000.bin"))[:512].astype("int64")
+    ids = torch.from_numpy(ids).view(4, 128)
+    with torch.no_grad():
+        ref = m.forward_logits(ids)
+        errs = {}
+        for name, h in (("rtn", None), ("gptq", hess)):
+            q = tg.GPT(a)
+            q.load_state_dict(tg.dequantize_state(tg.quantize_state(m.state_dict(), a, h)))
+            errs[name] = (q.forward_logits(ids) - ref).square().mean().item()
+    assert errs["gptq"] < 0.9 * errs["rtn"], errs
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_taps_every_matrix_input_and_every_looped_pass(make_args, tiny_data):
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), TRAIN_BATCH_TOKENS="1024")
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.05)
+    calls = {}
+    real_tap = tg.tap
+
+    def counting_tap(store, key, x):
+        if store is not None:
+            calls[key] = calls.get(key, 0) + 1
+        real_tap(store, key, x)
+
+    with mock.patch.object(tg, "tap", counting_tap):
+        hess, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 3)
+    L = a.num_layers
+    assert set(hess) == {f"{k}.{i}" for k in ("qkv", "o", "up", "down") for i in range(L)} | {"emb"}
+    passes = [1 + a.num_loops if a.loop_start <= i <= a.loop_end else 1 for i in range(L)]
+    assert all(calls[f"{k}.{i}"] == 3 * passes[i] for k in ("qkv", "o", "up", "down") for i in range(L))
+    assert calls["emb"] == 3
+    hid = int(a.mlp_mult * a.model_dim)
+    assert hess["down.0"].shape == (hid, hid) and hess["qkv.0"].shape == (a.model_dim, a.model_dim)
+    assert m.hessians is None and all(b.hessians is None for b in m.blocks), "the store is detached afterwards"
+    # the LM head's Hessian is the Gram matrix of the final-norm output over the batches seen
+    loader = tg.train_loader(a, H.DistStub(), tg.shard_files(a.data_path, "train"), 128)
+    with torch.no_grad():
+        h = torch.cat([m.hidden(loader.next_batch()[0]).reshape(-1, a.model_dim) for _ in range(3)])
+    torch.testing.assert_close(hess["emb"], h.T @ h, rtol=1e-4, atol=1e-3)
+
+
+def test_calibration_reads_training_shards_only(make_args, tiny_data):
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
+    m = tg.GPT(a)
+    read = []
+    real = tg.load_shard
+    with mock.patch.object(tg, "load_shard", lambda path: read.append(path) or real(path)):
+        tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 2)
+    assert read and all("fineweb_train_" in p for p in read), read
+
+
+def test_calibration_stops_inside_its_time(make_args, tiny_data):
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
+    m = tg.GPT(a)
+    logs = []
+    hess, n = tg.collect_hessians(m, a, H.DistStub(), logs.append, 50, seconds=0.0)
+    assert n == 0 and hess == {} and logs[0].startswith("gptq_calibration: batches:0/50 ")
+    clock = iter(range(0, 1000, 1))  # every perf_counter read is one second later
+    with mock.patch.object(tg.time, "perf_counter", lambda: float(next(clock))):
+        _, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 50, seconds=7.5)
+    assert 1 <= n < 50, "stops before a batch would overrun the seconds left"
+
+
+def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
+    a = make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12")
+    assert a.train_cap_s == 88.0
+    assert tg.run_progress(a, 1, 44_000) == 0.5
+    assert make_args(QUANT_METHOD="search", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12").train_cap_s == 100.0
+    assert make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="12").train_cap_s == 0.0
+    with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS"):
+        make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10")
+
+
+# ----------------------------------------------------------------------------- size fit, pruning, LQER
+
+
+def _model_state(make_args, **knobs):
+    a = make_args(**knobs)
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.05)
+    return a, {k: v.detach() for k, v in m.state_dict().items()}, {k: getattr(a, k) for k in tg.ARCH_KEYS}
+
+
+def test_sdclip_size_control_is_monotone_and_hits_the_target(make_args, tmp_path):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    sizes = [len(tg.pack_artifact(tg.quantize_state(state, a, None, m), arch, "lzma")) for m in (0.6, 0.8, 1.0, 1.4, 2.0)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1.2 * sizes[-1]
+    for budget in (int(0.85 * sizes[2]), int(1.1 * sizes[2])):  # coarser to fit, or finer to use spare bytes
+        logs = []
+        blob, _ = tg.fit_artifact(state, None, arch, a, budget, logs.append)
+        assert 0.985 * budget <= len(blob) <= budget, (len(blob), budget)
+        (line,) = [ln for ln in logs if ln.startswith("size_fit: k x")]
+        mult = float(line.split("k x")[1].split()[0])
+        assert (mult > 1) == (budget < sizes[2]) and f"model_bytes:{len(blob)} budget:{budget}" in line
+        _, loaded = tg.load_artifact(_write(blob, tmp_path))
+        assert loaded.keys() == state.keys()
+
+
+def _write(blob, tmp_path):
+    path = tmp_path / "m.ptz"
+    path.write_bytes(blob)
+    return str(path)
+
+
+def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_args):
+    """The search runs on an entropy model of the size; a model that underestimates must still end in a
+    real fit (the target is lowered by the real excess)."""
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    budget = int(0.8 * len(tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")))
+    real = tg.size_model
+    calls = []
+
+    def optimistic(packed):  # right at the first pack (sets the ratio), 3 % too small afterwards
+        calls.append(1)
+        return real(packed) * (1.0 if len(calls) == 1 else 0.97)
+
+    with mock.patch.object(tg, "size_model", optimistic):
+        blob, _ = tg.fit_artifact(state, None, arch, a, budget, lambda msg: None)
+    assert len(blob) <= budget
+
+
+def test_prune_ones_zeroes_the_cheapest_ones_first():
+    q = torch.tensor([[1, -1, 2, 1], [1, 0, -1, 3], [-1, 1, 1, 1]], dtype=torch.int8)
+    packed = {"a.q": q, "a.qscale": torch.tensor([0.3, 0.1, 0.2], dtype=torch.float16), "b": torch.ones(2).half()}
+    out = tg.prune_ones(packed, 3)  # row 1 (step 0.1) has two +-1 codes, then row 2 (0.2) gives its first
+    assert out["a.q"].tolist() == [[1, -1, 2, 1], [0, 0, 0, 3], [0, 1, 1, 1]]
+    assert torch.equal(packed["a.q"], q), "the input is not modified"
+    assert (tg.prune_ones(packed, 9)["a.q"].abs() == 1).sum() == 0
+    assert torch.equal(tg.prune_ones(packed, 0)["a.q"], q)
+
+
+def test_size_fit_with_pruning_fits_and_reports_the_count(make_args):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma", PRUNE_ONES="1")
+    budget = int(0.9 * len(tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")))
+    logs = []
+    blob, _ = tg.fit_artifact(state, None, arch, a, budget, logs.append)
+    (line,) = [ln for ln in logs if ln.startswith("size_fit: k x")]
+    assert len(blob) <= budget and int(line.split("pruned_ones:")[1]) > 0
+
+
+def test_lqer_lowers_the_reconstruction_error_of_the_worst_matrices(make_args, tmp_path):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", MATRIX_BITS="3", EMBED_BITS="4")
+    b = make_args(QUANT_METHOD="gptq", MATRIX_BITS="3", EMBED_BITS="4", LQER_RANK="4", LQER_TOP="3")
+    plain, lq = tg.quantize_state(state, a), tg.quantize_state(state, b)
+    factors = sorted({k.rsplit(".", 1)[0] for k in lq if ".lqer." in k})
+    assert len(factors) == 3
+    assert all(lq[f + ".a"].abs().max() <= 2 and lq[f + ".b"].abs().max() <= 8 for f in factors)
+    assert all(lq[f + ".a"].size(1) == 4 for f in factors)
+    d_plain, d_lq = tg.dequantize_state(plain), tg.dequantize_state(lq)
+    changed = 0
+    for name in d_plain:
+        W, P, Lq = (t if t.dim() == 3 else t[None] for t in (state[name].float(), d_plain[name], d_lq[name]))
+        for i in range(W.size(0)):
+            if any(f == f"{name}.lqer.{i}" for f in factors):
+                assert (Lq[i] - W[i]).norm() < 0.99 * (P[i] - W[i]).norm(), (name, i)
+                changed += 1
+            else:
+                assert torch.equal(Lq[i], P[i])
+    assert changed == 3
+    # the three largest errors were corrected, and the factors survive the artifact
+    blob = tg.pack_artifact(lq, arch, "lzma")
+    _, loaded = tg.load_artifact(_write(blob, tmp_path))
+    assert all(torch.equal(loaded[k], d_lq[k]) for k in d_lq)
+
+
+# ----------------------------------------------------------------------------- serialization
+
+
+def test_byte_planes_and_every_compressor_round_trip_bit_exactly(make_args, tmp_path):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", LQER_RANK="2")
+    packed = tg.quantize_state(state, a)
+    assert tg.tensor_bytes(torch.tensor([1.0, 2.0], dtype=torch.float16)) == bytes([0x00, 0x00, 0x3C, 0x40])
+    for compressor in tg.COMPRESSORS:
+        blob = tg.pack_artifact(packed, arch, compressor)
+        assert blob == tg.pack_artifact(packed, arch, compressor), "deterministic for a fixed input"
+        with mock.patch.object(tg, "dequantize_state", lambda p: p):
+            _, raw = tg.load_artifact(_write(blob, tmp_path))
+        assert raw.keys() == packed.keys()
+        for k in packed:
+            assert raw[k].dtype == packed[k].dtype and torch.equal(raw[k], packed[k]), (compressor, k)
+
+
+def test_auto_compressor_picks_the_smallest(make_args):
+    a, state, arch = _model_state(make_args)
+    logs = []
+    blob, _ = tg.fit_artifact(state, None, arch, a, 10**9, logs.append)
+    sizes = dict(part.split(":") for part in logs[0].removeprefix("compressors: ").split() if not part.startswith("chosen"))
+    assert set(sizes) == set(tg.COMPRESSORS) and len(blob) == min(map(int, sizes.values()))
+    assert logs[0].endswith(f"chosen:{min(sizes, key=lambda c: int(sizes[c]))}")
+
+
+def test_size_model_tracks_the_compressed_size(make_args):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq")
+    ratios = []
+    for m in (0.7, 1.0, 1.5):
+        packed = tg.quantize_state(state, a, None, m)
+        ratios.append(len(tg.pack_artifact(packed, arch, "brotli")) / tg.size_model(packed))
+    assert max(ratios) / min(ratios) < 1.1, ratios
+
+
+# ----------------------------------------------------------------------------- in a run
+
+
+@pytest.mark.tg_runs("frontier_acc_1p", "frontier_export_only")
+def test_export_only_reproduces_a_gptq_runs_artifact_bytes(tg_runs):
+    base, again = tg_runs("frontier_acc_1p"), tg_runs("frontier_export_only")
+    assert base.rc == 0 and again.rc == 0, again.describe()
+    calib = [ln for ln in base.log.splitlines() if ln.startswith("gptq_calibration: ")]
+    assert len(calib) == 1 and calib[0].startswith("gptq_calibration: batches:64/64 ")
+    assert "train_time+calibration:" in base.log
+    assert [ln for ln in again.log.splitlines() if ln.startswith("gptq_calibration: batches:64/64 ")]
+    assert again.artifact.read_bytes() == base.artifact.read_bytes(), "same weights and Hessians, same bytes"
+    assert H.exact(again.log, "final_int6_roundtrip_exact") == H.exact(base.log, "final_int6_roundtrip_exact")
