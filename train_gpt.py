@@ -217,6 +217,16 @@ class Hyperparameters:
         self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
         self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
+        self.ttt_mode = env("TTT_MODE", "sgd")  # sgd: chunked score-first SGD | phased: per-document LoRA + phases
+        self.ttt_lora_rank = env("TTT_LORA_RANK", 80)
+        self.ttt_lora_alpha = env("TTT_LORA_ALPHA", 144.0)
+        self.ttt_lora_lr = env("TTT_LORA_LR", 1e-4)
+        self.ttt_lora_wd = env("TTT_LORA_WD", 0.5)
+        self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 48)  # predictions scored per step of a document
+        self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
+        self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
+        self.ttt_phases = env("TTT_PHASES", 3)
+        self.ttt_phase_lr = env("TTT_PHASE_LR", 0.001)
         self.validate()
 
     def validate(self):
@@ -256,6 +266,9 @@ class Hyperparameters:
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
+        need(self.ttt_mode in ("sgd", "phased"), "TTT_MODE must be sgd|phased")
+        need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
+             and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              "TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN, or TTT would never train")
         need(len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS must not repeat a layer")
@@ -781,7 +794,10 @@ class Block(nn.Module):
         tap(self.hessians, f"up.{self.idx}", u)
         h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
         tap(self.hessians, f"down.{self.idx}", h)
-        return self.mlp_scale.to(dt) * F.linear(h, w["down"].to(dt))
+        out = F.linear(h, w["down"].to(dt))
+        if "lora" in w:
+            out = out + w["lora"]("mlp", u)
+        return self.mlp_scale.to(dt) * out
 
     def attn_out(self, x, w, ve, cos, sin):
         u = rms_norm(x) * self.ln_factor
@@ -791,6 +807,8 @@ class Block(nn.Module):
         kv_dim = self.num_kv_heads * self.head_dim
         qkv = F.linear(u, torch.cat((w["q"], w["k"], w["v"])).to(dt))  # one GEMM for q, k and v
         q, k, v = qkv.split((qkv.size(-1) - 2 * kv_dim, kv_dim, kv_dim), dim=-1)
+        if "lora" in w:  # TTT: per-document low-rank adapters
+            q, k, v = q + w["lora"]("q", u), k + w["lora"]("k", u), v + w["lora"]("v", u)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if ve is not None:
@@ -806,7 +824,10 @@ class Block(nn.Module):
             y = y * torch.sigmoid(gate).unsqueeze(-1)
         y = y.reshape(b, t, -1)
         tap(self.hessians, f"o.{self.idx}", y)
-        return self.attn_scale.to(dt) * F.linear(y, w["o"].to(dt))
+        out = F.linear(y, w["o"].to(dt))
+        if "lora" in w:
+            out = out + w["lora"]("o", y)
+        return self.attn_scale.to(dt) * out
 
 
 class BigramHash(nn.Module):
@@ -915,7 +936,7 @@ class GPT(nn.Module):
         for m in (self, *self.blocks):
             m.hessians = store
 
-    def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None) -> torch.Tensor:
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
@@ -940,6 +961,8 @@ class GPT(nn.Module):
                 x = self.merge_skip(x, skips.pop(), j)
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             w = {"q": qo[i], "o": qo[L + i], "k": kv[i], "v": kv[L + i], "up": up[i], "down": down[i]}
+            if lora is not None:
+                w["lora"] = lora.at(pos)
             block = self.blocks[i]
             if block.parallel == "lanes":
                 x, lane_m = block.forward_lanes(x, x if lane_m is None else lane_m, x0, w, ve, cos, sin)
@@ -959,8 +982,12 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
-    def forward_logits(self, ids: torch.Tensor, qat: bool = False, looped: bool = True) -> torch.Tensor:
-        logits = F.linear(self.hidden(ids, qat, looped), self.tok_emb.weight.to(self.act_dtype)).float()
+    def forward_logits(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None) -> torch.Tensor:
+        h = self.hidden(ids, qat, looped, lora)
+        logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
+        if lora is not None:
+            logits = logits + lora.delta("head", h)
+        logits = logits.float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap)
 
@@ -1223,7 +1250,7 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     return loss, bpb, warm_s
 
 
-def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist):
+def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist, epochs=None):
     """SGD on sequences whose targets lie in [start, scored_end): all already scored."""
     L = args.eval_seq_len
     n_seq = (scored_end - start) // L
@@ -1236,7 +1263,7 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
     for g in opt.param_groups:
         g["lr"] = lr
     offsets = torch.arange(L + 1, device=dctx.device)
-    for _ in range(args.ttt_epochs):
+    for _ in range(epochs or args.ttt_epochs):
         for s in range(steps):
             batch = mine[s * bs:(s + 1) * bs]
             step_seqs = sum(len(m[s * bs:(s + 1) * bs]) for m in per_rank)
@@ -1252,6 +1279,143 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
             if args.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
             opt.step()
+
+class LoRA(nn.Module):
+    """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on q, k, v,
+    o and the MLP output (from the MLP input) of every virtual layer, and on the LM head. delta(x) =
+    (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing."""
+
+    def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int):
+        super().__init__()
+        d, kv, r = args.model_dim, args.num_kv_heads * (args.model_dim // args.num_heads), args.ttt_lora_rank
+        shapes = {f"{n}{j}": (o, d) for j in range(virtual_layers) for n, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))}
+        shapes["head"] = (args.vocab_size, d)
+        self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(docs, r, i)) for k, (o, i) in shapes.items()})
+        self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(docs, o, r)) for k, (o, i) in shapes.items()})
+        self.scale = args.ttt_lora_alpha / r
+
+    @torch.no_grad()
+    def reset(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        for A, B in zip(self.A.values(), self.B.values()):
+            bound = 1 / math.sqrt(A.size(-1))
+            A.copy_(torch.rand(A.shape, generator=g) * 2 * bound - bound)
+            B.zero_()
+
+    def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (x @ self.A[key].mT.to(x.dtype)) @ self.B[key].mT.to(x.dtype)
+
+    def at(self, pos: int):
+        return lambda name, x: self.delta(f"{name}{pos}", x)
+
+
+def document_spans(val: torch.Tensor, bos: int = 1) -> list[tuple[int, int]]:
+    """(start, predictions) of every document: from a BOS to the next BOS inclusive (its last target is the
+    next document's BOS), the first from position 0, the last to the end; every target is in exactly one."""
+    total = val.numel() - 1
+    starts = torch.nonzero(val[:total] == bos).squeeze(1).tolist()
+    starts = ([0] if not starts or starts[0] else []) + starts + [total]
+    return [(a, b - a) for a, b in zip(starts, starts[1:]) if b > a]
+
+
+def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
+    """val_loss and val_bpb of phased TTT (phased_ttt_scores), over all ranks."""
+    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
+    for s, nll in phased_ttt_scores(model, loss_fn, val, args, dctx, log).items():
+        sums += torch.stack((nll.sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=nll.device),
+                             target_bytes(val[s:s + nll.numel()], val[s + 1:s + nll.numel() + 1], luts).sum()))
+    loss, bpb = bpb_from(dctx.all_reduce(sums))
+    log(f"ttt_phased:done val_loss={loss:.6f} val_bpb={bpb:.6f}")
+    return loss, bpb, 0.0
+
+
+def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dist, log) -> dict[int, torch.Tensor]:
+    """Phased score-first TTT; returns this rank's per-token NLL of each of its documents (by start). Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each
+    document with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
+    in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
+    loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
+    the base weights with SGD on every document scored so far. Batches go to ranks round-robin; each batch's
+    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks."""
+    docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
+    per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
+    prefix = min(args.ttt_prefix_docs, len(docs))
+    ends = sorted({math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoRA(args, per, len(sum(model.schedules[True], []))).to(dctx.device)
+    opt = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                            weight_decay=args.ttt_lora_wd)
+    log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
+        f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
+    scores, t0, done = {}, time.perf_counter(), 0
+    for end in ends + [n_batches]:
+        for b in range(done, end):
+            if b % dctx.world_size == dctx.rank:
+                lora.reset(args.seed * 100_003 + b)
+                opt.state.clear()
+                batch = docs[b * per:(b + 1) * per]
+                scores.update(zip((s for s, _ in batch), score_doc_batch(model, lora, opt, val, batch, args, dctx.device)))
+        done = end
+        if end < n_batches:
+            ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
+        log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return scores
+
+
+def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
+    """Per-token NLL of a batch of documents, scored chunk by chunk, each chunk before the LoRA step that
+    learns from it (in the same forward: the step follows the scores it was computed with)."""
+    L, C, B = args.eval_seq_len, args.ttt_lora_chunk, args.ttt_doc_batch
+    out = [torch.zeros(n, dtype=torch.float64, device=device) for _, n in docs]
+    for c0 in range(0, max(n for _, n in docs), C):
+        ends = [min(c0 + C, n) for _, n in docs]
+        lo = [max(0, e - L) for e in ends]  # window start: up to L tokens of in-document context
+        T = -(-max(e - w for e, w in zip(ends, lo)) // 64) * 64  # padded to few shapes
+        x = torch.zeros(B, T, dtype=torch.long, device=device)
+        y = torch.zeros_like(x)
+        scored = torch.zeros(B, T, dtype=torch.bool, device=device)
+        for i, ((s, n), e, w) in enumerate(zip(docs, ends, lo)):
+            if c0 < n:
+                x[i, :e - w] = val[s + w:s + e].long()
+                y[i, :e - w] = val[s + w + 1:s + e + 1].long()
+                scored[i, c0 - w:e - w] = True
+        with autocast(device):
+            logits = model.forward_logits(x, lora=lora)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+        for i, (e, w) in enumerate(zip(ends, lo)):
+            if c0 < docs[i][1]:
+                out[i][c0:e] = nll[i, c0 - w:e - w].detach().double()
+        learn = scored & torch.tensor([c0 + C < n for _, n in docs] + [False] * (B - len(docs)), device=device)[:, None]
+        if learn.any():  # one step per document on the mean loss of the chunk it just scored
+            per_doc = (nll * learn).sum(1) / learn.sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            per_doc.sum().backward()
+            opt.step()
+    return out
+
+
+def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
+    """Global SGD of the base weights on already-scored documents (their spans joined in queue order),
+    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks."""
+    t = time.perf_counter()
+    stream = torch.cat([val[s:s + n + 1] for s, n in docs])
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr, momentum=args.ttt_momentum)
+    C = args.ttt_chunk_tokens
+    n_chunks = max(1, (stream.numel() - 1) // C)
+    for c in range(n_chunks):
+        lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
+        end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
+        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
 
 # ----------------------------------------------------------------------------- export
 
@@ -2132,7 +2296,10 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     if args.ttt_enabled:
         t = time.perf_counter()
         loss_fn = torch.compile(model, dynamic=False) if args.compile else model
-        vl, vb, warm_s = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
+        if args.ttt_mode == "phased":
+            vl, vb, warm_s = phased_ttt_evaluate(model, loss_fn, val, luts, args, dctx, log)
+        else:
+            vl, vb, warm_s = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
         secs = time.perf_counter() - t
         results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")

@@ -40,6 +40,10 @@ FRONTIER_ACC = dict(RECIPE="frontier", ITERATIONS=6, WARMUP_STEPS=2, TTT_ENABLED
                     LOOP_START=2, LOOP_END=3, PARALLEL_START=4, ENABLE_LOOPING_AT=0.3, VOCAB_SIZE=1024,
                     BIGRAM_VOCAB_SIZE=0, XSA_LAST_N=6, TRAIN_LOADER="shuffled")
 
+PHASED = {"EVAL_ONLY_PATH": "<smoke>", "TTT_MODE": "phased", "TTT_DOC_BATCH": 4, "TTT_LORA_CHUNK": 16,
+          "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.01, "TTT_PREFIX_DOCS": 10, "TTT_PHASES": 2, "TTT_PHASE_LR": 0.01,
+          "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16}  # every phase chunk is one SGD step on 1 or 2 ranks
+
 # name -> (overrides, nproc, run this first). Submitted in this order (slowest first). An override may be
 # "<dep>" (the artifact path of the run it depends on) or a function of that run's RunResult.
 RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
@@ -62,6 +66,9 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # TTT with 3 sequences per chunk: an uneven split over 2 ranks must still give the 1-process update
     "ttt_uneven_1p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 1, "smoke"),
     "ttt_uneven_2p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 2, "smoke"),
+    # phased TTT of the smoke artifact: 2 ranks must give the 1-process scores (batches alternate between ranks)
+    "phased_1p": (PHASED, 1, "smoke"),
+    "phased_2p": (PHASED, 2, "smoke"),
     # SWA: one snapshot at step 3 only (ITERATIONS=5, warmdown at step 2 = 3/5 < 0.7); exported with lzma
     "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
                      EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),

@@ -1,0 +1,171 @@
+"""Phased score-first TTT (TTT_MODE=phased, SPEC §10.6): per-document LoRA in the one forward, document spans,
+chunked score-then-step order, global SGD phases, and the legality properties: every target scored once, no
+score depends on a later token of its document or on a document scored after it, LoRA reset per batch, and
+2 ranks equal 1."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import tg_helpers as H
+import train_gpt as tg
+
+BOS = 1
+TINY = dict(RECIPE="frontier", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="128",
+            LOOP_START="1", LOOP_END="2", PARALLEL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0",
+            EVAL_SEQ_LEN="32", TRAIN_SEQ_LEN="32", TTT_DOC_BATCH="3", TTT_LORA_CHUNK="8", TTT_LORA_RANK="4",
+            TTT_LORA_LR="0.01", TTT_PREFIX_DOCS="5", TTT_PHASES="2", TTT_CHUNK_TOKENS="64", TTT_BATCH_SEQS="2",
+            TTT_PHASE_LR="0.01", COMPILE="0")
+
+
+def stream(n=700, docs=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    val = torch.randint(2, 128, (n,), generator=g)
+    val[torch.randperm(n - 1, generator=g)[:docs] + 1] = BOS  # position 0 is no BOS: a leading partial document
+    return val
+
+
+def setup(make_args, **knobs):
+    a = make_args(**{**TINY, **knobs})
+    torch.manual_seed(0)
+    return a, H.randomize(tg.GPT(a), std=0.05)
+
+
+def scores(make_args, val, **knobs):
+    a, m = setup(make_args, **knobs)
+    logs = []
+    out = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    return out, logs, a
+
+
+def token_scores(out):
+    """Stream position of each target -> its NLL."""
+    return {s + 1 + i: v for s, nll in out.items() for i, v in enumerate(nll.tolist())}
+
+
+def test_document_spans_cover_every_target_once():
+    val = stream()
+    spans = tg.document_spans(val)
+    assert spans[0][0] == 0 and val[0] != BOS, "a stream that does not start with BOS gets a leading document"
+    assert all(val[s] == BOS for s, _ in spans[1:])
+    targets = [s + 1 + i for s, n in spans for i in range(n)]
+    assert targets == list(range(1, val.numel())), "each target in exactly one document, in order"
+    assert all(val[s + n] == BOS for s, n in spans[:-1]), "a document's last target is the next BOS"
+
+
+def test_every_target_is_scored_once_and_the_sums_are_consistent(make_args):
+    val = stream()
+    out, logs, a = scores(make_args, val)
+    assert sorted(token_scores(out)) == list(range(1, val.numel()))
+    luts = (torch.arange(128, dtype=torch.int16) % 3 + 1, torch.zeros(128, dtype=torch.bool),
+            torch.zeros(128, dtype=torch.bool))
+    _, m = setup(make_args)
+    loss, bpb, _ = tg.phased_ttt_evaluate(m, m, val, luts, a, H.DistStub(), logs.append)
+    nll = torch.cat(list(out.values()))
+    assert loss == pytest.approx(nll.mean().item(), rel=1e-6)
+    nbytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
+    assert bpb == pytest.approx(nll.sum().item() / nbytes / torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+
+
+def test_without_steps_each_document_is_scored_alone_with_full_softmax(make_args):
+    """LoRA LR 0 and no phases: every score is -log softmax over the whole vocabulary of the base model on the
+    document's own tokens: the window of a chunk ends at the chunk's end and reaches back at most EVAL_SEQ_LEN."""
+    val = stream()
+    out, _, a = scores(make_args, val, TTT_LORA_LR="0", TTT_PREFIX_DOCS="0")
+    _, m = setup(make_args)
+    L, C = a.eval_seq_len, a.ttt_lora_chunk
+    for s, n in tg.document_spans(val):
+        for p in (0, n // 2, n - 1):
+            lo = max(0, min((p // C + 1) * C, n) - L)
+            with torch.no_grad():
+                logits = m.forward_logits(val[s + lo:s + p + 1][None].long())[0, -1]
+            want = -torch.log_softmax(logits.double(), -1)[val[s + p + 1]].item()
+            assert out[s][p].item() == pytest.approx(want, abs=2e-5), (s, p)
+
+
+@pytest.mark.parametrize("prefix", ["0", "5"])
+def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix):
+    """Change one token: scores of every document processed before its document are unchanged, and so are the
+    scores of its own document's earlier targets (across LoRA steps and, with a prefix, global phases)."""
+    val = stream()
+    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS=prefix)
+    order = sorted(tg.document_spans(val), key=lambda d: -d[1])  # the queue: longest first
+    per = a.ttt_doc_batch
+    for k in (1, 4, len(order) - 2):
+        s, n = order[k]
+        t = s + 1 + n // 2  # a token inside document k
+        changed = val.clone()
+        changed[t] = 2 + (changed[t] - 1) % 126
+        if changed[t] == BOS or val[t] == BOS:
+            continue
+        again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS=prefix)
+        for j, (s2, n2) in enumerate(order):
+            if j // per < k // per or (j // per == k // per and j != k):  # before it, or in its batch (independent)
+                assert torch.equal(again[s2], base[s2]), (k, j)
+        assert torch.equal(again[s][:t - s - 1], base[s][:t - s - 1]), "earlier targets of the same document"
+        assert not torch.equal(again[s], base[s])
+
+
+def test_lora_is_reset_between_document_batches(make_args):
+    """Without phases, a batch's scores do not depend on any other batch (the adapters and AdamW state
+    start fresh); with LoRA steps, later chunks of a document do change."""
+    val = stream()
+    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS="0")
+    order = sorted(tg.document_spans(val), key=lambda d: -d[1])
+    s0, n0 = order[0]
+    changed = val.clone()
+    changed[s0 + 1:s0 + n0] = torch.where(changed[s0 + 1:s0 + n0] == BOS, BOS, 2 + (changed[s0 + 1:s0 + n0] % 120))
+    again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS="0")
+    for s, n in order[a.ttt_doc_batch:]:
+        assert torch.equal(again[s], base[s])
+    frozen, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_LORA_LR="0")
+    assert torch.equal(frozen[s0][:a.ttt_lora_chunk], base[s0][:a.ttt_lora_chunk]), "first chunk: no step yet"
+    assert not torch.equal(frozen[s0], base[s0]), "the LoRA steps change later chunks"
+
+
+def test_phases_fall_after_the_prefix_parts(make_args):
+    val = stream(docs=20)
+    _, logs, a = scores(make_args, val, TTT_PREFIX_DOCS="7", TTT_PHASES="2", TTT_DOC_BATCH="3")
+    start = next(ln for ln in logs if ln.startswith("ttt_phased:start"))
+    assert "prefix_docs=7 phase_ends_batches=[2, 3]" in start  # 3.5 docs -> batch 2 (6 docs), 7 docs -> batch 3
+    phases = [int(re.search(r"docs=(\d+)", ln)[1]) for ln in logs if ln.startswith("ttt_phase: ")]
+    assert phases == [6, 9], "global SGD on every document scored so far"
+
+
+def test_phases_train_the_base_model_between_batches(make_args):
+    val = stream()
+    no_phase, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_LORA_LR="0")
+    phased, _, a = scores(make_args, val, TTT_PREFIX_DOCS="3", TTT_PHASES="1", TTT_LORA_LR="0")
+    order = sorted(tg.document_spans(val), key=lambda d: -d[1])
+    for j, (s, n) in enumerate(order):
+        same = torch.equal(phased[s], no_phase[s])
+        assert same == (j < a.ttt_doc_batch), j  # the first batch precedes the phase; all later ones follow it
+
+
+def test_lora_delta_is_per_document_and_starts_at_zero(make_args):
+    a, m = setup(make_args)
+    lora = tg.LoRA(a, 2, 7)
+    lora.reset(0)
+    x = torch.randn(2, 5, a.model_dim)
+    assert torch.equal(lora.delta("q3", x), torch.zeros(2, 5, a.model_dim))
+    with torch.no_grad():
+        lora.B["q3"][1].normal_()
+    d = lora.delta("q3", x)
+    assert torch.equal(d[0], torch.zeros(5, a.model_dim)) and d[1].abs().sum() > 0
+    ids = torch.randint(2, 128, (2, 16))
+    fresh = tg.LoRA(a, 2, len(sum(m.schedules[True], [])))
+    fresh.reset(1)
+    with torch.no_grad():
+        assert torch.equal(m.forward_logits(ids, lora=fresh), m.forward_logits(ids)), "B = 0: no change"
+
+
+@pytest.mark.tg_runs("phased_1p", "phased_2p")
+def test_two_process_phased_ttt_matches_one_process(tg_runs):
+    one, two = tg_runs("phased_1p"), tg_runs("phased_2p")
+    for r in (one, two):
+        assert r.rc == 0, r.describe()
+        assert "ttt_phased:start" in r.log and "ttt_phase: docs=" in r.log
+    v1, v2 = H.exact(one.log, "legal_ttt_exact"), H.exact(two.log, "legal_ttt_exact")
+    assert v2[0] == pytest.approx(v1[0], rel=1e-5) and v2[1] == pytest.approx(v1[1], rel=1e-5)
