@@ -1228,6 +1228,11 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
         opt.zero_grad(set_to_none=False)
     warm_s = time.perf_counter() - t0
     log(f"ttt_sliding:warmup time={warm_s:.1f}s")
+    timing = {"warm_s": warm_s}
+    if dctx.world_size < 8 and args.compile:
+        timing["chunk8_s"] = rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args, dctx.device)
+        timing["warm_s"] = time.perf_counter() - t0
+        log(f"ttt_sliding:rank_shape_probe chunk_s={timing['chunk8_s']:.4f} (one rank of 8 GPUs, per chunk)")
     sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
     t0 = time.perf_counter()
     for c in range(n_chunks):
@@ -1247,7 +1252,40 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
         p.requires_grad_(True)
     loss, bpb = bpb_from(dctx.all_reduce(sums))
     log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
-    return loss, bpb, warm_s
+    return loss, bpb, timing
+
+
+def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters, device, reps: int = 3) -> float:
+    """Seconds per TTT chunk at the shape one rank of an 8-GPU run works on (1/8 of the chunk's windows to
+    score, 1/8 of its sequences to train on), measured here with the learning rate at 0 (nothing changes).
+    At that shape the loop is latency-bound, so the 8-GPU projection counts chunks, not tokens."""
+    L, C = args.eval_seq_len, args.ttt_chunk_tokens
+    starts = torch.arange(math.ceil(C / args.eval_stride / 8)) * args.eval_stride
+    seqs = min(max(C // L // 8, 1), args.ttt_batch_seqs)
+    tok = val[:seqs * L + 1].long()
+    x, y = tok[:-1].view(seqs, L), tok[1:].view(seqs, L)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+
+    def one_chunk():
+        score_windows(logits_fn, val, luts, starts, torch.zeros_like(starts), L, args.ttt_batch_seqs, device)
+        for _ in range(args.ttt_epochs * math.ceil(max(C // L // 8, 1) / args.ttt_batch_seqs)):
+            with autocast(device):
+                loss_fn(x, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+    one_chunk()  # compiles the graphs of this shape
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        one_chunk()
+    sync(device)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.state.clear()
+    return (time.perf_counter() - t) / reps
 
 
 def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist, epochs=None):
@@ -1321,17 +1359,19 @@ def document_spans(val: torch.Tensor, bos: int = 1) -> list[tuple[int, int]]:
 def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
     """val_loss and val_bpb of phased TTT (phased_ttt_scores), over all ranks."""
     sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
-    for s, nll in phased_ttt_scores(model, loss_fn, val, args, dctx, log).items():
+    scores, timing = phased_ttt_scores(model, loss_fn, val, args, dctx, log)
+    for s, nll in scores.items():
         sums += torch.stack((nll.sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=nll.device),
                              target_bytes(val[s:s + nll.numel()], val[s + 1:s + nll.numel() + 1], luts).sum()))
     loss, bpb = bpb_from(dctx.all_reduce(sums))
     log(f"ttt_phased:done val_loss={loss:.6f} val_bpb={bpb:.6f}")
-    return loss, bpb, 0.0
+    return loss, bpb, timing
 
 
-def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dist, log) -> dict[int, torch.Tensor]:
-    """Phased score-first TTT; returns this rank's per-token NLL of each of its documents (by start). Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each
-    document with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
+def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dist, log) -> tuple[dict, dict]:
+    """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and the compile
+    warm-up and global-phase times. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
+    with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. Batches go to ranks round-robin; each batch's
@@ -1347,24 +1387,43 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
                             weight_decay=args.ttt_lora_wd)
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
-    scores, t0, done = {}, time.perf_counter(), 0
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+    t0 = time.perf_counter()
+    shapes = sorted({window_bucket(n, args.eval_seq_len) for n in range(1, args.eval_seq_len + 1)}) if args.compile else []
+    for T in shapes:  # compile every window shape before the timed loop (random tokens, no step)
+        with autocast(dctx.device):
+            logits_fn(torch.randint(0, args.vocab_size, (per, T), device=dctx.device), lora=lora).float().mean().backward()
+        opt.zero_grad(set_to_none=True)
+    warm_s = time.perf_counter() - t0
+    log(f"ttt_phased:warmup time={warm_s:.1f}s shapes={shapes}")
+    scores, t0, done, phase_s = {}, time.perf_counter(), 0, 0.0
     for end in ends + [n_batches]:
         for b in range(done, end):
             if b % dctx.world_size == dctx.rank:
                 lora.reset(args.seed * 100_003 + b)
                 opt.state.clear()
                 batch = docs[b * per:(b + 1) * per]
-                scores.update(zip((s for s, _ in batch), score_doc_batch(model, lora, opt, val, batch, args, dctx.device)))
+                scores.update(zip((s for s, _ in batch), score_doc_batch(logits_fn, lora, opt, val, batch, args, dctx.device)))
         done = end
         if end < n_batches:
+            t = time.perf_counter()
             ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
+            phase_s += time.perf_counter() - t
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
-    return scores
+    return scores, {"warm_s": warm_s, "phase_s": phase_s}
 
 
-def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
+def window_bucket(n: int, limit: int) -> int:
+    """The padded window length for n tokens: 64 * 2^k, at most `limit` (few shapes for the compiler)."""
+    T = 64
+    while T < n:
+        T *= 2
+    return min(T, limit)
+
+
+def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
     """Per-token NLL of a batch of documents, scored chunk by chunk, each chunk before the LoRA step that
     learns from it (in the same forward: the step follows the scores it was computed with)."""
     L, C, B = args.eval_seq_len, args.ttt_lora_chunk, args.ttt_doc_batch
@@ -1372,7 +1431,7 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
     for c0 in range(0, max(n for _, n in docs), C):
         ends = [min(c0 + C, n) for _, n in docs]
         lo = [max(0, e - L) for e in ends]  # window start: up to L tokens of in-document context
-        T = -(-max(e - w for e, w in zip(ends, lo)) // 64) * 64  # padded to few shapes
+        T = window_bucket(max(e - w for e, w in zip(ends, lo)), L)
         x = torch.zeros(B, T, dtype=torch.long, device=device)
         y = torch.zeros_like(x)
         scored = torch.zeros(B, T, dtype=torch.bool, device=device)
@@ -1382,7 +1441,7 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
                 y[i, :e - w] = val[s + w + 1:s + e + 1].long()
                 scored[i, c0 - w:e - w] = True
         with autocast(device):
-            logits = model.forward_logits(x, lora=lora)
+            logits = logits_fn(x, lora=lora)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
         for i, (e, w) in enumerate(zip(ends, lo)):
             if c0 < docs[i][1]:
@@ -2044,12 +2103,43 @@ def code_info() -> tuple[bytes, bytes, str]:
     return code, compact_code(code), hashlib.sha256(code).hexdigest()
 
 
-def project_eval(log, phase, seconds, tokens, world_size, projections, fixed_s=0.0):
-    """8-GPU time on the full validation set: the per-token part scales, one-off compile time does not."""
-    full = fixed_s + (seconds - fixed_s) * (62_021_632 / tokens) * (world_size / 8)
-    projections.append(full)
-    log(f"eval_projection phase:{phase} measured_s:{seconds:.1f} tokens:{tokens} world_size:{world_size} "
-        f"projected_8gpu_full_val_s:{full:.1f}")
+FULL_VAL_TOKENS = 62_021_632
+
+
+class EvalBudget:
+    """Each evaluation phase's measured seconds (its compile warm-up apart) and their projection to the full
+    validation set on 8 GPUs: per-token work scales with tokens and ranks, warm-ups do not, and a phase that
+    knows its 8-GPU loop time better (latency-bound TTT) passes it. Everything counts in the total."""
+
+    def __init__(self, log, tokens: int, world_size: int):
+        self.log, self.tokens, self.world, self.rows = log, tokens, world_size, []
+        self.scale = FULL_VAL_TOKENS / tokens * world_size / 8
+
+    def add(self, phase: str, measured_s: float, warm_s: float = 0.0, loop_8gpu_s: float | None = None):
+        loop = (measured_s - warm_s) * self.scale if loop_8gpu_s is None else loop_8gpu_s
+        self.rows.append((phase, measured_s, warm_s, warm_s + loop))
+        self.log(f"eval_projection phase:{phase} measured_s:{measured_s:.1f} tokens:{self.tokens} "
+                 f"world_size:{self.world} projected_8gpu_full_val_s:{warm_s + loop:.1f} warmup_s:{warm_s:.1f}")
+
+    def close(self, budget_s: float = 600.0) -> float:
+        self.log(f"eval_budget {'phase':<16}{'measured_s':>12}{'warmup_s':>10}{'projected_8gpu_s':>18}")
+        for phase, measured, warm, projected in self.rows:
+            self.log(f"eval_budget {phase:<16}{measured:>12.1f}{warm:>10.1f}{projected:>18.1f}")
+        measured, projected = sum(r[1] for r in self.rows), sum(r[3] for r in self.rows)
+        self.log(f"eval_budget {'total':<16}{measured:>12.1f}{'':>10}{projected:>18.1f}  budget {budget_s:.0f}")
+        self.log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:{budget_s:.0f} fits:{projected <= budget_s}")
+        return projected
+
+
+def ttt_loop_8gpu_s(timing: dict, secs: float, budget: EvalBudget, args: Hyperparameters) -> float | None:
+    """8-GPU loop time of TTT: SGD from its per-rank-shape chunk time (when probed); phased with its global
+    phases split over 8 ranks but not scaled with tokens (their document count is fixed); else linear."""
+    if "chunk8_s" in timing:
+        return timing["chunk8_s"] * math.ceil(FULL_VAL_TOKENS / args.ttt_chunk_tokens)
+    if "phase_s" in timing:
+        phase = timing["phase_s"] * budget.world / 8
+        return phase + (secs - timing["warm_s"] - timing["phase_s"]) * budget.scale
+    return None
 
 
 def compiled_logits(model: GPT, args: Hyperparameters):
@@ -2272,10 +2362,14 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     model = model_from_artifact(args.eval_only_path, args, device, log, results.get("artifact_sha256"))
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logits_fn = compiled_logits(model, args)
-    tokens = val.numel() - 1
-    projections = []
+    budget = EvalBudget(log, val.numel() - 1, dctx.world_size)
+    budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len
     t = time.perf_counter()
+    with torch.no_grad(), autocast(device):  # compile the scoring graph outside the timed loop
+        logits_fn(torch.zeros(args.eval_batch_seqs, L, dtype=torch.long, device=device))
+    sync(device)
+    warm_s = time.perf_counter() - t
     vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx, log, "roundtrip")
     secs = time.perf_counter() - t
     results["roundtrip"] = vb
@@ -2283,7 +2377,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     log(f"final_int6_roundtrip_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
     if "pre_quant" in results:
         log(f"quantization_gap val_bpb:{vb - results['pre_quant']:+.8f} (int6 round-trip minus pre-quantization)")
-    project_eval(log, "roundtrip", secs, tokens, dctx.world_size, projections)
+    budget.add("roundtrip", secs, warm_s)
     if args.eval_stride < L:
         t = time.perf_counter()
         vl, vb = evaluate(logits_fn, val, luts, L, args.eval_stride, args.eval_batch_seqs, dctx, log, "sliding_window")
@@ -2292,21 +2386,20 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         log(f"final_int6_sliding_window val_loss:{vl:.4f} val_bpb:{vb:.4f} stride:{args.eval_stride} "
             f"eval_time:{1000 * secs:.0f}ms")
         log(f"final_int6_sliding_window_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        project_eval(log, "sliding_window", secs, tokens, dctx.world_size, projections)
+        budget.add("sliding_window", secs)
     if args.ttt_enabled:
         t = time.perf_counter()
         loss_fn = torch.compile(model, dynamic=False) if args.compile else model
         if args.ttt_mode == "phased":
-            vl, vb, warm_s = phased_ttt_evaluate(model, loss_fn, val, luts, args, dctx, log)
+            vl, vb, timing = phased_ttt_evaluate(model, loss_fn, val, luts, args, dctx, log)
         else:
-            vl, vb, warm_s = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
+            vl, vb, timing = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
         secs = time.perf_counter() - t
         results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        project_eval(log, "legal_ttt", secs, tokens, dctx.world_size, projections, warm_s)
-    projected = sum(projections)
-    log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:600 fits:{projected <= 600}")
+        budget.add("legal_ttt", secs, timing["warm_s"], ttt_loop_8gpu_s(timing, secs, budget, args))
+    projected = budget.close()
     results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")
     log_summary(log, results, args)

@@ -263,3 +263,46 @@ def test_ttt_lowers_loss_on_repetitive_stream(make_args, monkeypatch):
     b = ttt_args(make_args, VOCAB_SIZE="64", TTT_LR="0", TTT_BATCH_SEQS="4", TTT_MOMENTUM="0", TTT_GRAD_CLIP="0")
     (zero_loss, _), _ = run_ttt(copy.deepcopy(model), b, val, luts, monkeypatch, [])
     assert zero_loss == pytest.approx(plain_loss, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- evaluation-time budget
+
+
+def test_eval_budget_scales_loops_not_warm_ups_and_counts_everything():
+    logs = []
+    b = tg.EvalBudget(logs.append, tokens=tg.FULL_VAL_TOKENS // 4, world_size=1)  # a quarter of val, 1 GPU
+    assert b.scale == pytest.approx(4 / 8)
+    b.add("load", 3.0, 3.0)
+    b.add("roundtrip", 12.0, 2.0)  # 10 s of loop -> 5 s on 8 GPUs, the 2 s warm-up stays
+    b.add("legal_ttt", 50.0, 10.0, loop_8gpu_s=300.0)  # a latency-bound loop brings its own projection
+    total = b.close(budget_s=310.0)
+    assert total == pytest.approx(3.0 + 7.0 + 310.0)
+    assert logs[1].endswith("projected_8gpu_full_val_s:7.0 warmup_s:2.0")
+    assert logs[-1] == "eval_projection total_8gpu_full_val_s:320.0 budget_s:310 fits:False"
+    assert logs[-2].split()[1:4] == ["total", "65.0", "320.0"], "the table's total row: measured and projected"
+
+
+def test_ttt_projection_uses_the_rank_shape_or_fixed_phases(make_args):
+    a = make_args(TTT_CHUNK_TOKENS="32768")
+    b = tg.EvalBudget(lambda m: None, tokens=tg.FULL_VAL_TOKENS // 8, world_size=1)
+    chunks = math.ceil(tg.FULL_VAL_TOKENS / 32768)
+    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0, "chunk8_s": 0.1}, 80.0, b, a) == pytest.approx(0.1 * chunks)
+    # phased: the global phases split over 8 ranks but do not grow with the validation set; the rest scales
+    got = tg.ttt_loop_8gpu_s({"warm_s": 5.0, "phase_s": 16.0}, 101.0, b, a)
+    assert got == pytest.approx(16.0 / 8 + (101.0 - 5.0 - 16.0) * 1.0)
+    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0}, 80.0, b, a) is None  # linear
+
+
+def test_rank_shape_probe_changes_nothing(make_args, luts):
+    a = ttt_args(make_args, TTT_CHUNK_TOKENS="512")
+    model = fresh_model(a)
+    before = copy.deepcopy(model.state_dict())
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=a.ttt_lr, momentum=0.9)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    val = torch.randint(0, a.vocab_size, (2000,), generator=torch.Generator().manual_seed(0))
+    secs = tg.rank_shape_chunk_s(model, model.forward_logits, opt, val, luts, a, CPU, reps=2)
+    assert secs > 0 and opt.state == {} and all(g["lr"] == a.ttt_lr for g in opt.param_groups)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

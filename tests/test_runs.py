@@ -36,7 +36,9 @@ FORMATS = [
     r"ttt_sliding:warmup time=\d+\.\ds",
     r"ttt_sliding:done val_loss=\d+\.\d{6} val_bpb=\d+\.\d{6} elapsed=\d+\.\ds",
     r"legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
-    r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d",
+    r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d "
+    r"warmup_s:\d+\.\d",
+    r"eval_budget total +\d+\.\d +\d+\.\d  budget 600",
     r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
     r"eval_time_total:\d+ms",
     r"preflight: ok shards:2 token_ids<1024 compressor:auto time:\d+\.\ds",
@@ -104,10 +106,10 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert int(H.line_value(log, r"^Total submission size int6\+\w+: (\d+) bytes$")) == len(code) + art
     assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
     assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"brot"
-    # the three projections add up to the total
-    phases = re.findall(r"^eval_projection phase:\S+ .* projected_8gpu_full_val_s:(\S+)$", log, re.M)
-    phases = [float(x) for x in phases]
-    assert len(phases) == 3
+    # the four projections (artifact load, round-trip, sliding, TTT) add up to the total
+    phases = re.findall(r"^eval_projection phase:(\S+) .* projected_8gpu_full_val_s:(\S+) warmup_s:\S+$", log, re.M)
+    assert [p for p, _ in phases] == ["load", "roundtrip", "sliding_window", "legal_ttt"]
+    phases = [float(x) for _, x in phases]
     total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
     assert total == pytest.approx(sum(phases), abs=0.2)
     for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
@@ -154,7 +156,7 @@ def test_two_process_training_matches_grad_accumulation(tg_runs):
 def _strip_times(log):
     out = []
     for line in log.splitlines():
-        if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_time_total",
+        if line.startswith(("logs/", "config RUN_ID", "config ARTIFACT_PATH", "eval_projection", "eval_budget", "eval_time_total",
                             "summary eval_time", "checkpoint:")):
             continue
         line = re.sub(r"(train_time|eval_time|step_avg|export_time|elapsed|time|eta|measured_s):?=?[\d.]+m?s?", "", line)

@@ -36,7 +36,8 @@ def setup(make_args, **knobs):
 def scores(make_args, val, **knobs):
     a, m = setup(make_args, **knobs)
     logs = []
-    out = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    out, timing = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    assert timing["warm_s"] < 0.01 and timing["phase_s"] >= 0  # COMPILE=0: nothing to warm up
     return out, logs, a
 
 
@@ -169,3 +170,33 @@ def test_two_process_phased_ttt_matches_one_process(tg_runs):
         assert "ttt_phased:start" in r.log and "ttt_phase: docs=" in r.log
     v1, v2 = H.exact(one.log, "legal_ttt_exact"), H.exact(two.log, "legal_ttt_exact")
     assert v2[0] == pytest.approx(v1[0], rel=1e-5) and v2[1] == pytest.approx(v1[1], rel=1e-5)
+
+
+def test_window_buckets_are_few_and_fit():
+    assert [tg.window_bucket(n, 2048) for n in (1, 64, 65, 300, 1025, 2048)] == [64, 64, 128, 512, 2048, 2048]
+    assert len({tg.window_bucket(n, 2048) for n in range(1, 2049)}) == 6
+    assert tg.window_bucket(90, 96) == 96
+
+
+def test_compiled_lora_forward_matches_eager(make_args):
+    """The phased scorer compiles the one forward with the adapters as an argument (fullgraph): same logits
+    and the same adapter gradients as eager."""
+    a, m = setup(make_args)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    lora = tg.LoRA(a, 3, len(sum(m.schedules[True], [])))
+    lora.reset(0)
+    with torch.no_grad():
+        for B in lora.B.values():
+            B.normal_(std=0.02)
+    x = torch.randint(2, 128, (3, 64), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(m.forward_logits, backend="aot_eager", fullgraph=True, dynamic=False)
+    eager = m.forward_logits(x, lora=lora)
+    eager.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in lora.named_parameters()}
+    lora.zero_grad()
+    got = compiled(x, lora=lora)
+    got.square().mean().backward()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for k, p in lora.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
