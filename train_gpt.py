@@ -156,6 +156,7 @@ class Hyperparameters:
         self.enable_looping_at = env("ENABLE_LOOPING_AT", 0.0)  # fraction of the run (wall clock) before looping
         self.parallel_start = env("PARALLEL_START", 0)  # parallel residuals from this layer on (0 = off)
         self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
+        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS); SDPA masked path
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
         self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
@@ -314,7 +315,7 @@ ARCH_KEYS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads
              "rope_dims", "rope_train_seq_len", "xsa_last_n", "bigram_vocab_size", "bigram_dim", "ve_enabled",
              "ve_dim", "ve_layers", "ln_scale", "smear_enabled", "logit_softcap", "qk_gain_init",
              "tied_embed_init_std", "smear_gate_dims", "skip_gates", "attn_gate_dims", "attn_gate_scale",
-             "num_loops", "loop_start", "loop_end", "parallel_start", "parallel_mode")
+             "num_loops", "loop_start", "loop_end", "parallel_start", "parallel_mode", "doc_mask")
 
 # ----------------------------------------------------------------------------- distributed + logging
 
@@ -736,10 +737,17 @@ def exclusive_self_attention(y, v):
 
 
 ATTENTION_BACKEND = "sdpa"
+BOS_ID = 1
 
 
-def attention(q, k, v):
-    """Causal GQA attention on [B, T, H, D] tensors."""
+def attention(q, k, v, docs=None):
+    """Causal GQA attention on [B, T, H, D] tensors; with `docs` ([B, T] document index of each position) a
+    position attends only to earlier positions of its own document (SDPA with a block-diagonal mask)."""
+    if docs is not None:
+        mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2)
     if ATTENTION_BACKEND == "fa3":
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -816,7 +824,7 @@ class Block(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(dt)[:, None]
-        y = attention(q, k, v)
+        y = attention(q, k, v, w.get("docs"))
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:  # SparseAttnGate: one sigmoid gate per head from the first dims of u
@@ -850,7 +858,7 @@ class SmearGate(nn.Module):
     gate_dims = 0: x_t <- x_t + sigmoid(g) * (x_{t-1} - x_t) with a static per-dim gate g (2026-03-23);
     gate_dims = k: x_t <- x_t + lam * sigmoid(w . x_t[:k]) * x_{t-1}, input-dependent (lam, w zero-init)."""
 
-    def __init__(self, dim, gate_dims=0, bos_id=1):
+    def __init__(self, dim, gate_dims=0, bos_id=BOS_ID):
         super().__init__()
         self.bos_id = bos_id
         if gate_dims:
@@ -954,6 +962,7 @@ class GPT(nn.Module):
         if cos is None:
             cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
         encoder, decoder = self.schedules[looped]
+        docs = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
         skips, lane_m = [], None
         for pos, i in enumerate(encoder + decoder):
             j = pos - len(encoder)
@@ -961,6 +970,8 @@ class GPT(nn.Module):
                 x = self.merge_skip(x, skips.pop(), j)
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             w = {"q": qo[i], "o": qo[L + i], "k": kv[i], "v": kv[L + i], "up": up[i], "down": down[i]}
+            if docs is not None:
+                w["docs"] = docs
             if lora is not None:
                 w["lora"] = lora.at(pos)
             block = self.blocks[i]
@@ -1347,7 +1358,7 @@ class LoRA(nn.Module):
         return lambda name, x: self.delta(f"{name}{pos}", x)
 
 
-def document_spans(val: torch.Tensor, bos: int = 1) -> list[tuple[int, int]]:
+def document_spans(val: torch.Tensor, bos: int = BOS_ID) -> list[tuple[int, int]]:
     """(start, predictions) of every document: from a BOS to the next BOS inclusive (its last target is the
     next document's BOS), the first from position 0, the last to the end; every target is in exactly one."""
     total = val.numel() - 1
@@ -2194,7 +2205,7 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     if args.attention_backend == "fa3" and not fa3_ok:
         raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
     ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend != "sdpa" else "sdpa"
-    log(f"attention_backend:{ATTENTION_BACKEND}")
+    log(f"attention_backend:{ATTENTION_BACKEND}" + (" (DOC_MASK=1: document-masked SDPA)" if args.doc_mask else ""))
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():
         log(f"config {name}={value}")

@@ -42,7 +42,7 @@ FORMATS = [
     r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
     r"eval_time_total:\d+ms",
     r"preflight: ok shards:2 token_ids<1024 compressor:auto time:\d+\.\ds",
-    r"artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 .* PARALLEL_MODE=lanes",
+    r"artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 .* PARALLEL_MODE=lanes DOC_MASK=False",
     r"artifact_arch overrides: none",
 ]
 
