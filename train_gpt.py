@@ -170,6 +170,7 @@ class Hyperparameters:
         self.muon_backend_steps = env("MUON_BACKEND_STEPS", 5)
         self.muon_ns = env("MUON_NS", "standard")  # standard | polar (Polar Express per-step coefficients)
         self.muon_row_norm = env("MUON_ROW_NORM", False)  # MuonEq-R: row-normalize the update before NS
+        self.muon_sharded = env("MUON_SHARDED", False)  # Parallel Muon: each rank orthogonalizes 1/WORLD_SIZE
         self.muon_wd = env("MUON_WD", 0.04)
         self.adam_wd = env("ADAM_WD", 0.04)
         self.embed_wd = env("EMBED_WD", 0.04)  # AdamW weight decay of the embedding tables
@@ -1044,33 +1045,51 @@ def newton_schulz(G: torch.Tensor, steps: int, polar: bool = False) -> torch.Ten
 
 class Muon(torch.optim.Optimizer):
     """Momentum (Nesterov) + Newton-Schulz orthogonalized update, decoupled weight decay; on 3-D banks.
-    row_norm (MuonEq-R): each row of the Nesterov update is scaled to unit L2 norm before Newton-Schulz."""
+    row_norm (MuonEq-R): each row of the Nesterov update is scaled to unit L2 norm before Newton-Schulz.
+    With `dctx` (Parallel Muon): scatter_grads() leaves each rank the rank-averaged gradients of its share of
+    every bank's matrices; step() orthogonalizes that share only and all-gathers the updates, so every rank
+    applies the same full update."""
 
-    def __init__(self, params, lr, momentum, backend_steps, weight_decay, polar=False, row_norm=False):
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay, polar=False, row_norm=False, dctx=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
-        self.polar, self.row_norm = polar, row_norm
+        self.polar, self.row_norm, self.dctx, self.shards = polar, row_norm, dctx, {}
+
+    @torch.no_grad()
+    def scatter_grads(self):
+        W = self.dctx.world_size
+        for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+            grad = F.pad(p.grad, (0, 0, 0, 0, 0, -p.size(0) % W)).to(torch.bfloat16 if p.is_cuda else p.dtype)
+            shard = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
+            dist.reduce_scatter_tensor(shard, grad.contiguous())
+            self.shards[p] = shard.float() / W
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = self.shards.pop(p) if self.dctx else p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
+                    state["momentum_buffer"] = torch.zeros_like(grad)
                 buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"])
+                buf.mul_(group["momentum"]).add_(grad)
+                update = grad.add(buf, alpha=group["momentum"])
                 if self.row_norm:
                     update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 update = newton_schulz(update, group["backend_steps"], self.polar)
+                if self.dctx:  # on GPUs in bf16, the precision Newton-Schulz computed it in
+                    update = update.to(torch.bfloat16 if p.is_cuda else update.dtype)
+                    full = update.new_empty(update.size(0) * self.dctx.world_size, *update.shape[1:])
+                    dist.all_gather_into_tensor(full, update.contiguous())
+                    update = full[:p.size(0)].to(p.dtype)
                 shape_scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * shape_scale)
 
 
-def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
+def build_optimizers(model: GPT, args: Hyperparameters, fused: bool, dctx=None):
     bank_ids = {id(p) for p in model.banks()}
     tables = [model.tok_emb.weight]
     if model.bigram is not None:
@@ -1084,7 +1103,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, fused: bool):
          dict(params=scalars, lr=args.scalar_lr, base_lr=args.scalar_lr, weight_decay=args.adam_wd)],
         betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
     muon = Muon(model.banks(), lr=args.matrix_lr, momentum=args.muon_momentum, backend_steps=args.muon_backend_steps,
-                weight_decay=args.muon_wd, polar=args.muon_ns == "polar", row_norm=args.muon_row_norm)
+                weight_decay=args.muon_wd, polar=args.muon_ns == "polar", row_norm=args.muon_row_norm,
+                dctx=dctx if args.muon_sharded and dctx is not None and dctx.enabled else None)
     for g in muon.param_groups:
         g["base_lr"] = args.matrix_lr
     return [adam, muon]
@@ -1969,13 +1989,22 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     return store, done
 
 
+def clip_sharded(full: list[torch.Tensor], shards: list[torch.Tensor], max_norm: float, dctx: Dist):
+    """clip_grad_norm_ over gradients of which `shards` are split over ranks (their squares are summed)."""
+    sq = torch.stack([g.float().square().sum() for g in full]).sum() if full else torch.zeros((), device=dctx.device)
+    sq = sq + dctx.all_reduce(torch.stack([g.square().sum() for g in shards]).sum())
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in full + shards:
+        g.mul_(coef.to(g.dtype))
+
+
 class Trainer:
     """One optimizer step over GRAD_ACCUM micro-batches, its compile warm-up, and the timed loop."""
 
     def __init__(self, args: Hyperparameters, dctx: Dist, log, model: GPT, train_files, grad_accum: int):
         self.args, self.dctx, self.log, self.model, self.grad_accum = args, dctx, log, model, grad_accum
         self.params = list(model.parameters())
-        self.optimizers = build_optimizers(model, args, fused=dctx.device.type == "cuda")
+        self.optimizers = build_optimizers(model, args, fused=dctx.device.type == "cuda", dctx=dctx)
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
         self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
@@ -1988,9 +2017,17 @@ class Trainer:
                 loss = self.loss_fn(x, y, qat, looped)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
-        self.dctx.mean_([p.grad for p in self.params])
-        if self.args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
+        muon = self.optimizers[-1]
+        if muon.dctx:  # Parallel Muon: bank gradients are reduce-scattered, the rest averaged as usual
+            muon.scatter_grads()
+            grads = [p.grad for p in self.params if p not in muon.shards and p.grad is not None]
+            self.dctx.mean_(grads)
+            if self.args.grad_clip_norm > 0:
+                clip_sharded(grads, list(muon.shards.values()), self.args.grad_clip_norm, self.dctx)
+        else:
+            self.dctx.mean_([p.grad for p in self.params])
+            if self.args.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -2282,6 +2319,8 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
     log(f"seed:{args.seed}")
     logits_fn = compiled_logits(model, args)
     trainer = Trainer(args, dctx, log, model, train_files, grad_accum)
+    if trainer.optimizers[-1].dctx:
+        log(f"muon:parallel each rank orthogonalizes 1/{world} of every bank's matrices")
     trainer.warm_up()
     averager = WeightAverager(trainer.params, args, log)
     L = args.train_seq_len

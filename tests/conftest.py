@@ -50,6 +50,8 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "smoke": ({}, 1, None),
     "acc_2p": (ACC, 2, None),
     "acc_1p": (ACC, 1, None),
+    # Parallel Muon: bank gradients reduce-scattered, each rank orthogonalizes half the matrices
+    "acc_2p_sharded": (dict(ACC, MUON_SHARDED=1), 2, None),
     # 1 layer: no U-Net skip, so skip_weights is an empty [0, d] parameter that never gets a gradient
     "l1_2p": (dict(SHORT, ITERATIONS=3, VAL_LOSS_EVERY=0, NUM_LAYERS=1, VE_LAYERS="0", XSA_LAST_N=1), 2, None),
     "frontier_acc_2p": (FRONTIER_ACC, 2, None),
