@@ -269,6 +269,8 @@ class Hyperparameters:
         need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
         need(self.ttt_mode in ("sgd", "phased"), "TTT_MODE must be sgd|phased")
+        need(self.ttt_mode != "phased" or self.ttt_lora_chunk <= self.eval_seq_len,
+             "TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN")
         need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
              and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
@@ -744,10 +746,11 @@ BOS_ID = 1
 def attention(q, k, v, docs=None):
     """Causal GQA attention on [B, T, H, D] tensors; with `docs` ([B, T] document index of each position) a
     position attends only to earlier positions of its own document (SDPA with a block-diagonal mask)."""
-    if docs is not None:
+    if docs is not None:  # K/V repeated for GQA: the memory-efficient kernel takes a mask, not enable_gqa
         mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, enable_gqa=True)
+        rep = q.size(2) // k.size(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
+                                           v.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=mask)
         return y.transpose(1, 2)
     if ATTENTION_BACKEND == "fa3":
         out = _fa3_func(q, k, v, causal=True)
@@ -1289,7 +1292,8 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
 def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters, device, reps: int = 3) -> float:
     """Seconds per TTT chunk at the shape one rank of an 8-GPU run works on (1/8 of the chunk's windows to
     score, 1/8 of its sequences to train on), measured here with the learning rate at 0 (nothing changes).
-    At that shape the loop is latency-bound, so the 8-GPU projection counts chunks, not tokens."""
+    At that shape the loop is latency-bound, so the 8-GPU projection counts chunks, not tokens (the gradient
+    all-reduce between ranks is not in it)."""
     L, C = args.eval_seq_len, args.ttt_chunk_tokens
     starts = torch.arange(math.ceil(C / args.eval_stride / 8)) * args.eval_stride
     seqs = min(max(C // L // 8, 1), args.ttt_batch_seqs)
@@ -1304,9 +1308,12 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
         for _ in range(args.ttt_epochs * math.ceil(max(C // L // 8, 1) / args.ttt_batch_seqs)):
             with autocast(device):
                 loss_fn(x, y).backward()
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=False)
 
+    params = [p for g in opt.param_groups for p in g["params"]]
     one_chunk()  # compiles the graphs of this shape
     sync(device)
     t = time.perf_counter()
@@ -1362,13 +1369,14 @@ class LoRA(nn.Module):
         self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(docs, r, i)) for k, (o, i) in shapes.items()})
         self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(docs, o, r)) for k, (o, i) in shapes.items()})
         self.scale = args.ttt_lora_alpha / r
+        self.reset(0)
 
     @torch.no_grad()
     def reset(self, seed: int):
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(self.B["head"].device).manual_seed(seed)
         for A, B in zip(self.A.values(), self.B.values()):
             bound = 1 / math.sqrt(A.size(-1))
-            A.copy_(torch.rand(A.shape, generator=g) * 2 * bound - bound)
+            A.copy_(torch.rand(A.shape, generator=g, device=A.device) * 2 * bound - bound)
             B.zero_()
 
     def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -1401,7 +1409,7 @@ def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, d
 
 def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dist, log) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and the compile
-    warm-up and global-phase times. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
+    warm-up time. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
     with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
@@ -1427,7 +1435,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
         opt.zero_grad(set_to_none=True)
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s shapes={shapes}")
-    scores, t0, done, phase_s = {}, time.perf_counter(), 0, 0.0
+    scores, t0, done = {}, time.perf_counter(), 0
     for end in ends + [n_batches]:
         for b in range(done, end):
             if b % dctx.world_size == dctx.rank:
@@ -1437,13 +1445,11 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
                 scores.update(zip((s for s, _ in batch), score_doc_batch(logits_fn, lora, opt, val, batch, args, dctx.device)))
         done = end
         if end < n_batches:
-            t = time.perf_counter()
             ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
-            phase_s += time.perf_counter() - t
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
-    return scores, {"warm_s": warm_s, "phase_s": phase_s}
+    return scores, {"warm_s": warm_s}
 
 
 def window_bucket(n: int, limit: int) -> int:
@@ -1762,9 +1768,8 @@ def size_model(packed: dict[str, torch.Tensor]) -> float:
 def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
     """Quantize at k multiplier 1 and pick the compressor (COMPRESSOR=auto: the smallest). With SIZE_FIT=1,
     find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
-    0.2 %, and with PRUNE_ONES=1 zero the cheapest +-1 codes of the next finer m until that fits. The search
-    runs on size_model() scaled to the real compressed size of the last real pack; the chosen artifact is
-    then packed for real, and the target lowered by any excess until it truly fits. Returns (blob, raw bytes)."""
+    0.2 %, and with PRUNE_ONES=1 zero the cheapest +-1 codes of the next finer m until that fits (search_fit).
+    Never returns more than `budget` bytes unless it logs that nothing fits. Returns (blob, raw bytes)."""
     packed = quantize_state(state, args, hessians, 1.0, log)
     raw = sum(t.numel() * t.element_size() for t in packed.values())
     names = available_compressors() if args.compressor == "auto" else [args.compressor]
@@ -1776,37 +1781,48 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         return blob, raw
     cache = {1.0: packed}
     quant = lambda m: cache[m] if m in cache else cache.setdefault(m, quantize_state(state, args, hessians, m))
-    ratio, target = unfitted / size_model(packed), budget
-    for _ in range(4):
-        fits = lambda p: ratio * size_model(p) <= target
-        m, grow = 1.0, not fits(packed)  # bracket: lo over target, hi fitting, hi / lo <= 1.1, then bisect
-        while 0.5 < m < 8 and fits(quant(m := min(max(m * (1.1 if grow else 1 / 1.1), 0.5), 8.0))) != grow:
-            pass
-        ok = [m for m in cache if fits(cache[m])]
-        if not ok:
-            log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
-            return blobs[compressor], raw
-        hi = min(ok)
-        lo = max((m for m in cache if m < hi), default=None)
-        while lo is not None and hi / lo > 1.002:
-            mid = math.sqrt(lo * hi)
-            lo, hi = (lo, mid) if fits(quant(mid)) else (mid, hi)
-        chosen, pruned, used = cache[hi], 0, hi
-        if args.prune_ones and lo is not None and (cut := prune_to_fit(cache[lo], fits)):
-            (chosen, pruned), used = cut, lo
-        blob = pack_artifact(chosen, arch, compressor)
-        if len(blob) <= budget:
-            break
-        target -= len(blob) - budget + budget // 2000
-        ratio = len(blob) / size_model(chosen)
-    else:
-        log(f"size_fit: the size model missed {budget} bytes four times; keeping the unfitted model")
+    found = search_fit(quant, cache, unfitted / size_model(packed), budget, args.prune_ones,
+                       lambda p: pack_artifact(p, arch, compressor))
+    if found is None:  # the size model never led to a real fit: the coarsest grid, if that fits for real
+        found = (pack_artifact(quant(8.0), arch, compressor), 8.0, 0)
+    blob, used, pruned = found
+    if len(blob) > budget:
+        log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
         return blobs[compressor], raw
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
         f"pruned_ones:{pruned}")
     if args.qat_enabled or args.late_qat_threshold > 0:
         log(f"size_fit: QAT trained on the k x1.0000 grid; the export grid moved x{used:.4f} from it")
     return blob, raw
+
+
+def search_fit(quant, cache: dict, ratio: float, budget: int, prune: bool, pack):
+    """(blob, multiplier, pruned codes) of the smallest multiplier whose real pack fits `budget`, searched on
+    the size model (bracket by x1.1 steps, bisect in log m to 0.2 %); after a real miss the model's target is
+    lowered by the excess, four times at most. None when the size model finds nothing that fits."""
+    target = budget
+    for _ in range(4):
+        fits = lambda p: ratio * size_model(p) <= target
+        m, grow = 1.0, not fits(cache[1.0])
+        while 0.5 < m < 8 and fits(quant(m := min(max(m * (1.1 if grow else 1 / 1.1), 0.5), 8.0))) != grow:
+            pass
+        ok = [m for m in cache if fits(cache[m])]
+        if not ok:
+            return None
+        hi = min(ok)
+        lo = max((m for m in cache if m < hi), default=None)
+        while lo is not None and hi / lo > 1.002:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if fits(quant(mid)) else (mid, hi)
+        chosen, pruned, used = cache[hi], 0, hi
+        if prune and lo is not None and (cut := prune_to_fit(cache[lo], fits)):
+            (chosen, pruned), used = cut, lo
+        blob = pack(chosen)
+        if len(blob) <= budget:
+            return blob, used, pruned
+        target -= len(blob) - budget + budget // 2000
+        ratio = len(blob) / size_model(chosen)
+    return None
 
 
 def prune_to_fit(packed, fits) -> tuple[dict, int] | None:
@@ -1962,18 +1978,22 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
                      seconds: float | None = None) -> tuple[dict, int]:
     """GPTQ calibration: the Gram matrices x^T x of every quantized matrix's inputs (all passes of a looped
     layer; the LM head's from the final-norm output), summed over up to `batches` training batches of
-    TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training data only. With `seconds`, stops before the
-    next batch would overrun them (the calibration time belongs to the training wall clock)."""
+    TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training data only. With `seconds` (the
+    smallest over ranks, so all stop together), stops before the next batch would overrun them: calibration
+    belongs to the training wall clock."""
     PROGRESS["phase"] = "calibrate"
+    t0 = time.perf_counter()
+    if seconds is not None:
+        seconds = dctx.all_reduce(torch.tensor(seconds, dtype=torch.float64, device=dctx.device), dist.ReduceOp.MIN).item()
     local = max(args.train_batch_tokens // 8 // dctx.world_size // args.train_seq_len, 1) * args.train_seq_len
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), local)
-    store, done, t0 = {}, 0, time.perf_counter()
+    store, done = {}, 0
     model.set_hessian_store(store)
     try:
         while done < batches:
             elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=dctx.device)
             elapsed = dctx.all_reduce(elapsed, dist.ReduceOp.MAX).item()
-            if seconds is not None and (seconds <= 0 or (done and elapsed * (done + 1) / done > seconds)):
+            if seconds is not None and elapsed * (done + 1) / max(done, 1) > seconds:
                 break
             x, _ = loader.next_batch()
             with autocast(dctx.device):
@@ -2179,15 +2199,9 @@ class EvalBudget:
         return projected
 
 
-def ttt_loop_8gpu_s(timing: dict, secs: float, budget: EvalBudget, args: Hyperparameters) -> float | None:
-    """8-GPU loop time of TTT: SGD from its per-rank-shape chunk time (when probed); phased with its global
-    phases split over 8 ranks but not scaled with tokens (their document count is fixed); else linear."""
-    if "chunk8_s" in timing:
-        return timing["chunk8_s"] * math.ceil(FULL_VAL_TOKENS / args.ttt_chunk_tokens)
-    if "phase_s" in timing:
-        phase = timing["phase_s"] * budget.world / 8
-        return phase + (secs - timing["warm_s"] - timing["phase_s"]) * budget.scale
-    return None
+def ttt_loop_8gpu_s(timing: dict, args: Hyperparameters) -> float | None:
+    """8-GPU loop time of SGD TTT from its per-rank-shape chunk time, when probed; else None (linear)."""
+    return timing["chunk8_s"] * math.ceil(FULL_VAL_TOKENS / args.ttt_chunk_tokens) if "chunk8_s" in timing else None
 
 
 def compiled_logits(model: GPT, args: Hyperparameters):
@@ -2355,7 +2369,7 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        hessians, _ = collect_hessians(model, args, dctx, log, saved.get("calib_batches") or args.gptq_calib_batches)
+        hessians, _ = collect_hessians(model, args, dctx, log, saved.get("calib_batches", args.gptq_calib_batches))
     measure_pre_quant(compiled_logits(model, args), "checkpoint", args, dctx, log, val, luts, results)
     return model, hessians
 
@@ -2448,7 +2462,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        budget.add("legal_ttt", secs, timing["warm_s"], ttt_loop_8gpu_s(timing, secs, budget, args))
+        budget.add("legal_ttt", secs, timing["warm_s"], ttt_loop_8gpu_s(timing, args))
     projected = budget.close()
     results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")

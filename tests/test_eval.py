@@ -282,15 +282,11 @@ def test_eval_budget_scales_loops_not_warm_ups_and_counts_everything():
     assert logs[-2].split()[1:4] == ["total", "65.0", "320.0"], "the table's total row: measured and projected"
 
 
-def test_ttt_projection_uses_the_rank_shape_or_fixed_phases(make_args):
+def test_sgd_ttt_projection_counts_chunks_at_the_rank_shape(make_args):
     a = make_args(TTT_CHUNK_TOKENS="32768")
-    b = tg.EvalBudget(lambda m: None, tokens=tg.FULL_VAL_TOKENS // 8, world_size=1)
     chunks = math.ceil(tg.FULL_VAL_TOKENS / 32768)
-    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0, "chunk8_s": 0.1}, 80.0, b, a) == pytest.approx(0.1 * chunks)
-    # phased: the global phases split over 8 ranks but do not grow with the validation set; the rest scales
-    got = tg.ttt_loop_8gpu_s({"warm_s": 5.0, "phase_s": 16.0}, 101.0, b, a)
-    assert got == pytest.approx(16.0 / 8 + (101.0 - 5.0 - 16.0) * 1.0)
-    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0}, 80.0, b, a) is None  # linear
+    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0, "chunk8_s": 0.1}, a) == pytest.approx(0.1 * chunks)
+    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0}, a) is None  # not probed (8 ranks, or no compile): linear
 
 
 def test_rank_shape_probe_changes_nothing(make_args, luts):

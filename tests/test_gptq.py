@@ -181,6 +181,19 @@ def test_calibration_stops_inside_its_time(make_args, tiny_data):
     assert 1 <= n < 50, "stops before a batch would overrun the seconds left"
 
 
+def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
+    """Every rank must stop after the same batch: the seconds left are agreed (MIN) before the loop."""
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
+    m = tg.GPT(a)
+
+    class OtherRankHasNoTime(H.DistStub):
+        def all_reduce(self, t, op=None):
+            return torch.zeros_like(t) if op == tg.dist.ReduceOp.MIN else t
+
+    hess, n = tg.collect_hessians(m, a, OtherRankHasNoTime(), lambda msg: None, 50, seconds=100.0)
+    assert n == 0 and hess == {}
+
+
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
     a = make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12")
     assert a.train_cap_s == 88.0
@@ -237,6 +250,26 @@ def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_arg
     with mock.patch.object(tg, "size_model", optimistic):
         blob, _ = tg.fit_artifact(state, None, arch, a, budget, lambda msg: None)
     assert len(blob) <= budget
+
+
+def test_size_fit_falls_back_to_the_coarsest_grid_when_the_size_model_is_useless(make_args):
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    coarsest = len(tg.pack_artifact(tg.quantize_state(state, a, None, 8.0), arch, "lzma"))
+    calls = []
+    real = tg.size_model
+
+    def useless(packed):  # right once (sets the ratio), then claims everything is 10x too big
+        calls.append(1)
+        return real(packed) * (1 if len(calls) == 1 else 10)
+
+    logs = []
+    with mock.patch.object(tg, "size_model", useless):
+        blob, _ = tg.fit_artifact(state, None, arch, a, coarsest + 10, logs.append)
+    assert len(blob) == coarsest and any(ln.startswith("size_fit: k x8.0000 ") for ln in logs)
+    with mock.patch.object(tg, "size_model", useless):
+        calls.clear()
+        blob, _ = tg.fit_artifact(state, None, arch, a, coarsest - 10, logs.append)
+    assert logs[-1] == f"size_fit: no k multiplier up to 8 fits {coarsest - 10} bytes; keeping the unfitted model"
 
 
 def test_prune_ones_zeroes_the_cheapest_ones_first():

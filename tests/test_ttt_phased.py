@@ -37,7 +37,7 @@ def scores(make_args, val, **knobs):
     a, m = setup(make_args, **knobs)
     logs = []
     out, timing = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
-    assert timing["warm_s"] < 0.01 and timing["phase_s"] >= 0  # COMPILE=0: nothing to warm up
+    assert timing["warm_s"] < 0.01  # COMPILE=0: nothing to warm up
     return out, logs, a
 
 
@@ -200,3 +200,8 @@ def test_compiled_lora_forward_matches_eager(make_args):
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     for k, p in lora.named_parameters():
         torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_chunk_longer_than_the_window_is_refused(make_args):
+    with pytest.raises(SystemExit, match="TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN"):
+        make_args(**{**TINY, "TTT_MODE": "phased", "TTT_LORA_CHUNK": "40"})
