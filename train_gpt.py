@@ -1436,7 +1436,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s shapes={shapes}")
     scores, t0, done = {}, time.perf_counter(), 0
-    for end in ends + [n_batches]:
+    for end in sorted(set(ends) | {n_batches}):
         for b in range(done, end):
             if b % dctx.world_size == dctx.rank:
                 lora.reset(args.seed * 100_003 + b)

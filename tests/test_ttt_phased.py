@@ -133,6 +133,8 @@ def test_phases_fall_after_the_prefix_parts(make_args):
     assert "prefix_docs=7 phase_ends_batches=[2, 3]" in start  # 3.5 docs -> batch 2 (6 docs), 7 docs -> batch 3
     phases = [int(re.search(r"docs=(\d+)", ln)[1]) for ln in logs if ln.startswith("ttt_phase: ")]
     assert phases == [6, 9], "global SGD on every document scored so far"
+    progress = [ln.split("]")[0] for ln in logs if ln.startswith("  ttt_phased [")]
+    assert progress == ["  ttt_phased [2/7", "  ttt_phased [3/7", "  ttt_phased [7/7"]
 
 
 def test_phases_train_the_base_model_between_batches(make_args):
