@@ -81,6 +81,7 @@ _RE = {
     "train_step": re.compile(
         rf"^step:(\d+)/(\d+) train_loss:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),
     "stop": re.compile(r"^stopping_early: (\S+) train_time:(\d+)ms step:(\d+)/(\d+)"),
+    "calib": re.compile(rf"^train_time\+calibration:({_NUM})s cap:"),
     "swa": re.compile(r"^swa:start step:(\d+)"),
     "qat": re.compile(rf"^late_qat:enabled step:(\d+) (?:scale|warmdown):({_NUM})"),
     "peak": re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB"),
@@ -266,6 +267,10 @@ def parse_log_text(text: str, path: str = "<text>") -> RunLog:
             tt = int(m.group(2))
             if r.train_time_ms is None or tt >= r.train_time_ms:
                 r.train_time_ms, r.train_time_source = tt, "stopping_early"
+            continue
+        m = _RE["calib"].match(ln)
+        if m:  # GPTQ calibration on training data belongs to the training time
+            r.train_time_ms, r.train_time_source = round(float(m.group(1)) * 1000), "train_time+calibration"
             continue
         m = _RE["swa"].match(ln)
         if m:
@@ -864,7 +869,8 @@ def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Signif
              if code_bytes_override is not None else "")
           + f"; logs' code_sha256 `{sub['code_sha256']}`.",
           "- Artifact bytes = code bytes + compressed model bytes, decimal cap 16,000,000.",
-          "- Training time = `train_time` of the final step (compile warm-up and validation excluded); "
+          "- Training time = `train_time` of the final step plus GPTQ calibration (`train_time+calibration`) "
+          "when the run calibrates (compile warm-up and validation excluded); "
           "evaluation time = the measured `eval_time_total`."]
     proj = [r.eval_projection_total_s for r in runs if r.eval_projection_total_s is not None]
     if proj:

@@ -71,6 +71,9 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # phased TTT of the smoke artifact: 2 ranks must give the 1-process scores (batches alternate between ranks)
     "phased_1p": (PHASED, 1, "smoke"),
     "phased_2p": (PHASED, 2, "smoke"),
+    # a training run whose final evaluation is phased TTT, and an eval-only run of its artifact
+    "phased_train": ({k: v for k, v in PHASED.items() if k != "EVAL_ONLY_PATH"}, 1, None),
+    "phased_train_eval": (PHASED | {"EVAL_ONLY_PATH": "<phased_train>"}, 1, "phased_train"),
     # SWA: one snapshot at step 3 only (ITERATIONS=5, warmdown at step 2 = 3/5 < 0.7); exported with lzma
     "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
                      EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),

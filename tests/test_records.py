@@ -216,6 +216,18 @@ def test_rule_training_overtime():
     assert status(_checks(texts), "training") == "pass"
 
 
+def test_rule_training_counts_gptq_calibration():
+    """GPTQ calibration reads training data: `train_time+calibration` is the training time the rule checks."""
+    def with_calibration(seed, secs):
+        return make_log(seed, train_ms=588_050).replace(
+            "peak memory allocated:", f"train_time+calibration:{secs:.1f}s cap:600s\npeak memory allocated:")
+    texts = [with_calibration(1337, 599.1), with_calibration(42, 599.4), with_calibration(2025, 599.0)]
+    assert status(_checks(texts), "training") == "pass"
+    assert pk.parse_log_text(texts[1]).train_time_ms == 599_400
+    texts[2] = with_calibration(2025, 612.0)
+    assert status(_checks(texts), "training") == "fail"
+
+
 def test_rule_eval_overtime():
     texts = [make_log(1337), make_log(42), make_log(2025, eval_total_ms=600_001)]
     c = [x for x in _checks(texts) if x.rule.startswith("evaluation")][0]

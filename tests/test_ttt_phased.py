@@ -207,3 +207,12 @@ def test_compiled_lora_forward_matches_eager(make_args):
 def test_lora_chunk_longer_than_the_window_is_refused(make_args):
     with pytest.raises(SystemExit, match="TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN"):
         make_args(**{**TINY, "TTT_MODE": "phased", "TTT_LORA_CHUNK": "40"})
+
+
+@pytest.mark.tg_runs("phased_train", "phased_train_eval")
+def test_eval_only_reproduces_the_in_run_phased_ttt_score(tg_runs):
+    run, again = tg_runs("phased_train"), tg_runs("phased_train_eval")
+    assert run.rc == 0 and again.rc == 0, again.describe()
+    assert "config TTT_MODE=phased" in run.log.splitlines() and "eval_only:" in again.log
+    assert H.exact(again.log, "legal_ttt_exact") == H.exact(run.log, "legal_ttt_exact")
+    assert "summary score val_bpb:" in run.log and "phase:legal_ttt" in run.log
