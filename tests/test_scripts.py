@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train_gpt as tg
@@ -60,3 +61,24 @@ def test_gpu_smoke_explains_missing_data(tmp_path):
     assert f"DATA_PATH={tmp_path / 'nowhere' / 'fineweb10B_sp1024'}" in r.stderr
     assert "python3 data/cached_challenge_fineweb.py --variant sp1024" in r.stderr
     assert "python3 data/build_shards.py" in r.stderr
+
+
+@pytest.mark.tg_runs("frontier_acc_1p")
+def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
+    """scripts/export_table.py on the tiny frontier run's checkpoint: one row per method, every fitted
+    artifact within the budget the run had, and the GPTQ row's bytes equal to the run's own export."""
+    run = tg_runs("frontier_acc_1p")
+    assert run.rc == 0, run.describe()
+    env = {k: v for k, v in run.env.items() if k not in ("RUN_ID", "ARTIFACT_PATH")}
+    out = tmp_path / "table.md"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "export_table.py"), tg.checkpoint_path(str(run.artifact)),
+                        "--only", "0", "2", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(env, PYTHONDONTWRITEBYTECODE="1"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = out.read_text().splitlines()
+    budget = int(table[0].split(": ")[1].split()[0])
+    rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith(("| export", "| unquantized"))]
+    assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit"]
+    sizes = [int(ln.split(" | ")[1]) for ln in rows]
+    assert all(s <= budget for s in sizes)
+    assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
