@@ -1361,13 +1361,13 @@ class LoRA(nn.Module):
     o and the MLP output (from the MLP input) of every virtual layer, and on the LM head. delta(x) =
     (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing."""
 
-    def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int):
+    def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int, device=None):
         super().__init__()
         d, kv, r = args.model_dim, args.num_kv_heads * (args.model_dim // args.num_heads), args.ttt_lora_rank
         shapes = {f"{n}{j}": (o, d) for j in range(virtual_layers) for n, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))}
         shapes["head"] = (args.vocab_size, d)
-        self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(docs, r, i)) for k, (o, i) in shapes.items()})
-        self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(docs, o, r)) for k, (o, i) in shapes.items()})
+        self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(docs, r, i, device=device)) for k, (o, i) in shapes.items()})
+        self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(docs, o, r, device=device)) for k, (o, i) in shapes.items()})
         self.scale = args.ttt_lora_alpha / r
         self.reset(0)
 
@@ -1421,7 +1421,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     ends = sorted({math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0})
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = LoRA(args, per, len(sum(model.schedules[True], []))).to(dctx.device)
+    lora = LoRA(args, per, len(sum(model.schedules[True], [])), dctx.device)
     opt = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
                             weight_decay=args.ttt_lora_wd)
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
