@@ -2009,6 +2009,20 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     return store, done
 
 
+def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
+    """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
+    1 s + 1.5 x the projected calibration time, at most GPTQ_RESERVE_SECONDS; training gets the rest. The
+    calibration still stops at the cap if it runs slower than projected."""
+    t = time.perf_counter()
+    collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
+    per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
+                                             device=dctx.device), dist.ReduceOp.MAX).item()
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * args.gptq_calib_batches)
+    args.train_cap_s = args.max_wallclock_seconds - reserve
+    log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
+        f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
+
+
 def clip_sharded(full: list[torch.Tensor], shards: list[torch.Tensor], max_norm: float, dctx: Dist):
     """clip_grad_norm_ over gradients of which `shards` are split over ranks (their squares are summed)."""
     sq = torch.stack([g.float().square().sum() for g in full]).sum() if full else torch.zeros((), device=dctx.device)
@@ -2336,6 +2350,8 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
     if trainer.optimizers[-1].dctx:
         log(f"muon:parallel each rank orthogonalizes 1/{world} of every bank's matrices")
     trainer.warm_up()
+    if args.quant_method == "gptq" and args.train_cap_s > 0:
+        size_gptq_reserve(model, args, dctx, log)
     averager = WeightAverager(trainer.params, args, log)
     L = args.train_seq_len
     results["steps"], train_ms = trainer.run(

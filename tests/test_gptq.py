@@ -364,3 +364,20 @@ def test_export_only_reproduces_a_gptq_runs_artifact_bytes(tg_runs):
     assert [ln for ln in again.log.splitlines() if ln.startswith("gptq_calibration: batches:64/64 ")]
     assert again.artifact.read_bytes() == base.artifact.read_bytes(), "same weights and Hessians, same bytes"
     assert H.exact(again.log, "final_int6_roundtrip_exact") == H.exact(base.log, "final_int6_roundtrip_exact")
+
+
+def test_gptq_reserve_is_sized_from_measured_calibration_batches(make_args, tiny_data):
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100",
+                  GPTQ_RESERVE_SECONDS="12", GPTQ_CALIB_BATCHES="40")
+    m = tg.GPT(a)
+    clock = iter([0.0] + [0.0, 0.0] + [0.1 * i for i in range(1, 400)])  # every perf_counter read: +0.1 s
+    logs = []
+    with mock.patch.object(tg.time, "perf_counter", lambda: next(clock)):
+        tg.size_gptq_reserve(m, a, H.DistStub(), logs.append)
+    reserve = 100.0 - a.train_cap_s
+    assert 1.0 < reserve < 12.0 and logs[0].startswith(f"gptq_reserve:{reserve:.1f}s ")
+    # a slow calibration keeps the configured reserve
+    slow = iter([0.0] + [10.0 * i for i in range(0, 400)])
+    with mock.patch.object(tg.time, "perf_counter", lambda: next(slow)):
+        tg.size_gptq_reserve(m, a, H.DistStub(), logs.append)
+    assert a.train_cap_s == 88.0
