@@ -1397,11 +1397,13 @@ def document_spans(val: torch.Tensor, bos: int = BOS_ID) -> list[tuple[int, int]
 
 def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
     """val_loss and val_bpb of phased TTT (phased_ttt_scores), over all ranks."""
-    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
     scores, timing = phased_ttt_scores(model, loss_fn, val, args, dctx, log)
-    for s, nll in scores.items():
-        sums += torch.stack((nll.sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=nll.device),
-                             target_bytes(val[s:s + nll.numel()], val[s + 1:s + nll.numel() + 1], luts).sum()))
+    nll = torch.cat([torch.zeros(0, dtype=torch.float64, device=dctx.device), *scores.values()])
+    counts = torch.tensor([t.numel() for t in scores.values()], device=dctx.device, dtype=torch.long)
+    first = torch.tensor(list(scores), device=dctx.device, dtype=torch.long) - (counts.cumsum(0) - counts)
+    tgt = torch.repeat_interleave(first, counts) + torch.arange(nll.numel(), device=dctx.device) + 1
+    sums = torch.stack((nll.sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=dctx.device),
+                        target_bytes(val[tgt - 1], val[tgt], luts).sum().double()))
     loss, bpb = bpb_from(dctx.all_reduce(sums))
     log(f"ttt_phased:done val_loss={loss:.6f} val_bpb={bpb:.6f}")
     return loss, bpb, timing
@@ -1464,32 +1466,30 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
     """Per-token NLL of a batch of documents, scored chunk by chunk, each chunk before the LoRA step that
     learns from it (in the same forward: the step follows the scores it was computed with)."""
     L, C, B = args.eval_seq_len, args.ttt_lora_chunk, args.ttt_doc_batch
-    out = [torch.zeros(n, dtype=torch.float64, device=device) for _, n in docs]
-    for c0 in range(0, max(n for _, n in docs), C):
-        ends = [min(c0 + C, n) for _, n in docs]
-        lo = [max(0, e - L) for e in ends]  # window start: up to L tokens of in-document context
-        T = window_bucket(max(e - w for e, w in zip(ends, lo)), L)
-        x = torch.zeros(B, T, dtype=torch.long, device=device)
-        y = torch.zeros_like(x)
-        scored = torch.zeros(B, T, dtype=torch.bool, device=device)
-        for i, ((s, n), e, w) in enumerate(zip(docs, ends, lo)):
-            if c0 < n:
-                x[i, :e - w] = val[s + w:s + e].long()
-                y[i, :e - w] = val[s + w + 1:s + e + 1].long()
-                scored[i, c0 - w:e - w] = True
+    lens = [n for _, n in docs] + [0] * (B - len(docs))  # rows past the last document stay empty
+    start = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
+    n = torch.tensor(lens, device=device)[:, None]
+    offset = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
+    flat = torch.zeros(sum(lens), dtype=torch.float64, device=device)
+    for c0 in range(0, max(lens), C):
+        T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens), L)
+        end = n.clamp(max=c0 + C)
+        pos = (end - L).clamp(min=0) + torch.arange(T, device=device)  # in-document input positions
+        valid = pos < end  # window: up to L tokens of in-document context, ending at the chunk's end
+        idx = torch.where(valid, start + pos, 0)
+        x, y = torch.where(valid, val[idx], 0).long(), torch.where(valid, val[idx + 1], 0).long()
+        scored = valid & (pos >= c0)
         with autocast(device):
             logits = logits_fn(x, lora=lora)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-        for i, (e, w) in enumerate(zip(ends, lo)):
-            if c0 < docs[i][1]:
-                out[i][c0:e] = nll[i, c0 - w:e - w].detach().double()
-        learn = scored & torch.tensor([c0 + C < n for _, n in docs] + [False] * (B - len(docs)), device=device)[:, None]
+        flat[(offset + pos)[scored]] = nll.detach().double()[scored]
+        learn = scored & (c0 + C < n)
         if learn.any():  # one step per document on the mean loss of the chunk it just scored
             per_doc = (nll * learn).sum(1) / learn.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
             opt.step()
-    return out
+    return list(flat.split(lens[:len(docs)]))
 
 
 def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
