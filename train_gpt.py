@@ -919,10 +919,15 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
         self.hessians = None  # the GPTQ calibration store while it runs
-        for T in {args.train_seq_len, args.eval_seq_len}:  # precomputed RoPE tables for the lengths in use
+        # precomputed RoPE tables: one unscaled table whose prefixes serve every length up to
+        # ROPE_TRAIN_SEQ_LEN (sliced, so one compiled graph serves many lengths), one per longer length in use
+        lengths = {min(max(args.train_seq_len, args.eval_seq_len), args.rope_train_seq_len)}
+        lengths |= {T for T in (args.train_seq_len, args.eval_seq_len) if T > args.rope_train_seq_len}
+        for T in lengths:
             cos, sin = rope_tables(T, self.rot_dims, args.rope_base, args.rope_train_seq_len, None)
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
+        self.rope_prefix = min(lengths)
         self._init_weights()
 
     @torch.no_grad()
@@ -948,6 +953,14 @@ class GPT(nn.Module):
         for m in (self, *self.blocks):
             m.hessians = store
 
+    def rope(self, T, device):
+        if T <= self.rope_prefix:
+            return getattr(self, f"rope_cos_{self.rope_prefix}")[:, :T], getattr(self, f"rope_sin_{self.rope_prefix}")[:, :T]
+        cos, sin = getattr(self, f"rope_cos_{T}", None), getattr(self, f"rope_sin_{T}", None)
+        if cos is None:
+            cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, device)
+        return cos, sin
+
     def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None) -> torch.Tensor:
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
@@ -962,9 +975,7 @@ class GPT(nn.Module):
         x0 = x
         ve_base = self.ve_shared(ids).to(x.dtype) if self.ve_shared is not None else None
         T = ids.size(1)
-        cos, sin = getattr(self, f"rope_cos_{T}", None), getattr(self, f"rope_sin_{T}", None)
-        if cos is None:
-            cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, ids.device)
+        cos, sin = self.rope(T, ids.device)
         encoder, decoder = self.schedules[looped]
         docs = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
         skips, lane_m = [], None
@@ -1428,16 +1439,18 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
                             weight_decay=args.ttt_lora_wd)
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
-    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
+    logits_fn = torch.compile(model.forward_logits, fullgraph=True) if args.compile else model.forward_logits
     t0 = time.perf_counter()
-    shapes = sorted({window_bucket(n, args.eval_seq_len) for n in range(1, args.eval_seq_len + 1)}) if args.compile else []
-    for T in shapes:  # compile every window shape before the timed loop (random tokens, no step)
+    if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
+        x = torch.randint(0, args.vocab_size, (per, window_bucket(args.eval_seq_len, args.eval_seq_len)), device=dctx.device)
+        torch._dynamo.mark_dynamic(x, 1)
         with autocast(dctx.device):
-            logits_fn(torch.randint(0, args.vocab_size, (per, T), device=dctx.device), lora=lora).float().mean().backward()
+            logits_fn(x, lora=lora).float().mean().backward()
         opt.zero_grad(set_to_none=True)
     warm_s = time.perf_counter() - t0
-    log(f"ttt_phased:warmup time={warm_s:.1f}s shapes={shapes}")
+    log(f"ttt_phased:warmup time={warm_s:.1f}s")
     scores, t0, done = {}, time.perf_counter(), 0
+    progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         for b in range(done, end):
             if b % dctx.world_size == dctx.rank:
@@ -1445,6 +1458,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
                 opt.state.clear()
                 batch = docs[b * per:(b + 1) * per]
                 scores.update(zip((s for s, _ in batch), score_doc_batch(logits_fn, lora, opt, val, batch, args, dctx.device)))
+            progress(b + 1, n_batches)
         done = end
         if end < n_batches:
             ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
@@ -1455,11 +1469,8 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
 
 
 def window_bucket(n: int, limit: int) -> int:
-    """The padded window length for n tokens: 64 * 2^k, at most `limit` (few shapes for the compiler)."""
-    T = 64
-    while T < n:
-        T *= 2
-    return min(T, limit)
+    """The padded window length for n tokens: a multiple of 64, at most `limit`."""
+    return min(-(-n // 64) * 64, limit)
 
 
 def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:

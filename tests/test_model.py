@@ -91,18 +91,26 @@ def test_model_uses_rope_train_seq_len(make_args):
 
 
 def test_cached_rope_tables_match_and_are_used(make_args):
-    # the model precomputes tables for TRAIN_SEQ_LEN and EVAL_SEQ_LEN (here 64 and 48, both > 32 -> NTK)
+    # lengths above ROPE_TRAIN_SEQ_LEN (here 64 and 48 > 32, NTK-rescaled) get their own tables; one unscaled
+    # table of length 32 serves every length up to 32 by its prefix
     m, a = tiny_model(make_args, TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="48", ROPE_TRAIN_SEQ_LEN="32")
-    for T in (64, 48):
+    for T in (64, 48, 32):
         cos, sin = tg.rope_tables(T, m.rot_dims, a.rope_base, 32, CPU)
         assert torch.equal(getattr(m, f"rope_cos_{T}"), cos) and torch.equal(getattr(m, f"rope_sin_{T}"), sin)
+    for T in (1, 20, 32):
+        cos, sin = tg.rope_tables(T, m.rot_dims, a.rope_base, 32, CPU)
+        got = m.rope(T, CPU)
+        torch.testing.assert_close(got[0], cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[1], sin, rtol=0, atol=1e-6)
     assert not any(k.startswith("rope_") for k in m.state_dict()), "RoPE tables must not enter the artifact"
-    # poison the cached tables: a forward at a cached length must read them, other lengths must not
+    # poison the cached tables: a forward at a cached length (or a prefix of one) must read them, others not
     ids = rand_ids(a.vocab_size, (1, 64))
     with torch.no_grad():
-        ref64, ref40 = m.forward_logits(ids), m.forward_logits(ids[:, :40])
+        ref64, ref40, ref20 = m.forward_logits(ids), m.forward_logits(ids[:, :40]), m.forward_logits(ids[:, :20])
         getattr(m, "rope_cos_64").zero_()
+        getattr(m, "rope_cos_32").zero_()
         assert not torch.allclose(m.forward_logits(ids), ref64)
+        assert not torch.allclose(m.forward_logits(ids[:, :20]), ref20)
         assert torch.equal(m.forward_logits(ids[:, :40]), ref40)
 
 

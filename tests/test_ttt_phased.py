@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import tg_helpers as H
 import train_gpt as tg
@@ -135,6 +136,9 @@ def test_phases_fall_after_the_prefix_parts(make_args):
     assert phases == [6, 9], "global SGD on every document scored so far"
     progress = [ln.split("]")[0] for ln in logs if ln.startswith("  ttt_phased [")]
     assert progress == ["  ttt_phased [2/7", "  ttt_phased [3/7", "  ttt_phased [7/7"]
+    batches = [re.search(r"batches:(\d+)/7 elapsed:[\d.]+s eta:[\d.]+s$", ln)[1] for ln in logs
+               if ln.startswith("eval_progress phase:ttt_phased ")]
+    assert batches == [str(b) for b in range(1, 8)], "a progress line with ETA after every batch (7 < 20)"
 
 
 def test_phases_train_the_base_model_between_batches(make_args):
@@ -174,10 +178,29 @@ def test_two_process_phased_ttt_matches_one_process(tg_runs):
     assert v2[0] == pytest.approx(v1[0], rel=1e-5) and v2[1] == pytest.approx(v1[1], rel=1e-5)
 
 
-def test_window_buckets_are_few_and_fit():
-    assert [tg.window_bucket(n, 2048) for n in (1, 64, 65, 300, 1025, 2048)] == [64, 64, 128, 512, 2048, 2048]
-    assert len({tg.window_bucket(n, 2048) for n in range(1, 2049)}) == 6
+def test_window_lengths_are_multiples_of_64_that_fit():
+    assert [tg.window_bucket(n, 2048) for n in (1, 64, 65, 300, 1025, 2048)] == [64, 64, 128, 320, 1088, 2048]
     assert tg.window_bucket(90, 96) == 96
+
+
+def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
+    """COMPILE=1: the warm-up compiles one graph, dynamic in the window length, and no window of the loop
+    recompiles (a graph per length cost minutes on a GPU); the scores equal the eager ones."""
+    knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="0", TTT_CHUNK_TOKENS="160")
+    val = stream(n=1500, docs=5)
+    eager, _, _ = scores(make_args, val, **knobs)
+    counter, real = torch._dynamo.testing.CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    a, m = setup(make_args, COMPILE="1", **knobs)
+    logs = []
+    got, _ = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    lengths = {tg.window_bucket(min(c + 16, n), 160) for _, n in tg.document_spans(val) for c in range(0, n, 16)}
+    assert len(lengths) >= 3, lengths
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for window lengths {sorted(lengths)}"
+    assert got.keys() == eager.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], eager[k], rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_lora_forward_matches_eager(make_args):
