@@ -1008,8 +1008,12 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
-    def forward_logits(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None) -> torch.Tensor:
+    def forward_logits(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None,
+                       select: torch.Tensor | None = None) -> torch.Tensor:
+        """Softcapped logits of every position, or with `select` ([B, K] positions) of those only."""
         h = self.hidden(ids, qat, looped, lora)
+        if select is not None:
+            h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
         logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
         if lora is not None:
             logits = logits + lora.delta("head", h)
@@ -1444,9 +1448,12 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
         x = torch.randint(0, args.vocab_size, (per, window_bucket(args.eval_seq_len, args.eval_seq_len)), device=dctx.device)
         torch._dynamo.mark_dynamic(x, 1)
+        sel = torch.arange(args.ttt_lora_chunk, device=dctx.device).repeat(per, 1)
         with autocast(dctx.device):
-            logits_fn(x, lora=lora).float().mean().backward()
+            logits_fn(x, lora=lora, select=sel).float().mean().backward()
         opt.zero_grad(set_to_none=True)
+        if ends[:1] != [n_batches]:
+            ttt_phase(model, loss_fn, val, [], args, dctx, log)
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     scores, t0, done = {}, time.perf_counter(), 0
@@ -1482,18 +1489,21 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
     n = torch.tensor(lens, device=device)[:, None]
     offset = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
     flat = torch.zeros(sum(lens), dtype=torch.float64, device=device)
+    k = torch.arange(C, device=device)
     for c0 in range(0, max(lens), C):
         T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens), L)
         end = n.clamp(max=c0 + C)
-        pos = (end - L).clamp(min=0) + torch.arange(T, device=device)  # in-document input positions
-        valid = pos < end  # window: up to L tokens of in-document context, ending at the chunk's end
-        idx = torch.where(valid, start + pos, 0)
-        x, y = torch.where(valid, val[idx], 0).long(), torch.where(valid, val[idx + 1], 0).long()
-        scored = valid & (pos >= c0)
+        first = (end - L).clamp(min=0)  # window: up to L tokens of in-document context, ending at the chunk's end
+        valid = first + torch.arange(T, device=device) < end
+        idx = torch.where(valid, start + first + torch.arange(T, device=device), 0)
+        x = torch.where(valid, val[idx], 0).long()
+        scored = c0 + k < end  # the chunk's predictions c0 + k, at window positions c0 + k - first
+        sel = (c0 - first + k).clamp(max=T - 1)
+        y = torch.where(scored, val[(start + c0 + k + 1).clamp(max=val.numel() - 1)], 0).long()
         with autocast(device):
-            logits = logits_fn(x, lora=lora)
+            logits = logits_fn(x, lora=lora, select=sel)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-        flat[(offset + pos)[scored]] = nll.detach().double()[scored]
+        flat[(offset + c0 + k)[scored]] = nll.detach().double()[scored]
         learn = scored & (c0 + C < n)
         if learn.any():  # one step per document on the mean loss of the chunk it just scored
             per_doc = (nll * learn).sum(1) / learn.sum(1).clamp_min(1)
@@ -1505,24 +1515,27 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
 
 def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
     """Global SGD of the base weights on already-scored documents (their spans joined in queue order),
-    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks."""
+    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks.
+    Every chunk but a stream's only one has exactly TTT_CHUNK_TOKENS (the tail is left out), so every step
+    has the one shape that the warm-up compiled: with no documents (docs=[]) it runs one step at lr 0."""
     t = time.perf_counter()
-    stream = torch.cat([val[s:s + n + 1] for s, n in docs])
+    C = args.ttt_chunk_tokens
+    stream = torch.cat([val[s:s + n + 1] for s, n in docs]) if docs else torch.zeros(C + 1, dtype=val.dtype, device=val.device)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr, momentum=args.ttt_momentum)
-    C = args.ttt_chunk_tokens
+    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr if docs else 0.0, momentum=args.ttt_momentum)
     n_chunks = max(1, (stream.numel() - 1) // C)
     for c in range(n_chunks):
-        lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
-        end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
-        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
+        lr = opt.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
+        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, min((c + 1) * C, stream.numel() - 1), lr, args, dctx, epochs=1)
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
+    if docs:
+        log(f"ttt_phase: docs={len(docs)} tokens={min(n_chunks * C, stream.numel() - 1)} chunks={n_chunks} "
+            f"time={time.perf_counter() - t:.1f}s")
 
 # ----------------------------------------------------------------------------- export
 

@@ -184,23 +184,44 @@ def test_window_lengths_are_multiples_of_64_that_fit():
 
 
 def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
-    """COMPILE=1: the warm-up compiles one graph, dynamic in the window length, and no window of the loop
-    recompiles (a graph per length cost minutes on a GPU); the scores equal the eager ones."""
-    knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="0", TTT_CHUNK_TOKENS="160")
+    """COMPILE=1: the warm-up compiles one scoring graph, dynamic in the window length, and the one shape of
+    the global SGD phases (a graph per length cost minutes on a GPU); nothing recompiles in the loop, the
+    warm-up changes no weight, and the scores equal the eager ones."""
+    knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="4", TTT_PHASES="2", TTT_DOC_BATCH="2",
+                 TTT_CHUNK_TOKENS="320", TTT_BATCH_SEQS="4")
     val = stream(n=1500, docs=5)
     eager, _, _ = scores(make_args, val, **knobs)
-    counter, real = torch._dynamo.testing.CompileCounter(), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter, **kw))
+    counters, real = [], torch.compile
+
+    def counted(fn, **kw):
+        counters.append(torch._dynamo.testing.CompileCounter())
+        return real(fn, backend=counters[-1], **kw)
+
+    monkeypatch.setattr(torch, "compile", counted)
     torch._dynamo.reset()
     a, m = setup(make_args, COMPILE="1", **knobs)
     logs = []
-    got, _ = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    got, _ = tg.phased_ttt_scores(m, torch.compile(m, dynamic=False), val, a, H.DistStub(), logs.append)
     lengths = {tg.window_bucket(min(c + 16, n), 160) for _, n in tg.document_spans(val) for c in range(0, n, 16)}
     assert len(lengths) >= 3, lengths
-    assert counter.frame_count == 1, f"{counter.frame_count} graphs for window lengths {sorted(lengths)}"
+    phases = [ln for ln in logs if ln.startswith("ttt_phase: ")]
+    assert len(phases) == 2 and all("chunks=1 " not in ln for ln in phases), phases  # phases of several chunks
+    loss_graphs, score_graphs = (c.frame_count for c in counters)
+    assert score_graphs == 1, f"{score_graphs} scoring graphs for window lengths {sorted(lengths)}"
+    assert loss_graphs == 1, f"{loss_graphs} graphs for the global SGD phases"
     assert got.keys() == eager.keys()
     for k in got:
         torch.testing.assert_close(got[k], eager[k], rtol=1e-4, atol=1e-4)
+
+
+def test_logits_of_selected_positions_equal_the_full_logits_there(make_args):
+    a, m = setup(make_args)
+    x = torch.randint(2, 128, (3, 40), generator=torch.Generator().manual_seed(1))
+    sel = torch.tensor([[0, 5, 39], [1, 1, 2], [38, 0, 7]])
+    with torch.no_grad():
+        full, part = m.forward_logits(x), m.forward_logits(x, select=sel)
+    assert part.shape == (3, 3, a.vocab_size)
+    torch.testing.assert_close(part, full.gather(1, sel[..., None].expand(-1, -1, a.vocab_size)))
 
 
 def test_compiled_lora_forward_matches_eager(make_args):
