@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
 try:
     from flash_attn_interface import flash_attn_func as _fa3_func
 except Exception:
@@ -156,7 +158,7 @@ class Hyperparameters:
         self.enable_looping_at = env("ENABLE_LOOPING_AT", 0.0)  # fraction of the run (wall clock) before looping
         self.parallel_start = env("PARALLEL_START", 0)  # parallel residuals from this layer on (0 = off)
         self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
-        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS); SDPA masked path
+        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex attention on CUDA
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
         self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
@@ -743,11 +745,23 @@ ATTENTION_BACKEND = "sdpa"
 BOS_ID = 1
 
 
-def attention(q, k, v, docs=None):
-    """Causal GQA attention on [B, T, H, D] tensors; with `docs` ([B, T] document index of each position) a
-    position attends only to earlier positions of its own document (SDPA with a block-diagonal mask)."""
-    if docs is not None:  # K/V repeated for GQA: the memory-efficient kernel takes a mask, not enable_gqa
-        mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
+def document_mask(ids: torch.Tensor, flex: bool | None = None):
+    """Attention mask that keeps every position causal and inside its own document (BOS to BOS): on CUDA a
+    FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU), elsewhere a
+    dense [B, 1, T, T] mask."""
+    docs = torch.cumsum(ids == BOS_ID, dim=1)
+    if ids.is_cuda if flex is None else flex:
+        B, T = ids.shape
+        return create_block_mask(lambda b, h, i, j: (docs[b, i] == docs[b, j]) & (i >= j), B, None, T, T, device=ids.device)
+    return (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
+
+
+def attention(q, k, v, mask=None):
+    """Causal GQA attention on [B, T, H, D] tensors, within documents when given a `document_mask`."""
+    if isinstance(mask, BlockMask):
+        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                              enable_gqa=True).transpose(1, 2)
+    if mask is not None:  # K/V repeated for GQA: the memory-efficient kernel takes a mask, not enable_gqa
         rep = q.size(2) // k.size(2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
                                            v.repeat_interleave(rep, 2).transpose(1, 2), attn_mask=mask)
@@ -828,7 +842,7 @@ class Block(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(dt)[:, None]
-        y = attention(q, k, v, w.get("docs"))
+        y = attention(q, k, v, w.get("mask"))
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:  # SparseAttnGate: one sigmoid gate per head from the first dims of u
@@ -977,7 +991,7 @@ class GPT(nn.Module):
         T = ids.size(1)
         cos, sin = self.rope(T, ids.device)
         encoder, decoder = self.schedules[looped]
-        docs = torch.cumsum(ids == BOS_ID, dim=1) if self.args.doc_mask else None
+        mask = document_mask(ids) if self.args.doc_mask else None
         skips, lane_m = [], None
         for pos, i in enumerate(encoder + decoder):
             j = pos - len(encoder)
@@ -985,8 +999,8 @@ class GPT(nn.Module):
                 x = self.merge_skip(x, skips.pop(), j)
             ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
             w = {"q": qo[i], "o": qo[L + i], "k": kv[i], "v": kv[L + i], "up": up[i], "down": down[i]}
-            if docs is not None:
-                w["docs"] = docs
+            if mask is not None:
+                w["mask"] = mask
             if lora is not None:
                 w["lora"] = lora.at(pos)
             block = self.blocks[i]
@@ -2294,7 +2308,7 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     if args.attention_backend == "fa3" and not fa3_ok:
         raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
     ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend != "sdpa" else "sdpa"
-    log(f"attention_backend:{ATTENTION_BACKEND}" + (" (DOC_MASK=1: document-masked SDPA)" if args.doc_mask else ""))
+    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():
         log(f"config {name}={value}")

@@ -510,3 +510,18 @@ def test_document_mask_compiles_in_one_graph_and_trains(make_args):
     torch.testing.assert_close(loss, m(ids[:, :-1], ids[:, 1:]), atol=1e-5, rtol=1e-5)
     loss.backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in m.banks())
+
+
+def test_flex_document_mask_equals_the_dense_mask():
+    """The FlexAttention block mask (the CUDA path; forward only on CPU) gives the dense-mask attention."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 50, (2, 300), generator=g)
+    ids[0, [0, 40, 41, 250]] = tg.BOS_ID
+    ids[1, [130]] = tg.BOS_ID
+    q = torch.randn(2, 300, 4, 8, generator=g)
+    k, v = torch.randn(2, 300, 2, 8, generator=g), torch.randn(2, 300, 2, 8, generator=g)
+    dense, flex = tg.document_mask(ids, flex=False), tg.document_mask(ids, flex=True)
+    assert isinstance(flex, tg.BlockMask) and dense.shape == (2, 1, 300, 300)
+    torch.testing.assert_close(tg.attention(q, k, v, flex), tg.attention(q, k, v, dense), atol=1e-5, rtol=1e-5)
+    causal = tg.attention(q, k, v)
+    assert (tg.attention(q, k, v, flex)[0, 40:] - causal[0, 40:]).abs().max() > 1e-3, "documents are masked"

@@ -1,0 +1,77 @@
+"""GPU-only checks of the CUDA paths (skipped without a GPU; run them on the device):
+FlexAttention document masking against the dense-mask path, and phased TTT's dynamic compiled graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tg_helpers as H
+import train_gpt as tg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+TINY = dict(RECIPE="frontier", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="128",
+            LOOP_START="1", LOOP_END="2", PARALLEL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0",
+            TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", COMPILE="1")
+
+
+def packed_ids(B=2, T=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 128, (B, T), generator=g)
+    ids[:, torch.randperm(T, generator=g)[:6]] = tg.BOS_ID
+    return ids
+
+
+def test_flex_attention_matches_dense_mask_forward_and_backward():
+    ids = packed_ids().to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(2, 256, h, 64, generator=g, device=CUDA, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 4, 4))
+    outs = {}
+    for name, mask, fn in (("flex", tg.document_mask(ids), torch.compile(tg.attention)),
+                           ("dense", tg.document_mask(ids, flex=False), tg.attention)):
+        y = fn(q, k, v, mask)
+        y.float().square().sum().backward()
+        outs[name] = [y.float()] + [t.grad.float().clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+    for got, want in zip(outs["flex"], outs["dense"]):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_document_masked_model_compiles_and_matches_the_cpu_dense_path(make_args):
+    a = make_args(**TINY, DOC_MASK="1")
+    torch.manual_seed(0)
+    cpu = H.randomize(tg.GPT(a), std=0.05)
+    gpu = tg.GPT(a).to(CUDA)
+    gpu.load_state_dict(cpu.state_dict())
+    ids = packed_ids(T=257)
+    want = cpu(ids[:, :-1], ids[:, 1:])
+    want.backward()
+    got = torch.compile(gpu, dynamic=False, fullgraph=True)(ids[:, :-1].to(CUDA), ids[:, 1:].to(CUDA))
+    got.backward()
+    torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-3)
+    for pc, pg in zip(cpu.banks(), gpu.banks()):
+        torch.testing.assert_close(pg.grad.cpu(), pc.grad, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("doc_mask", ["0", "1"])
+def test_phased_ttt_compiled_on_gpu_matches_eager_cpu(make_args, doc_mask):
+    knobs = dict(TINY, DOC_MASK=doc_mask, EVAL_SEQ_LEN="160", TRAIN_SEQ_LEN="160", TTT_LORA_CHUNK="16",
+                 TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_PREFIX_DOCS="4", TTT_PHASES="2", TTT_DOC_BATCH="2",
+                 TTT_CHUNK_TOKENS="320", TTT_BATCH_SEQS="4", TTT_PHASE_LR="0.01")
+    g = torch.Generator().manual_seed(0)
+    val = torch.randint(2, 128, (1500,), generator=g)
+    val[torch.randperm(1499, generator=g)[:5] + 1] = tg.BOS_ID
+    scores = {}
+    for device, compile_ in ((torch.device("cpu"), "0"), (CUDA, "1")):
+        a = make_args(**{**knobs, "COMPILE": compile_})
+        torch.manual_seed(0)
+        m = H.randomize(tg.GPT(a), std=0.05).to(device)
+        dctx = H.DistStub()
+        dctx.device = device
+        loss_fn = torch.compile(m, dynamic=False) if compile_ == "1" else m
+        logs = []
+        scores[device.type], _ = tg.phased_ttt_scores(m, loss_fn, val.to(device), a, dctx, logs.append)
+    for start, nll in scores["cpu"].items():
+        torch.testing.assert_close(scores["cuda"][start].cpu(), nll, atol=5e-2, rtol=2e-2)  # bf16 autocast on the GPU
