@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import difflib
 import fcntl
+import functools
 import glob
 import hashlib
 import io
@@ -37,6 +38,46 @@ try:
     from flash_attn_interface import flash_attn_func as _fa3_func
 except Exception:
     _fa3_func = None
+
+
+@functools.cache  # the custom ops register once per process
+def load_fa4():
+    """FlashAttention-4 (pip `flash-attn-4`, CuTe DSL) as a causal GQA attention on [B, T, H, D], or None when
+    it is not installed. Its kernels are wrapped in custom ops (forward saving the log-sum-exp, backward) so
+    the compiled graph calls them whole instead of tracing into the CuTe DSL."""
+    try:
+        from flash_attn.cute import interface as fa4
+    except Exception:
+        return None
+
+    @torch.library.custom_op("pgolf::fa4_fwd", mutates_args=())
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+        return out, lse
+
+    @fwd.register_fake
+    def _(q, k, v):
+        return torch.empty_like(q), q.new_empty(q.size(0), q.size(2), q.size(1), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
+    def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+            lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+        return dq, dk, dv
+
+    @bwd.register_fake
+    def _(q, k, v, out, dout, lse):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return bwd(q, k, v, out, dout.contiguous(), lse)
+
+    fwd.register_autograd(backward, setup_context=save)
+    return lambda q, k, v: fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
 
 # ----------------------------------------------------------------------------- hyperparameters
 
@@ -126,7 +167,7 @@ class Hyperparameters:
         self.val_loss_every = env("VAL_LOSS_EVERY", 4000)
         self.train_log_every = env("TRAIN_LOG_EVERY", 500)
         self.compile = env("COMPILE", torch.cuda.is_available())
-        self.attention_backend = env("ATTENTION_BACKEND", "auto")  # auto | fa3 | sdpa
+        self.attention_backend = env("ATTENTION_BACKEND", "auto")  # auto (fa3 if importable, else sdpa) | fa3 | fa4 | sdpa
         self.train_loader = env("TRAIN_LOADER", "sequential")  # sequential | shuffled (coprime-stride blocks)
         # model
         self.vocab_size = env("VOCAB_SIZE", 1024)
@@ -264,7 +305,7 @@ class Hyperparameters:
              "GPTQ_RESERVE_SECONDS must be >= 0 and below MAX_WALLCLOCK_SECONDS")
         reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
         self.train_cap_s = self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
-        need(self.attention_backend in ("auto", "fa3", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|sdpa")
+        need(self.attention_backend in ("auto", "fa3", "fa4", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|fa4|sdpa")
         need(not self.ve_enabled or all(0 <= i < self.num_layers for i in self.ve_layers),
              "VE_LAYERS must name layers < NUM_LAYERS")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
@@ -742,6 +783,7 @@ def exclusive_self_attention(y, v):
 
 
 ATTENTION_BACKEND = "sdpa"
+_fa4_func = None
 BOS_ID = 1
 
 
@@ -769,6 +811,8 @@ def attention(q, k, v, mask=None):
     if ATTENTION_BACKEND == "fa3":
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
+    if ATTENTION_BACKEND == "fa4":
+        return _fa4_func(q, k, v)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
@@ -2297,7 +2341,7 @@ def main() -> int:
 
 def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     """Log the run's identity and resolved config; pick the attention backend. Returns the code as counted."""
-    global ATTENTION_BACKEND
+    global ATTENTION_BACKEND, _fa4_func
     device = dctx.device
     code, counted, code_hash = code_info()
     log(f"logs/{args.run_id}.txt")
@@ -2307,7 +2351,13 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     fa3_ok = _fa3_func is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     if args.attention_backend == "fa3" and not fa3_ok:
         raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
-    ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend != "sdpa" else "sdpa"
+    ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend in ("auto", "fa3") else "sdpa"
+    if args.attention_backend == "fa4":  # opt-in until measured; FA4 needs a Hopper or Blackwell GPU
+        _fa4_func = load_fa4() if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else None
+        if _fa4_func is None:
+            raise SystemExit("error: ATTENTION_BACKEND=fa4 but flash_attn.cute (pip flash-attn-4) is not importable "
+                             "on a Hopper/Blackwell GPU")
+        ATTENTION_BACKEND = "fa4"
     log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():

@@ -75,3 +75,22 @@ def test_phased_ttt_compiled_on_gpu_matches_eager_cpu(make_args, doc_mask):
         scores[device.type], _ = tg.phased_ttt_scores(m, loss_fn, val.to(device), a, dctx, logs.append)
     for start, nll in scores["cpu"].items():
         torch.testing.assert_close(scores["cuda"][start].cpu(), nll, atol=5e-2, rtol=2e-2)  # bf16 autocast on the GPU
+
+
+def test_fa4_attention_matches_sdpa_forward_and_backward_eager_and_compiled():
+    fa4 = tg.load_fa4()
+    if fa4 is None:
+        pytest.skip("flash-attn-4 is not installed")
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(4, 1024, h, 64, generator=g, device=CUDA, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 4, 4))
+    results = {}
+    for name, fn in (("sdpa", tg.attention), ("fa4", fa4), ("fa4 compiled", torch.compile(fa4, fullgraph=True))):
+        y = fn(q, k, v)
+        y.float().square().sum().backward()
+        results[name] = [y.float()] + [t.grad.float().clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+    for name in ("fa4", "fa4 compiled"):
+        for got, want in zip(results[name], results["sdpa"]):
+            torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

@@ -343,3 +343,12 @@ def test_clip_sharded_is_clip_grad_norm_over_the_union():
     tg.clip_sharded(full, shards, 0.5, H.DistStub())
     for r, t in zip(ref, full + shards):
         torch.testing.assert_close(t, r.grad)
+
+
+@pytest.mark.parametrize("backend", ["fa3", "fa4"])
+def test_unavailable_attention_backend_stops_the_run_with_the_reason(make_args, backend):
+    a = make_args(ATTENTION_BACKEND=backend)
+    logs = []
+    with pytest.raises(SystemExit, match=f"ATTENTION_BACKEND={backend} but"):
+        tg.start_run(a, H.DistStub(), logs.append)  # CPU: neither FlashAttention build can run
+    assert tg.ATTENTION_BACKEND == "sdpa"
