@@ -1453,7 +1453,9 @@ class LoRA(nn.Module):
             B.zero_()
 
     def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x @ self.A[key].mT.to(x.dtype)) @ self.B[key].mT.to(x.dtype)
+        """The adapters of the first x.size(0) documents (a batch may drop its finished documents)."""
+        A, B = self.A[key][:x.size(0)], self.B[key][:x.size(0)]
+        return self.scale * (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
 
     def at(self, pos: int):
         return lambda name, x: self.delta(f"{name}{pos}", x)
@@ -1505,8 +1507,11 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     t0 = time.perf_counter()
     if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
         x = torch.randint(0, args.vocab_size, (per, window_bucket(args.eval_seq_len, args.eval_seq_len)), device=dctx.device)
-        torch._dynamo.mark_dynamic(x, 1)
         sel = torch.arange(args.ttt_lora_chunk, device=dctx.device).repeat(per, 1)
+        torch._dynamo.mark_dynamic(x, 1)
+        if per > 2:  # the rows of unfinished documents: 2..TTT_DOC_BATCH (never 1: a size-1 dim would recompile)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(sel, 0)
         with autocast(dctx.device):
             logits_fn(x, lora=lora, select=sel).float().mean().backward()
         opt.zero_grad(set_to_none=True)
@@ -1539,17 +1544,21 @@ def window_bucket(n: int, limit: int) -> int:
 
 
 def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
-    """Per-token NLL of a batch of documents, scored chunk by chunk, each chunk before the LoRA step that
-    learns from it (in the same forward: the step follows the scores it was computed with)."""
+    """Per-token NLL of a batch of documents (longest first), scored chunk by chunk, each chunk before the LoRA
+    step that learns from it (in the same forward: the step follows the scores it was computed with). A chunk
+    runs only the rows of documents not yet finished (at least 2), a prefix of the batch."""
     L, C, B = args.eval_seq_len, args.ttt_lora_chunk, args.ttt_doc_batch
     lens = [n for _, n in docs] + [0] * (B - len(docs))  # rows past the last document stay empty
-    start = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
-    n = torch.tensor(lens, device=device)[:, None]
-    offset = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
+    assert all(a >= b for a, b in zip(lens, lens[1:])), "a document batch is ordered longest first"
+    starts = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
+    ns = torch.tensor(lens, device=device)[:, None]
+    offsets = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
     flat = torch.zeros(sum(lens), dtype=torch.float64, device=device)
     k = torch.arange(C, device=device)
     for c0 in range(0, max(lens), C):
-        T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens), L)
+        rows = min(B, max(2, sum(m > c0 for m in lens)))
+        start, n, offset = starts[:rows], ns[:rows], offsets[:rows]
+        T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens[:rows]), L)
         end = n.clamp(max=c0 + C)
         first = (end - L).clamp(min=0)  # window: up to L tokens of in-document context, ending at the chunk's end
         valid = first + torch.arange(T, device=device) < end

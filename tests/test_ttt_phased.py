@@ -187,9 +187,12 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
     """COMPILE=1: the warm-up compiles one scoring graph, dynamic in the window length, and the one shape of
     the global SGD phases (a graph per length cost minutes on a GPU); nothing recompiles in the loop, the
     warm-up changes no weight, and the scores equal the eager ones."""
-    knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="4", TTT_PHASES="2", TTT_DOC_BATCH="2",
+    knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="8", TTT_PHASES="2", TTT_DOC_BATCH="4",
                  TTT_CHUNK_TOKENS="320", TTT_BATCH_SEQS="4")
-    val = stream(n=1500, docs=5)
+    val = stream(n=1500, docs=9)
+    lens = sorted((n for _, n in tg.document_spans(val)), reverse=True)
+    rows = {max(2, sum(m > c for m in lens[b:b + 4])) for b in range(0, len(lens), 4) for c in range(0, lens[b], 16)}
+    assert len(rows) == 3, f"batches run 2, 3 and 4 rows (unfinished documents): {rows}"
     eager, _, _ = scores(make_args, val, **knobs)
     counters, real = [], torch.compile
 
@@ -207,7 +210,7 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
     phases = [ln for ln in logs if ln.startswith("ttt_phase: ")]
     assert len(phases) == 2 and all("chunks=1 " not in ln for ln in phases), phases  # phases of several chunks
     loss_graphs, score_graphs = (c.frame_count for c in counters)
-    assert score_graphs == 1, f"{score_graphs} scoring graphs for window lengths {sorted(lengths)}"
+    assert score_graphs == 1, f"{score_graphs} scoring graphs for window lengths {sorted(lengths)}, rows {rows}"
     assert loss_graphs == 1, f"{loss_graphs} graphs for the global SGD phases"
     assert got.keys() == eager.keys()
     for k in got:
