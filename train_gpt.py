@@ -1500,7 +1500,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
         p.requires_grad_(False)
     lora = LoRA(args, per, len(sum(model.schedules[True], [])), dctx.device)
     opt = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
-                            weight_decay=args.ttt_lora_wd)
+                            weight_decay=args.ttt_lora_wd, fused=dctx.device.type == "cuda")  # one pass per step
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
     logits_fn = torch.compile(model.forward_logits, fullgraph=True) if args.compile else model.forward_logits
