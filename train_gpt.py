@@ -2348,25 +2348,31 @@ def main() -> int:
             lock.close()
 
 
+def choose_attention_backend(args: Hyperparameters, device):
+    """Set the attention kernel of this process from ATTENTION_BACKEND; a backend asked for by name that
+    cannot run here stops the run with the reason."""
+    global ATTENTION_BACKEND, _fa4_func
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if args.attention_backend == "fa3" and not (_fa3_func is not None and major == 9):
+        raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
+    ATTENTION_BACKEND = "fa3" if _fa3_func is not None and major == 9 and args.attention_backend in ("auto", "fa3") else "sdpa"
+    if args.attention_backend == "fa4":  # opt-in until measured; FA4 needs a Hopper or Blackwell GPU
+        _fa4_func = load_fa4() if major >= 9 else None
+        if _fa4_func is None:
+            raise SystemExit("error: ATTENTION_BACKEND=fa4 but flash_attn.cute (pip flash-attn-4) is not importable "
+                             "on a Hopper/Blackwell GPU")
+        ATTENTION_BACKEND = "fa4"
+
+
 def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     """Log the run's identity and resolved config; pick the attention backend. Returns the code as counted."""
-    global ATTENTION_BACKEND, _fa4_func
     device = dctx.device
     code, counted, code_hash = code_info()
     log(f"logs/{args.run_id}.txt")
     log(f"code_sha256:{code_hash} code_bytes:{len(code)} counted_code_bytes:{len(counted)} (compact copy)")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
-    fa3_ok = _fa3_func is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    if args.attention_backend == "fa3" and not fa3_ok:
-        raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
-    ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend in ("auto", "fa3") else "sdpa"
-    if args.attention_backend == "fa4":  # opt-in until measured; FA4 needs a Hopper or Blackwell GPU
-        _fa4_func = load_fa4() if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 else None
-        if _fa4_func is None:
-            raise SystemExit("error: ATTENTION_BACKEND=fa4 but flash_attn.cute (pip flash-attn-4) is not importable "
-                             "on a Hopper/Blackwell GPU")
-        ATTENTION_BACKEND = "fa4"
+    choose_attention_backend(args, device)
     log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():

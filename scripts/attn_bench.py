@@ -1,29 +1,44 @@
-"""Micro-benchmark of causal GQA attention paths (fwd+bwd) at the training shape; run on a GPU."""
-import torch, torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel, SDPBackend
+"""Forward+backward time of every attention path of train_gpt.py at the training shape (B 48 x T 2048, 8 query
+and 4 KV heads of 64), compiled as in training; run on a GPU: python3 scripts/attn_bench.py"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
 B, T, H, KV, D = 48, 2048, 8, 4, 64
-q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-k = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-v = torch.randn(B, KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-def gqa(backend):
-    def f():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return f
-def expanded(backend):
-    def f():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1), is_causal=True)
-    return f
-def bench(f):
-    for _ in range(3): f().sum().backward()
-    torch.cuda.synchronize(); s, e = torch.cuda.Event(True), torch.cuda.Event(True); s.record()
-    for _ in range(10): f().float().sum().backward()
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / 10
-for name, f in [("gqa default", gqa([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])),
-                ("gqa flash", gqa([SDPBackend.FLASH_ATTENTION])), ("gqa cudnn", gqa([SDPBackend.CUDNN_ATTENTION])),
-                ("expanded flash", expanded([SDPBackend.FLASH_ATTENTION])), ("expanded cudnn", expanded([SDPBackend.CUDNN_ATTENTION]))]:
+dev = torch.device("cuda")
+q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+k, v = (torch.randn(B, T, KV, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+ids = torch.randint(2, 1000, (B, T), device=dev)
+ids[:, ::700] = tg.BOS_ID  # 700-token documents for the document-masked paths
+
+
+def bench(backend: str, mask=None) -> float:
+    tg.ATTENTION_BACKEND = backend
+    fn = torch.compile(tg.attention, fullgraph=True)
+    for _ in range(3):
+        fn(q, k, v, mask).float().sum().backward()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        fn(q, k, v, mask).float().sum().backward()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 10
+
+
+tg._fa4_func = tg.load_fa4()
+paths = [("sdpa causal", "sdpa", lambda: None),
+         ("fa3 causal", "fa3", lambda: None) if tg._fa3_func else None,
+         ("fa4 causal", "fa4", lambda: None) if tg._fa4_func else None,
+         ("flex document mask", "sdpa", lambda: tg.document_mask(ids)),
+         ("dense-mask sdpa document mask", "sdpa", lambda: tg.document_mask(ids, flex=False))]
+for name, backend, mask in filter(None, paths):
     try:
-        print(f"{name}: {bench(f):.2f} ms fwd+bwd per layer-call", flush=True)
+        print(f"{name}: {bench(backend, mask()):.2f} ms fwd+bwd per layer call", flush=True)
     except Exception as ex:
-        print(f"{name}: failed {type(ex).__name__}: {str(ex)[:120]}", flush=True)
+        print(f"{name}: failed {type(ex).__name__}: {str(ex)[:160]}", flush=True)

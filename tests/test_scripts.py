@@ -82,3 +82,17 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
     assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
+
+
+def test_profile_step_sorts_kernels_into_categories():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import profile_step as ps
+    names = {"ncclDevKernel_ReduceScatter_Sum_bf16": "communication",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention",
+             "triton_tem_fused_flex_attention_0": "attention",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128": "GEMM",
+             "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "GEMM",
+             "triton_per_fused__to_copy_mul_rsqrt_0": "elementwise/reductions",
+             "void at::native::vectorized_elementwise_kernel<4>": "elementwise/reductions",
+             "mystery_kernel": "other"}
+    assert {n: ps.category(n) for n in names} == names
