@@ -1508,10 +1508,10 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
         x = torch.randint(0, args.vocab_size, (per, window_bucket(args.eval_seq_len, args.eval_seq_len)), device=dctx.device)
         sel = torch.arange(args.ttt_lora_chunk, device=dctx.device).repeat(per, 1)
-        torch._dynamo.mark_dynamic(x, 1)
+        torch._dynamo.maybe_mark_dynamic(x, 1)  # "maybe": a path that needs a fixed size recompiles, not fails
         if per > 2:  # the rows of unfinished documents: 2..TTT_DOC_BATCH (never 1: a size-1 dim would recompile)
-            torch._dynamo.mark_dynamic(x, 0)
-            torch._dynamo.mark_dynamic(sel, 0)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(sel, 0)
         with autocast(dctx.device):
             logits_fn(x, lora=lora, select=sel).float().mean().backward()
         opt.zero_grad(set_to_none=True)
