@@ -1519,6 +1519,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
             ttt_phase(model, loss_fn, val, [], args, dctx, log)
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     scores, t0, done = {}, time.perf_counter(), 0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
@@ -1533,6 +1534,8 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
         if end < n_batches:
             ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
+    if args.compile:  # each costs a compile of a minute or more on a GPU inside the timed loop
+        log(f"ttt_phased:graphs_compiled_in_loop={torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
     for p in model.parameters():
         p.requires_grad_(True)
     return scores, {"warm_s": warm_s}

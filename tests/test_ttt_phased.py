@@ -212,6 +212,7 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
     loss_graphs, score_graphs = (c.frame_count for c in counters)
     assert score_graphs == 1, f"{score_graphs} scoring graphs for window lengths {sorted(lengths)}, rows {rows}"
     assert loss_graphs == 1, f"{loss_graphs} graphs for the global SGD phases"
+    assert "ttt_phased:graphs_compiled_in_loop=0" in logs, "the log says that nothing compiled in the timed loop"
     assert got.keys() == eager.keys()
     for k in got:
         torch.testing.assert_close(got[k], eager[k], rtol=1e-4, atol=1e-4)
