@@ -218,6 +218,20 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
         torch.testing.assert_close(got[k], eager[k], rtol=1e-4, atol=1e-4)
 
 
+def test_without_phases_the_warm_up_compiles_no_phase_graph(make_args, monkeypatch):
+    counters, real = [], torch.compile
+
+    def counted(fn, **kw):
+        counters.append(torch._dynamo.testing.CompileCounter())
+        return real(fn, backend=counters[-1], **kw)
+
+    monkeypatch.setattr(torch, "compile", counted)
+    torch._dynamo.reset()
+    a, m = setup(make_args, COMPILE="1", TTT_PREFIX_DOCS="0")
+    tg.phased_ttt_scores(m, torch.compile(m, dynamic=False), stream(), a, H.DistStub(), lambda msg: None)
+    assert [c.frame_count for c in counters] == [0, 1], "no phase runs, so its graph is never compiled"
+
+
 def test_logits_of_selected_positions_equal_the_full_logits_there(make_args):
     a, m = setup(make_args)
     x = torch.randint(2, 128, (3, 40), generator=torch.Generator().manual_seed(1))
