@@ -178,12 +178,26 @@ def test_two_process_phased_ttt_matches_one_process(tg_runs):
     assert v2[0] == pytest.approx(v1[0], rel=1e-5) and v2[1] == pytest.approx(v1[1], rel=1e-5)
 
 
+@pytest.fixture
+def compile_counters(monkeypatch):
+    """torch.compile counting the graphs each compiled function builds (one counter per call, in order)."""
+    counters, real = [], torch.compile
+
+    def counted(fn, **kw):
+        counters.append(torch._dynamo.testing.CompileCounter())
+        return real(fn, backend=counters[-1], **kw)
+
+    monkeypatch.setattr(torch, "compile", counted)
+    torch._dynamo.reset()
+    return counters
+
+
 def test_window_lengths_are_multiples_of_64_that_fit():
     assert [tg.window_bucket(n, 2048) for n in (1, 64, 65, 300, 1025, 2048)] == [64, 64, 128, 320, 1088, 2048]
     assert tg.window_bucket(90, 96) == 96
 
 
-def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
+def test_one_compiled_graph_serves_every_window_length(make_args, compile_counters):
     """COMPILE=1: the warm-up compiles one scoring graph, dynamic in the window length, and the one shape of
     the global SGD phases (a graph per length cost minutes on a GPU); nothing recompiles in the loop, the
     warm-up changes no weight, and the scores equal the eager ones."""
@@ -194,14 +208,6 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
     rows = {max(2, sum(m > c for m in lens[b:b + 4])) for b in range(0, len(lens), 4) for c in range(0, lens[b], 16)}
     assert len(rows) == 3, f"batches run 2, 3 and 4 rows (unfinished documents): {rows}"
     eager, _, _ = scores(make_args, val, **knobs)
-    counters, real = [], torch.compile
-
-    def counted(fn, **kw):
-        counters.append(torch._dynamo.testing.CompileCounter())
-        return real(fn, backend=counters[-1], **kw)
-
-    monkeypatch.setattr(torch, "compile", counted)
-    torch._dynamo.reset()
     a, m = setup(make_args, COMPILE="1", **knobs)
     logs = []
     got, _ = tg.phased_ttt_scores(m, torch.compile(m, dynamic=False), val, a, H.DistStub(), logs.append)
@@ -209,7 +215,7 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
     assert len(lengths) >= 3, lengths
     phases = [ln for ln in logs if ln.startswith("ttt_phase: ")]
     assert len(phases) == 2 and all("chunks=1 " not in ln for ln in phases), phases  # phases of several chunks
-    loss_graphs, score_graphs = (c.frame_count for c in counters)
+    loss_graphs, score_graphs = (c.frame_count for c in compile_counters)
     assert score_graphs == 1, f"{score_graphs} scoring graphs for window lengths {sorted(lengths)}, rows {rows}"
     assert loss_graphs == 1, f"{loss_graphs} graphs for the global SGD phases"
     assert "ttt_phased:graphs_compiled_in_loop=0" in logs, "the log says that nothing compiled in the timed loop"
@@ -218,18 +224,10 @@ def test_one_compiled_graph_serves_every_window_length(make_args, monkeypatch):
         torch.testing.assert_close(got[k], eager[k], rtol=1e-4, atol=1e-4)
 
 
-def test_without_phases_the_warm_up_compiles_no_phase_graph(make_args, monkeypatch):
-    counters, real = [], torch.compile
-
-    def counted(fn, **kw):
-        counters.append(torch._dynamo.testing.CompileCounter())
-        return real(fn, backend=counters[-1], **kw)
-
-    monkeypatch.setattr(torch, "compile", counted)
-    torch._dynamo.reset()
+def test_without_phases_the_warm_up_compiles_no_phase_graph(make_args, compile_counters):
     a, m = setup(make_args, COMPILE="1", TTT_PREFIX_DOCS="0")
     tg.phased_ttt_scores(m, torch.compile(m, dynamic=False), stream(), a, H.DistStub(), lambda msg: None)
-    assert [c.frame_count for c in counters] == [0, 1], "no phase runs, so its graph is never compiled"
+    assert [c.frame_count for c in compile_counters] == [0, 1], "no phase runs, so its graph is never compiled"
 
 
 def test_logits_of_selected_positions_equal_the_full_logits_there(make_args):
