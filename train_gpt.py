@@ -77,7 +77,15 @@ def load_fa4():
         return bwd(q, k, v, out, dout.contiguous(), lse)
 
     fwd.register_autograd(backward, setup_context=save)
-    return lambda q, k, v: fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
+
+    def attend(q, k, v):
+        return fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
+
+    try:  # an install whose kernels cannot build or run here counts as missing
+        attend(*[torch.zeros(1, 128, 1, 64, device="cuda", dtype=torch.bfloat16)] * 3)
+    except Exception:
+        return None
+    return attend
 
 # ----------------------------------------------------------------------------- hyperparameters
 
@@ -2362,8 +2370,8 @@ def choose_attention_backend(args: Hyperparameters, device):
     if args.attention_backend == "fa4":  # opt-in until measured; FA4 needs a Hopper or Blackwell GPU
         _fa4_func = load_fa4() if major >= 9 else None
         if _fa4_func is None:
-            raise SystemExit("error: ATTENTION_BACKEND=fa4 but flash_attn.cute (pip flash-attn-4) is not importable "
-                             "on a Hopper/Blackwell GPU")
+            raise SystemExit("error: ATTENTION_BACKEND=fa4 but flash_attn.cute (pip flash-attn-4) does not import "
+                             "and run on a Hopper/Blackwell GPU here")
         ATTENTION_BACKEND = "fa4"
 
 
