@@ -230,6 +230,25 @@ def test_without_phases_the_warm_up_compiles_no_phase_graph(make_args, compile_c
     assert [c.frame_count for c in compile_counters] == [0, 1], "no phase runs, so its graph is never compiled"
 
 
+def test_a_chunk_runs_only_the_rows_of_unfinished_documents(make_args):
+    """Batches are longest first, so a chunk's unfinished documents are a prefix of the batch: only those rows
+    (at least 2) go through the forward, and scores do not depend on the finished rows."""
+    a, m = setup(make_args, TTT_DOC_BATCH="4", TTT_PREFIX_DOCS="0", TTT_LORA_CHUNK="8")
+    val = stream(n=900, docs=11)
+    rows, forward = [], m.forward_logits
+
+    def recording(ids, **kw):
+        rows.append(ids.size(0))
+        return forward(ids, **kw)
+
+    m.forward_logits = recording
+    out, _ = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), lambda msg: None)
+    lens = sorted((n for _, n in tg.document_spans(val)), reverse=True)
+    want = [max(2, sum(n > c for n in lens[b:b + 4])) for b in range(0, len(lens), 4) for c in range(0, lens[b], 8)]
+    assert rows == want and min(rows) == 2 and max(rows) == 4
+    assert sum(v.numel() for v in out.values()) == val.numel() - 1
+
+
 def test_logits_of_selected_positions_equal_the_full_logits_there(make_args):
     a, m = setup(make_args)
     x = torch.randint(2, 128, (3, 40), generator=torch.Generator().manual_seed(1))
