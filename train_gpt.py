@@ -1564,7 +1564,7 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
     starts = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
     ns = torch.tensor(lens, device=device)[:, None]
     offsets = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
-    flat = torch.zeros(sum(lens), dtype=torch.float64, device=device)
+    flat = torch.zeros(sum(lens) + 1, dtype=torch.float64, device=device)  # + a sink for unscored positions
     k = torch.arange(C, device=device)
     for c0 in range(0, max(lens), C):
         rows = min(B, max(2, sum(m > c0 for m in lens)))
@@ -1581,14 +1581,14 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
         with autocast(device):
             logits = logits_fn(x, lora=lora, select=sel)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-        flat[(offset + c0 + k)[scored]] = nll.detach().double()[scored]
+        flat[torch.where(scored, offset + c0 + k, flat.numel() - 1)] = nll.detach().double()  # no host sync
         learn = scored & (c0 + C < n)
-        if learn.any():  # one step per document on the mean loss of the chunk it just scored
+        if any(c0 + C < m for m in lens):  # one step per document on the mean loss of the chunk it just scored
             per_doc = (nll * learn).sum(1) / learn.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
             opt.step()
-    return list(flat.split(lens[:len(docs)]))
+    return list(flat[:-1].split(lens[:len(docs)]))
 
 
 def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
