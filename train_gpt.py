@@ -1523,8 +1523,6 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
         with autocast(dctx.device):
             logits_fn(x, lora=lora, select=sel).float().mean().backward()
         opt.zero_grad(set_to_none=True)
-        if any(e < n_batches for e in ends):  # some global SGD phase will run
-            ttt_phase(model, loss_fn, val, [], args, dctx, log)
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -1593,27 +1591,24 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
 
 def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
     """Global SGD of the base weights on already-scored documents (their spans joined in queue order),
-    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks.
-    Every chunk but a stream's only one has exactly TTT_CHUNK_TOKENS (the tail is left out), so every step
-    has the one shape that the warm-up compiled: with no documents (docs=[]) it runs one step at lr 0."""
+    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks."""
     t = time.perf_counter()
-    C = args.ttt_chunk_tokens
-    stream = torch.cat([val[s:s + n + 1] for s, n in docs]) if docs else torch.zeros(C + 1, dtype=val.dtype, device=val.device)
+    stream = torch.cat([val[s:s + n + 1] for s, n in docs])
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr if docs else 0.0, momentum=args.ttt_momentum)
+    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr, momentum=args.ttt_momentum)
+    C = args.ttt_chunk_tokens
     n_chunks = max(1, (stream.numel() - 1) // C)
     for c in range(n_chunks):
-        lr = opt.defaults["lr"] * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
-        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, min((c + 1) * C, stream.numel() - 1), lr, args, dctx, epochs=1)
+        lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
+        end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
+        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-    if docs:
-        log(f"ttt_phase: docs={len(docs)} tokens={min(n_chunks * C, stream.numel() - 1)} chunks={n_chunks} "
-            f"time={time.perf_counter() - t:.1f}s")
+    log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
 
 # ----------------------------------------------------------------------------- export
 
@@ -2583,10 +2578,10 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         budget.add("sliding_window", secs)
     if args.ttt_enabled:
         t = time.perf_counter()
-        loss_fn = torch.compile(model, dynamic=False) if args.compile else model
-        if args.ttt_mode == "phased":
-            vl, vb, timing = phased_ttt_evaluate(model, loss_fn, val, luts, args, dctx, log)
+        if args.ttt_mode == "phased":  # its global SGD phases are little work: eager beats a minute of compiling
+            vl, vb, timing = phased_ttt_evaluate(model, model, val, luts, args, dctx, log)
         else:
+            loss_fn = torch.compile(model, dynamic=False) if args.compile else model
             vl, vb, timing = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)
         secs = time.perf_counter() - t
         results["legal_ttt"] = vb
