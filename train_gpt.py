@@ -1478,9 +1478,9 @@ def document_spans(val: torch.Tensor, bos: int = BOS_ID) -> list[tuple[int, int]
     return [(a, b - a) for a, b in zip(starts, starts[1:]) if b > a]
 
 
-def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
+def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist, log):
     """val_loss and val_bpb of phased TTT (phased_ttt_scores), over all ranks."""
-    scores, timing = phased_ttt_scores(model, loss_fn, val, args, dctx, log)
+    scores, timing = phased_ttt_scores(model, val, args, dctx, log)
     nll = torch.cat([torch.zeros(0, dtype=torch.float64, device=dctx.device), *scores.values()])
     counts = torch.tensor([t.numel() for t in scores.values()], device=dctx.device, dtype=torch.long)
     first = torch.tensor(list(scores), device=dctx.device, dtype=torch.long) - (counts.cumsum(0) - counts)
@@ -1492,7 +1492,7 @@ def phased_ttt_evaluate(model: GPT, loss_fn, val, luts, args: Hyperparameters, d
     return loss, bpb, timing
 
 
-def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dist, log) -> tuple[dict, dict]:
+def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and the compile
     warm-up time. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
     with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
@@ -1514,7 +1514,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
     logits_fn = torch.compile(model.forward_logits, fullgraph=True) if args.compile else model.forward_logits
     t0 = time.perf_counter()
     if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
-        x = torch.randint(0, args.vocab_size, (per, window_bucket(args.eval_seq_len, args.eval_seq_len)), device=dctx.device)
+        x = torch.randint(0, args.vocab_size, (per, args.eval_seq_len), device=dctx.device)
         sel = torch.arange(args.ttt_lora_chunk, device=dctx.device).repeat(per, 1)
         torch._dynamo.maybe_mark_dynamic(x, 1)  # "maybe": a path that needs a fixed size recompiles, not fails
         if per > 2:  # the rows of unfinished documents: 2..TTT_DOC_BATCH (never 1: a size-1 dim would recompile)
@@ -1538,7 +1538,7 @@ def phased_ttt_scores(model: GPT, loss_fn, val, args: Hyperparameters, dctx: Dis
             progress(b + 1, n_batches)
         done = end
         if end < n_batches:
-            ttt_phase(model, loss_fn, val, docs[:end * per], args, dctx, log)
+            ttt_phase(model, val, docs[:end * per], args, dctx, log)
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
     if args.compile:  # each costs a compile of a minute or more on a GPU inside the timed loop
         log(f"ttt_phased:graphs_compiled_in_loop={torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
@@ -1570,8 +1570,9 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
         T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens[:rows]), L)
         end = n.clamp(max=c0 + C)
         first = (end - L).clamp(min=0)  # window: up to L tokens of in-document context, ending at the chunk's end
-        valid = first + torch.arange(T, device=device) < end
-        idx = torch.where(valid, start + first + torch.arange(T, device=device), 0)
+        pos = first + torch.arange(T, device=device)  # in-document input positions
+        valid = pos < end
+        idx = torch.where(valid, start + pos, 0)
         x = torch.where(valid, val[idx], 0).long()
         scored = c0 + k < end  # the chunk's predictions c0 + k, at window positions c0 + k - first
         sel = (c0 - first + k).clamp(max=T - 1)
@@ -1589,9 +1590,10 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
     return list(flat[:-1].split(lens[:len(docs)]))
 
 
-def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist, log):
+def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
     """Global SGD of the base weights on already-scored documents (their spans joined in queue order),
-    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks."""
+    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks. Eager:
+    the phases are little work, and compiling their training graph cost about a minute."""
     t = time.perf_counter()
     stream = torch.cat([val[s:s + n + 1] for s, n in docs])
     params = list(model.parameters())
@@ -1604,7 +1606,7 @@ def ttt_phase(model: GPT, loss_fn, val, docs, args: Hyperparameters, dctx: Dist,
     for c in range(n_chunks):
         lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
         end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
-        ttt_train_chunk(model, loss_fn, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
+        ttt_train_chunk(model, model, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
     for p in params:
         p.requires_grad_(False)
         p.grad = None
@@ -2359,9 +2361,10 @@ def choose_attention_backend(args: Hyperparameters, device):
     cannot run here stops the run with the reason."""
     global ATTENTION_BACKEND, _fa4_func
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    if args.attention_backend == "fa3" and not (_fa3_func is not None and major == 9):
+    fa3_ok = _fa3_func is not None and major == 9
+    if args.attention_backend == "fa3" and not fa3_ok:
         raise SystemExit("error: ATTENTION_BACKEND=fa3 but flash_attn_interface is not importable on a Hopper GPU")
-    ATTENTION_BACKEND = "fa3" if _fa3_func is not None and major == 9 and args.attention_backend in ("auto", "fa3") else "sdpa"
+    ATTENTION_BACKEND = "fa3" if fa3_ok and args.attention_backend in ("auto", "fa3") else "sdpa"
     if args.attention_backend == "fa4":  # opt-in until measured; FA4 needs a Hopper or Blackwell GPU
         _fa4_func = load_fa4() if major >= 9 else None
         if _fa4_func is None:
@@ -2578,8 +2581,8 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         budget.add("sliding_window", secs)
     if args.ttt_enabled:
         t = time.perf_counter()
-        if args.ttt_mode == "phased":  # its global SGD phases are little work: eager beats a minute of compiling
-            vl, vb, timing = phased_ttt_evaluate(model, model, val, luts, args, dctx, log)
+        if args.ttt_mode == "phased":
+            vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log)
         else:
             loss_fn = torch.compile(model, dynamic=False) if args.compile else model
             vl, vb, timing = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)

@@ -37,7 +37,7 @@ def setup(make_args, **knobs):
 def scores(make_args, val, **knobs):
     a, m = setup(make_args, **knobs)
     logs = []
-    out, timing = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    out, timing = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append)
     assert timing["warm_s"] < 0.01  # COMPILE=0: nothing to warm up
     return out, logs, a
 
@@ -64,7 +64,7 @@ def test_every_target_is_scored_once_and_the_sums_are_consistent(make_args):
     luts = (torch.arange(128, dtype=torch.int16) % 3 + 1, torch.zeros(128, dtype=torch.bool),
             torch.zeros(128, dtype=torch.bool))
     _, m = setup(make_args)
-    loss, bpb, _ = tg.phased_ttt_evaluate(m, m, val, luts, a, H.DistStub(), logs.append)
+    loss, bpb, _ = tg.phased_ttt_evaluate(m, val, luts, a, H.DistStub(), logs.append)
     nll = torch.cat(list(out.values()))
     assert loss == pytest.approx(nll.mean().item(), rel=1e-6)
     nbytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
@@ -200,7 +200,7 @@ def test_window_lengths_are_multiples_of_64_that_fit():
 def test_one_compiled_graph_serves_every_window_length(make_args, compile_counters):
     """COMPILE=1: the warm-up compiles one scoring graph, dynamic in the window length and the number of rows
     (a graph per length cost minutes on a GPU); nothing compiles in the loop (the global SGD phases run
-    eager, as the final evaluation passes them), and the scores equal the eager ones."""
+    eager), and the scores equal the eager ones."""
     knobs = dict(EVAL_SEQ_LEN="160", TTT_LORA_CHUNK="16", TTT_PREFIX_DOCS="8", TTT_PHASES="2", TTT_DOC_BATCH="4",
                  TTT_CHUNK_TOKENS="320", TTT_BATCH_SEQS="4")
     val = stream(n=1500, docs=9)
@@ -210,7 +210,7 @@ def test_one_compiled_graph_serves_every_window_length(make_args, compile_counte
     eager, _, _ = scores(make_args, val, **knobs)
     a, m = setup(make_args, COMPILE="1", **knobs)
     logs = []
-    got, _ = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), logs.append)
+    got, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append)
     lengths = {tg.window_bucket(min(c + 16, n), 160) for _, n in tg.document_spans(val) for c in range(0, n, 16)}
     assert len(lengths) >= 3, lengths
     phases = [ln for ln in logs if ln.startswith("ttt_phase: ")]
@@ -234,7 +234,7 @@ def test_a_chunk_runs_only_the_rows_of_unfinished_documents(make_args):
         return forward(ids, **kw)
 
     m.forward_logits = recording
-    out, _ = tg.phased_ttt_scores(m, m, val, a, H.DistStub(), lambda msg: None)
+    out, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), lambda msg: None)
     lens = sorted((n for _, n in tg.document_spans(val)), reverse=True)
     want = [max(2, sum(n > c for n in lens[b:b + 4])) for b in range(0, len(lens), 4) for c in range(0, lens[b], 8)]
     assert rows == want and min(rows) == 2 and max(rows) == 4
