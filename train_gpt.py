@@ -7,6 +7,7 @@ and parallel residuals; RECIPE=r549 reproduces the 2026-03-23 record stack.
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import fcntl
 import functools
@@ -22,6 +23,7 @@ import struct
 import sys
 import time
 import traceback
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -836,7 +838,8 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
-        self.ln_factor = 1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0
+        # a tensor, not a float: one compiled block graph then serves every layer (compiled_blocks)
+        self.register_buffer("ln_factor", torch.tensor(1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0), persistent=False)
         self.xsa = idx >= args.num_layers - args.xsa_last_n
         self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dims)) if args.attn_gate_dims else None
         self.attn_gate_scale = args.attn_gate_scale
@@ -862,6 +865,10 @@ class Block(nn.Module):
         r, p = self.lane_resid.to(a.dtype), self.lane_post.to(a.dtype)
         return r[0] * lane_a + p[0, 0] * a + p[0, 1] * m, r[1] * lane_m + p[1, 0] * a + p[1, 1] * m
 
+    def tap(self, name, x):
+        if self.hessians is not None:  # the layer's index reaches no compiled graph (compiled_blocks)
+            tap(self.hessians, f"{name}.{self.idx}", x)
+
     def mix(self, x, x0):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
@@ -869,24 +876,25 @@ class Block(nn.Module):
     def mlp_out(self, x, w):
         dt = x.dtype
         u = rms_norm(x) * self.ln_factor
-        tap(self.hessians, f"up.{self.idx}", u)
+        self.tap("up", u)
         h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
-        tap(self.hessians, f"down.{self.idx}", h)
+        self.tap("down", h)
         out = F.linear(h, w["down"].to(dt))
         if "lora" in w:
-            out = out + w["lora"]("mlp", u)
+            out = out + lora_delta(u, w["lora"]["mlp"])
         return self.mlp_scale.to(dt) * out
 
     def attn_out(self, x, w, ve, cos, sin):
         u = rms_norm(x) * self.ln_factor
-        tap(self.hessians, f"qkv.{self.idx}", u)
+        self.tap("qkv", u)
         b, t, _ = u.shape
         dt = u.dtype
         kv_dim = self.num_kv_heads * self.head_dim
         qkv = F.linear(u, torch.cat((w["q"], w["k"], w["v"])).to(dt))  # one GEMM for q, k and v
         q, k, v = qkv.split((qkv.size(-1) - 2 * kv_dim, kv_dim, kv_dim), dim=-1)
         if "lora" in w:  # TTT: per-document low-rank adapters
-            q, k, v = q + w["lora"]("q", u), k + w["lora"]("k", u), v + w["lora"]("v", u)
+            lo = w["lora"]
+            q, k, v = q + lora_delta(u, lo["q"]), k + lora_delta(u, lo["k"]), v + lora_delta(u, lo["v"])
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if ve is not None:
@@ -901,10 +909,10 @@ class Block(nn.Module):
             gate = F.linear(u[..., :self.attn_gate.size(1)], self.attn_gate.to(dt)) * self.attn_gate_scale
             y = y * torch.sigmoid(gate).unsqueeze(-1)
         y = y.reshape(b, t, -1)
-        tap(self.hessians, f"o.{self.idx}", y)
+        self.tap("o", y)
         out = F.linear(y, w["o"].to(dt))
         if "lora" in w:
-            out = out + w["lora"]("o", y)
+            out = out + lora_delta(y, w["lora"]["o"])
         return self.attn_scale.to(dt) * out
 
 
@@ -1054,7 +1062,7 @@ class GPT(nn.Module):
             if mask is not None:
                 w["mask"] = mask
             if lora is not None:
-                w["lora"] = lora.at(pos)
+                w["lora"] = lora.layer(pos, ids.size(0))
             block = self.blocks[i]
             if block.parallel == "lanes":
                 x, lane_m = block.forward_lanes(x, x if lane_m is None else lane_m, x0, w, ve, cos, sin)
@@ -1082,7 +1090,7 @@ class GPT(nn.Module):
             h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
         logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
         if lora is not None:
-            logits = logits + lora.delta("head", h)
+            logits = logits + lora_delta(h, lora.adapter("head", h.size(0)))
         logits = logits.float()
         cap = self.args.logit_softcap
         return cap * torch.tanh(logits / cap)
@@ -1460,13 +1468,17 @@ class LoRA(nn.Module):
             A.copy_(torch.rand(A.shape, generator=g, device=A.device) * 2 * bound - bound)
             B.zero_()
 
-    def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapters of the first x.size(0) documents (a batch may drop its finished documents)."""
-        A, B = self.A[key][:x.size(0)], self.B[key][:x.size(0)]
-        return self.scale * (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
+    def adapter(self, key: str, rows: int) -> tuple:
+        """(A, B, scale) of the first `rows` documents (a batch may drop its finished documents)."""
+        return self.A[key][:rows], self.B[key][:rows], self.scale
 
-    def at(self, pos: int):
-        return lambda name, x: self.delta(f"{name}{pos}", x)
+    def layer(self, pos: int, rows: int) -> dict:
+        return {n: self.adapter(f"{n}{pos}", rows) for n in ("q", "k", "v", "o", "mlp")}
+
+
+def lora_delta(x: torch.Tensor, adapter: tuple) -> torch.Tensor:
+    A, B, scale = adapter
+    return scale * (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
 
 
 def document_spans(val: torch.Tensor, bos: int = BOS_ID) -> list[tuple[int, int]]:
@@ -1511,17 +1523,13 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
                             weight_decay=args.ttt_lora_wd, fused=dctx.device.type == "cuda")  # one pass per step
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
-    logits_fn = torch.compile(model.forward_logits, fullgraph=True) if args.compile else model.forward_logits
     t0 = time.perf_counter()
-    if args.compile:  # one graph, dynamic in the window length, compiled before the timed loop (no step)
-        x = torch.randint(0, args.vocab_size, (per, args.eval_seq_len), device=dctx.device)
-        sel = torch.arange(args.ttt_lora_chunk, device=dctx.device).repeat(per, 1)
-        torch._dynamo.maybe_mark_dynamic(x, 1)  # "maybe": a path that needs a fixed size recompiles, not fails
-        if per > 2:  # the rows of unfinished documents: 2..TTT_DOC_BATCH (never 1: a size-1 dim would recompile)
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-            torch._dynamo.maybe_mark_dynamic(sel, 0)
-        with autocast(dctx.device):
-            logits_fn(x, lora=lora, select=sel).float().mean().backward()
+    if args.compile:  # two shapes: the second makes rows and window length dynamic; no step is taken
+        for rows, T in ((per, args.eval_seq_len), (min(per, 2), min(args.eval_seq_len, 64))):
+            x = torch.randint(0, args.vocab_size, (rows, T), device=dctx.device)
+            sel = torch.arange(min(T, args.ttt_lora_chunk), device=dctx.device).repeat(rows, 1)
+            with compiled_blocks(model), autocast(dctx.device):
+                model.forward_logits(x, lora=lora, select=sel).float().mean().backward()
         opt.zero_grad(set_to_none=True)
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
@@ -1534,7 +1542,8 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
                 lora.reset(args.seed * 100_003 + b)
                 opt.state.clear()
                 batch = docs[b * per:(b + 1) * per]
-                scores.update(zip((s for s, _ in batch), score_doc_batch(logits_fn, lora, opt, val, batch, args, dctx.device)))
+                with compiled_blocks(model, args.compile):
+                    scores.update(zip((s for s, _ in batch), score_doc_batch(model, lora, opt, val, batch, args, dctx.device)))
             progress(b + 1, n_batches)
         done = end
         if end < n_batches:
@@ -1547,12 +1556,32 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
     return scores, {"warm_s": warm_s}
 
 
+@functools.cache
+def compiled_block_forwards():
+    return torch.compile(Block.forward), torch.compile(Block.forward_lanes)
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: GPT, enabled: bool = True):
+    """Regional compilation for TTT scoring: every block runs a shared compiled forward, one graph per block
+    variant, instead of one graph of all virtual layers (dynamic in rows and window length, that one took
+    minutes to compile). On exit the blocks run eager again (the global SGD phases: little work)."""
+    if enabled:
+        for b in model.blocks:
+            b.forward, b.forward_lanes = (types.MethodType(f, b) for f in compiled_block_forwards())
+    try:
+        yield
+    finally:
+        for b in model.blocks:
+            b.__dict__.pop("forward", None), b.__dict__.pop("forward_lanes", None)
+
+
 def window_bucket(n: int, limit: int) -> int:
     """The padded window length for n tokens: a multiple of 64, at most `limit`."""
     return min(-(-n // 64) * 64, limit)
 
 
-def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
+def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
     """Per-token NLL of a batch of documents (longest first), scored chunk by chunk, each chunk before the LoRA
     step that learns from it (in the same forward: the step follows the scores it was computed with). A chunk
     runs only the rows of documents not yet finished (at least 2), a prefix of the batch."""
@@ -1578,7 +1607,7 @@ def score_doc_batch(logits_fn, lora: LoRA, opt, val, docs, args: Hyperparameters
         sel = (c0 - first + k).clamp(max=T - 1)
         y = torch.where(scored, val[(start + c0 + k + 1).clamp(max=val.numel() - 1)], 0).long()
         with autocast(device):
-            logits = logits_fn(x, lora=lora, select=sel)
+            logits = model.forward_logits(x, lora=lora, select=sel)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
         flat[torch.where(scored, offset + c0 + k, flat.numel() - 1)] = nll.detach().double()  # no host sync
         learn = scored & (c0 + C < n)
