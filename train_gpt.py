@@ -1259,7 +1259,7 @@ def score_windows(logits_fn, val, luts, starts, first, seq_len, batch, device, p
             ws, lo = F.pad(ws, (0, batch - n)), F.pad(lo, (0, batch - n), value=seq_len)
         idx = (ws[:, None] + offsets).clamp_max(total)
         tok = val[idx].long()
-        x, y = tok[:, :-1], tok[:, 1:]
+        x, y = tok[:, :-1].contiguous(), tok[:, 1:]  # contiguous, as in the warm-up: a stride change recompiles
         pos = torch.arange(seq_len, device=device)
         mask = (pos >= lo[:, None]) & (ws[:, None] + pos < total)
         mask[n:] = False
@@ -2574,6 +2574,13 @@ def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, hessians, c
     return 0
 
 
+def warm_up_scoring(logits_fn, args: Hyperparameters, device):
+    """Compile the window-scoring graph outside the timed loop, on an input shaped as score_windows' own."""
+    with torch.no_grad(), autocast(device):
+        logits_fn(torch.zeros(args.eval_batch_seqs, args.eval_seq_len, dtype=torch.long, device=device))
+    sync(device)
+
+
 def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict) -> int:
     """Round-trip the saved artifact into a fresh model, then block, sliding-window and TTT evaluation."""
     device = dctx.device
@@ -2587,9 +2594,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len
     t = time.perf_counter()
-    with torch.no_grad(), autocast(device):  # compile the scoring graph outside the timed loop
-        logits_fn(torch.zeros(args.eval_batch_seqs, L, dtype=torch.long, device=device))
-    sync(device)
+    warm_up_scoring(logits_fn, args, device)
     warm_s = time.perf_counter() - t
     vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx, log, "roundtrip")
     secs = time.perf_counter() - t

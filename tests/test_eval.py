@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 
 import tg_helpers as H
@@ -91,6 +92,21 @@ def test_stride_equal_to_window_is_plain_block_eval(eval_model, val_tokens, luts
     ref_loss = nll.mean().item()
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert bpb == pytest.approx(ref_loss / math.log(2) * nll.numel() / nbytes, rel=1e-6)
+
+
+def test_warm_up_compiles_the_graph_the_scoring_loop_uses(make_args, val_tokens, luts, monkeypatch):
+    """The warm-up's input has the loop's shape and strides: the timed loop compiles nothing (on a GPU with a
+    cold cache, a stride mismatch cost a second ~44 s compile inside each timed evaluation)."""
+    a = make_args(EVAL_SEQ_LEN="32", TRAIN_SEQ_LEN="32", EVAL_BATCH_SEQS="3", COMPILE="1")
+    counter, real = torch._dynamo.testing.CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    fn = tg.compiled_logits(tg.GPT(a), a)
+    tg.warm_up_scoring(fn, a, CPU)
+    assert counter.frame_count == 1
+    for stride in (32, 8):
+        tg.evaluate(fn, val_tokens[:301], luts, 32, stride, 3, H.DistStub())
+    assert counter.frame_count == 1, "the scoring loop recompiled"
 
 
 @pytest.mark.parametrize("L, stride, n", [(32, 8, 301), (32, 32, 300), (16, 5, 203)])
