@@ -96,3 +96,17 @@ def test_profile_step_sorts_kernels_into_categories():
              "void at::native::vectorized_elementwise_kernel<4>": "elementwise/reductions",
              "mystery_kernel": "other"}
     assert {n: ps.category(n) for n in names} == names
+
+
+def test_profile_ttt_times_the_chunk_steps_of_each_document_length():
+    """scripts/profile_ttt.py runs the real phased-TTT scorer (score_doc_batch) on a tiny CPU model: one line of
+    wall and device time per chunk step for every requested document length, and its categories."""
+    import tg_helpers as H
+    knobs = {**H.TINY_MODEL, "EVAL_SEQ_LEN": "64", "TTT_LORA_CHUNK": "16", "TTT_DOC_BATCH": "3", "COMPILE": "0"}
+    r = _run(sys.executable, str(REPO / "scripts" / "profile_ttt.py"), "100", "30", **{k: str(v) for k, v in knobs.items()})
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = {ln.split()[1]: ln.split() for ln in r.stdout.splitlines() if ln.startswith("ttt_step ")}
+    assert list(steps) == ["doc_len:100", "doc_len:30"]
+    assert steps["doc_len:100"][2:4] == ["docs:3", "steps:7"] and steps["doc_len:30"][3] == "steps:2"
+    assert all(float(f[4].split(":")[1]) > 0 and float(f[5].split(":")[1]) > 0 for f in steps.values())
+    assert any(ln.startswith("ttt_step_ms doc_len:100 optimizer") for ln in r.stdout.splitlines())
