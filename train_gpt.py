@@ -1051,7 +1051,7 @@ class GPT(nn.Module):
         T = ids.size(1)
         cos, sin = self.rope(T, ids.device)
         encoder, decoder = self.schedules[looped]
-        mask = document_mask(ids) if self.args.doc_mask else None
+        mask = document_mask(ids) if self.args.doc_mask and lora is None else None  # a TTT row: one document
         skips, lane_m = [], None
         for pos, i in enumerate(encoder + decoder):
             j = pos - len(encoder)

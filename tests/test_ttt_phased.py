@@ -151,6 +151,19 @@ def test_phases_train_the_base_model_between_batches(make_args):
         assert same == (j < a.ttt_doc_batch), j  # the first batch precedes the phase; all later ones follow it
 
 
+def test_scoring_rows_build_no_document_mask(make_args, monkeypatch):
+    """A scored row holds one document (from its BOS, padded after its end), so with DOC_MASK=1 the causal mask
+    is already the document mask: scoring builds none (a block mask of each window shape would reach the compiled
+    blocks) and scores as DOC_MASK=0 does."""
+    val = stream(n=500, docs=6)
+    plain, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0")
+    built, real = [], tg.document_mask
+    monkeypatch.setattr(tg, "document_mask", lambda ids, flex=None: built.append(ids.shape) or real(ids, flex))
+    masked, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", DOC_MASK="1")
+    assert built == [] and masked.keys() == plain.keys()
+    assert all(torch.equal(masked[k], plain[k]) for k in plain)
+
+
 def test_lora_delta_is_per_document_and_starts_at_zero(make_args):
     a, m = setup(make_args)
     lora = tg.LoRA(a, 2, 7)
