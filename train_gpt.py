@@ -838,8 +838,8 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
-        # a tensor, not a float: one compiled block graph then serves every layer (compiled_blocks)
-        self.register_buffer("ln_factor", torch.tensor(1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0), persistent=False)
+        ln_factor = 1.0 / math.sqrt(idx + 1) if args.ln_scale else 1.0  # a tensor: one compiled graph, every layer
+        self.register_buffer("ln_factor", torch.tensor(ln_factor), persistent=False)
         self.xsa = idx >= args.num_layers - args.xsa_last_n
         self.attn_gate = nn.Parameter(torch.zeros(H, args.attn_gate_dims)) if args.attn_gate_dims else None
         self.attn_gate_scale = args.attn_gate_scale
@@ -1537,14 +1537,14 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
     scores, t0, done = {}, time.perf_counter(), 0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
-        for b in range(done, end):
-            if b % dctx.world_size == dctx.rank:
-                lora.reset(args.seed * 100_003 + b)
-                opt.state.clear()
-                batch = docs[b * per:(b + 1) * per]
-                with compiled_blocks(model, args.compile):
+        with compiled_blocks(model, args.compile):
+            for b in range(done, end):
+                if b % dctx.world_size == dctx.rank:
+                    lora.reset(args.seed * 100_003 + b)
+                    opt.state.clear()
+                    batch = docs[b * per:(b + 1) * per]
                     scores.update(zip((s for s, _ in batch), score_doc_batch(model, lora, opt, val, batch, args, dctx.device)))
-            progress(b + 1, n_batches)
+                progress(b + 1, n_batches)
         done = end
         if end < n_batches:
             ttt_phase(model, val, docs[:end * per], args, dctx, log)
