@@ -1476,6 +1476,13 @@ class LoRA(nn.Module):
         return {n: self.adapter(f"{n}{pos}", rows) for n in ("q", "k", "v", "o", "mlp")}
 
 
+def lora_with_optimizer(model: GPT, args: Hyperparameters, device) -> tuple[LoRA, torch.optim.Optimizer]:
+    """TTT_DOC_BATCH documents' adapters for every virtual layer of `model`, and their AdamW."""
+    lora = LoRA(args, args.ttt_doc_batch, len(sum(model.schedules[True], [])), device)
+    return lora, torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                                   weight_decay=args.ttt_lora_wd, fused=device.type == "cuda")  # one pass per step
+
+
 def lora_delta(x: torch.Tensor, adapter: tuple) -> torch.Tensor:
     A, B, scale = adapter
     return scale * (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
@@ -1518,9 +1525,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
     ends = sorted({math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0})
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = LoRA(args, per, len(sum(model.schedules[True], [])), dctx.device)
-    opt = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
-                            weight_decay=args.ttt_lora_wd, fused=dctx.device.type == "cuda")  # one pass per step
+    lora, opt = lora_with_optimizer(model, args, dctx.device)
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
     t0 = time.perf_counter()
@@ -1573,7 +1578,8 @@ def compiled_blocks(model: GPT, enabled: bool = True):
         yield
     finally:
         for b in model.blocks:
-            b.__dict__.pop("forward", None), b.__dict__.pop("forward_lanes", None)
+            for name in ("forward", "forward_lanes"):
+                b.__dict__.pop(name, None)
 
 
 def window_bucket(n: int, limit: int) -> int:

@@ -66,9 +66,7 @@ def main():
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = tg.LoRA(args, args.ttt_doc_batch, len(sum(model.schedules[True], [])), device)
-    opt = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
-                            weight_decay=args.ttt_lora_wd, fused=device.type == "cuda")
+    lora, opt = tg.lora_with_optimizer(model, args, device)
     print(f"attention_backend {tg.ATTENTION_BACKEND} compile {int(args.compile)} chunk {args.ttt_lora_chunk} "
           f"window {args.eval_seq_len} lora_rank {args.ttt_lora_rank}")
     for length in [int(a) for a in sys.argv[1:]] or [2500, 300]:
