@@ -106,7 +106,7 @@ RECIPES: dict[str, dict[str, object]] = {
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
-        TTT_LR=0.005, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0),
+        TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -1529,7 +1529,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
     t0 = time.perf_counter()
-    if args.compile:  # two shapes: the second makes rows and window length dynamic; no step is taken
+    if args.compile:  # the block graphs, dynamic in rows and window length; a second shape checks it; no step
         for rows, T in ((per, args.eval_seq_len), (min(per, 2), min(args.eval_seq_len, 64))):
             x = torch.randint(0, args.vocab_size, (rows, T), device=dctx.device)
             sel = torch.arange(min(T, args.ttt_lora_chunk), device=dctx.device).repeat(rows, 1)
@@ -1563,7 +1563,25 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
 
 @functools.cache
 def compiled_block_forwards():
-    return torch.compile(Block.forward), torch.compile(Block.forward_lanes)
+    """Block.forward and Block.forward_lanes, compiled dynamic in rows and window length from the first call
+    (without the marks, a static graph first, then a dynamic one: twice the warm-up)."""
+    def dynamic(fn):
+        compiled = torch.compile(fn)
+
+        def run(self, *args):
+            *streams, w, ve, cos, sin = args
+            lora = [t for adapter in w.get("lora", {}).values() for t in adapter[:2]]
+            for t in streams + [t for t in (ve,) if t is not None]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            for t in lora:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            cos, sin = cos[0][None], sin[0][None]  # a table slice's leading stride would pin the length
+            for t in (cos, sin):
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            return compiled(self, *streams, w, ve, cos, sin)
+        return run
+    return dynamic(Block.forward), dynamic(Block.forward_lanes)
 
 
 @contextlib.contextmanager
@@ -2356,6 +2374,13 @@ def compiled_logits(model: GPT, args: Hyperparameters):
     return torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
 
 
+def window_scorer(model: GPT, args: Hyperparameters):
+    """The final evaluation's window scorer: compiled when a sliding-window or SGD-TTT phase will use it; eager
+    for the round-trip alone (a few seconds of scoring against a compile of half a minute on a cold cache)."""
+    reused = args.eval_stride < args.eval_seq_len or (args.ttt_enabled and args.ttt_mode == "sgd")
+    return compiled_logits(model, args) if reused else model.forward_logits
+
+
 def main() -> int:
     log = Logger(master=int(os.environ.get("RANK", "0")) == 0)
     signal.signal(signal.SIGTERM, on_signal)
@@ -2595,7 +2620,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     PROGRESS["phase"] = "evaluate"
     model = model_from_artifact(args.eval_only_path, args, device, log, results.get("artifact_sha256"))
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    logits_fn = compiled_logits(model, args)
+    logits_fn = window_scorer(model, args)
     budget = EvalBudget(log, val.numel() - 1, dctx.world_size)
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len

@@ -109,6 +109,21 @@ def test_warm_up_compiles_the_graph_the_scoring_loop_uses(make_args, val_tokens,
     assert counter.frame_count == 1, "the scoring loop recompiled"
 
 
+def test_window_scorer_compiles_only_for_phases_that_reuse_it(make_args, monkeypatch):
+    """The round-trip alone scores eagerly: on a GPU its compile cost more than its few seconds of scoring."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    cases = {("32", "0", "sgd"): False, ("32", "1", "phased"): False, ("8", "0", "sgd"): True,
+             ("32", "1", "sgd"): True, ("8", "1", "phased"): True}
+    for (stride, ttt, mode), want in cases.items():
+        a = make_args(EVAL_SEQ_LEN="32", TRAIN_SEQ_LEN="32", EVAL_STRIDE=stride, TTT_ENABLED=ttt, TTT_MODE=mode, TTT_LORA_CHUNK="16",
+                      COMPILE="1")
+        m, before = tg.GPT(a), len(compiled)
+        fn = tg.window_scorer(m, a)
+        assert (len(compiled) > before) == want, (stride, ttt, mode)
+        assert want or fn == m.forward_logits
+
+
 @pytest.mark.parametrize("L, stride, n", [(32, 8, 301), (32, 32, 300), (16, 5, 203)])
 def test_sliding_eval_matches_per_position_reference(eval_model, val_tokens, luts, L, stride, n):
     m, _ = eval_model
