@@ -282,6 +282,7 @@ class Hyperparameters:
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
         self.ttt_phases = env("TTT_PHASES", 3)
         self.ttt_phase_lr = env("TTT_PHASE_LR", 0.001)
+        self.ttt_deadline_seconds = env("TTT_DEADLINE_SECONDS", 540.0)  # of evaluation, then no adapting; 0: never
         self.validate()
 
     def validate(self):
@@ -1497,9 +1498,9 @@ def document_spans(val: torch.Tensor, bos: int = BOS_ID) -> list[tuple[int, int]
     return [(a, b - a) for a, b in zip(starts, starts[1:]) if b > a]
 
 
-def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist, log):
+def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist, log, deadline=None):
     """val_loss and val_bpb of phased TTT (phased_ttt_scores), over all ranks."""
-    scores, timing = phased_ttt_scores(model, val, args, dctx, log)
+    scores, timing = phased_ttt_scores(model, val, args, dctx, log, deadline)
     nll = torch.cat([torch.zeros(0, dtype=torch.float64, device=dctx.device), *scores.values()])
     counts = torch.tensor([t.numel() for t in scores.values()], device=dctx.device, dtype=torch.long)
     first = torch.tensor(list(scores), device=dctx.device, dtype=torch.long) - (counts.cumsum(0) - counts)
@@ -1511,14 +1512,16 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
     return loss, bpb, timing
 
 
-def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -> tuple[dict, dict]:
+def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, deadline=None) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and the compile
     warm-up time. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
     with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. Batches go to ranks round-robin; each batch's
-    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks."""
+    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks. Past the
+    `deadline` (a perf_counter time), a rank scores its remaining batches without adapting, EVAL_SEQ_LEN
+    predictions per step, so the evaluation stays inside its budget (the phases still run: all ranks join them)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
     prefix = min(args.ttt_prefix_docs, len(docs))
@@ -1539,7 +1542,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    scores, t0, done = {}, time.perf_counter(), 0
+    scores, t0, done, late = {}, time.perf_counter(), 0, None
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         with compiled_blocks(model, args.compile):
@@ -1547,8 +1550,14 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log) -
                 if b % dctx.world_size == dctx.rank:
                     lora.reset(args.seed * 100_003 + b)
                     opt.state.clear()
+                    learn = deadline is None or time.perf_counter() < deadline
+                    if not learn and late is None:
+                        late = b
+                        log(f"ttt_phased:deadline reached at batch {b + 1}/{n_batches}: TTT_DEADLINE_SECONDS="
+                            f"{args.ttt_deadline_seconds:.0f} of evaluation; the rest is scored without adaptation")
                     batch = docs[b * per:(b + 1) * per]
-                    scores.update(zip((s for s, _ in batch), score_doc_batch(model, lora, opt, val, batch, args, dctx.device)))
+                    nll = score_doc_batch(model, lora, opt, val, batch, args, dctx.device, learn)
+                    scores.update(zip((s for s, _ in batch), nll))
                 progress(b + 1, n_batches)
         done = end
         if end < n_batches:
@@ -1605,11 +1614,13 @@ def window_bucket(n: int, limit: int) -> int:
     return min(-(-n // 64) * 64, limit)
 
 
-def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device) -> list[torch.Tensor]:
+def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device,
+                    learn: bool = True) -> list[torch.Tensor]:
     """Per-token NLL of a batch of documents (longest first), scored chunk by chunk, each chunk before the LoRA
     step that learns from it (in the same forward: the step follows the scores it was computed with). A chunk
-    runs only the rows of documents not yet finished (at least 2), a prefix of the batch."""
-    L, C, B = args.eval_seq_len, args.ttt_lora_chunk, args.ttt_doc_batch
+    runs only the rows of documents not yet finished (at least 2), a prefix of the batch. learn=False: no
+    steps, and chunks of EVAL_SEQ_LEN predictions (a document of up to that length in one forward)."""
+    L, C, B = args.eval_seq_len, args.ttt_lora_chunk if learn else args.eval_seq_len, args.ttt_doc_batch
     lens = [n for _, n in docs] + [0] * (B - len(docs))  # rows past the last document stay empty
     assert all(a >= b for a, b in zip(lens, lens[1:])), "a document batch is ordered longest first"
     starts = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
@@ -1634,9 +1645,9 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
             logits = model.forward_logits(x, lora=lora, select=sel)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
         flat[torch.where(scored, offset + c0 + k, flat.numel() - 1)] = nll.detach().double()  # no host sync
-        learn = scored & (c0 + C < n)
-        if any(c0 + C < m for m in lens):  # one step per document on the mean loss of the chunk it just scored
-            per_doc = (nll * learn).sum(1) / learn.sum(1).clamp_min(1)
+        if learn and any(c0 + C < m for m in lens):  # a step per document on the mean loss of the chunk it scored
+            learned = scored & (c0 + C < n)
+            per_doc = (nll * learned).sum(1) / learned.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
             opt.step()
@@ -2647,7 +2658,8 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     if args.ttt_enabled:
         t = time.perf_counter()
         if args.ttt_mode == "phased":
-            vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log)
+            deadline = t_all + args.ttt_deadline_seconds if args.ttt_deadline_seconds > 0 else None
+            vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log, deadline)
         else:
             loss_fn = torch.compile(model, dynamic=False) if args.compile else model
             vl, vb, timing = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)

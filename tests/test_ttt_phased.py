@@ -5,6 +5,7 @@ score depends on a later token of its document or on a document scored after it,
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -85,6 +86,30 @@ def test_without_steps_each_document_is_scored_alone_with_full_softmax(make_args
                 logits = m.forward_logits(val[s + lo:s + p + 1][None].long())[0, -1]
             want = -torch.log_softmax(logits.double(), -1)[val[s + p + 1]].item()
             assert out[s][p].item() == pytest.approx(want, abs=2e-5), (s, p)
+
+
+def test_past_the_deadline_batches_are_scored_without_adapting(make_args):
+    """TTT_DEADLINE_SECONDS: once the deadline has passed, a rank's remaining batches take no LoRA step and
+    score EVAL_SEQ_LEN predictions per forward: for documents that fit one window that is exactly the score
+    without adaptation; the phases still run, and a deadline not reached changes nothing."""
+    val = stream(n=500, docs=0)
+    val[torch.arange(0, 500, 25)] = BOS  # documents of 25 predictions: each fits one window of 32
+    frozen, _, _ = scores(make_args, val, TTT_LORA_LR="0", TTT_PREFIX_DOCS="0")
+    adapted, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0")
+    assert any(not torch.allclose(adapted[k], frozen[k]) for k in frozen), "LoRA steps change some scores"
+    a, m = setup(make_args, TTT_PREFIX_DOCS="0")
+    logs = []
+    late, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=0.0)
+    assert any(ln.startswith("ttt_phased:deadline reached at batch 1/") for ln in logs), logs
+    for k in frozen:
+        torch.testing.assert_close(late[k], frozen[k], rtol=1e-5, atol=1e-5)
+    a, m = setup(make_args)
+    with_phases, _, _ = scores(make_args, val)
+    logs = []
+    on_time, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=time.perf_counter() + 3600)
+    assert not any("deadline" in ln for ln in logs)
+    for k in with_phases:
+        torch.testing.assert_close(on_time[k], with_phases[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("prefix", ["0", "5"])
