@@ -327,6 +327,7 @@ class Hyperparameters:
              "TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN")
         need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
              and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
+        need(self.ttt_deadline_seconds >= 0, "TTT_DEADLINE_SECONDS must be >= 0 (0: no deadline)")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              "TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN, or TTT would never train")
         need(len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS must not repeat a layer")
@@ -1542,7 +1543,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    scores, t0, done, late = {}, time.perf_counter(), 0, None
+    scores, t0, done, late = {}, time.perf_counter(), 0, False
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         with compiled_blocks(model, args.compile):
@@ -1551,8 +1552,8 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
                     lora.reset(args.seed * 100_003 + b)
                     opt.state.clear()
                     learn = deadline is None or time.perf_counter() < deadline
-                    if not learn and late is None:
-                        late = b
+                    if not learn and not late:
+                        late = True
                         log(f"ttt_phased:deadline reached at batch {b + 1}/{n_batches}: TTT_DEADLINE_SECONDS="
                             f"{args.ttt_deadline_seconds:.0f} of evaluation; the rest is scored without adaptation")
                     batch = docs[b * per:(b + 1) * per]
@@ -1580,7 +1581,7 @@ def compiled_block_forwards():
         def run(self, *args):
             *streams, w, ve, cos, sin = args
             lora = [t for adapter in w.get("lora", {}).values() for t in adapter[:2]]
-            for t in streams + [t for t in (ve,) if t is not None]:
+            for t in streams + ([ve] if ve is not None else []):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
             for t in lora:

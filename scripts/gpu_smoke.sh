@@ -38,7 +38,7 @@ if [ "$MODE" = train ]; then
   MAX_WALLCLOCK_SECONDS=${WALL:-240} VAL_LOSS_EVERY=200 TTT_ENABLED=0 timeout 580 python3 train_gpt.py > "$OUT/train.log" 2>&1
   cp logs/*.txt "$OUT/" 2>/dev/null; grep -vE '^config|^warmup_step' "$OUT/train.log" | tail -40
 fi
-# Evaluate the saved artifact: round-trip, sliding window and legal TTT.
+# Evaluate the saved artifact: round-trip and the recipe's legal TTT (EVAL_STRIDE=64 adds the sliding window).
 if [ "$MODE" = eval ]; then
   RUN_ID=${RUN_ID:-proxy_eval} EVAL_ONLY_PATH=final_model.int6.ptz TTT_ENABLED=1 timeout 580 python3 train_gpt.py > "$OUT/eval.log" 2>&1
   cp logs/*.txt "$OUT/" 2>/dev/null; grep -vE '^config' "$OUT/eval.log" | tail -30

@@ -155,6 +155,7 @@ def test_start_run_logs_recipe_and_every_config_value(make_args):
     (dict(NUM_LOOPS="1", LOOP_START="2", LOOP_END="1"), "LOOP_START"),
     (dict(PARALLEL_START="3"), "PARALLEL_START"),
     (dict(NUM_LAYERS="6", NUM_LOOPS="1", LOOP_START="2", LOOP_END="4", PARALLEL_START="3"), "PARALLEL_START"),
+    (dict(TTT_DEADLINE_SECONDS="-1"), "TTT_DEADLINE_SECONDS"),
 ])
 def test_invalid_frontier_knobs_are_rejected(make_args, knobs, needle):
     with pytest.raises(SystemExit) as ei:
