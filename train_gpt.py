@@ -262,7 +262,7 @@ class Hyperparameters:
         self.save_checkpoint = env("SAVE_CHECKPOINT", True)  # the export weights, unquantized, beside the artifact
         self.export_only_from = env("EXPORT_ONLY_FROM", "")  # a saved checkpoint: export and evaluate, no training
         self.eval_seq_len = env("EVAL_SEQ_LEN", 2048)
-        self.eval_stride = env("EVAL_STRIDE", 64)
+        self.eval_stride = env("EVAL_STRIDE", 64)  # >= EVAL_SEQ_LEN: no sliding-window phase
         self.eval_batch_seqs = env("EVAL_BATCH_SEQS", 32)
         self.ttt_enabled = env("TTT_ENABLED", True)
         self.ttt_lr = env("TTT_LR", 0.002)
@@ -282,7 +282,7 @@ class Hyperparameters:
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
         self.ttt_phases = env("TTT_PHASES", 3)
         self.ttt_phase_lr = env("TTT_PHASE_LR", 0.001)
-        self.ttt_deadline_seconds = env("TTT_DEADLINE_SECONDS", 540.0)  # of evaluation, then no adapting; 0: never
+        self.ttt_deadline_seconds = env("TTT_DEADLINE_SECONDS", 540.0)  # 8 GPUs: evaluation s, then no adapting
         self.validate()
 
     def validate(self):
@@ -320,7 +320,9 @@ class Hyperparameters:
         need(not self.ve_enabled or all(0 <= i < self.num_layers for i in self.ve_layers),
              "VE_LAYERS must name layers < NUM_LAYERS")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
-        need(0 < self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in [1, EVAL_SEQ_LEN]")
+        need(self.eval_stride >= 1, "EVAL_STRIDE must be >= 1")
+        need(not (self.ttt_enabled and self.ttt_mode == "sgd") or self.eval_stride <= self.eval_seq_len,
+             "TTT_MODE=sgd scores sliding windows: EVAL_STRIDE must be <= EVAL_SEQ_LEN")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
         need(self.ttt_mode in ("sgd", "phased"), "TTT_MODE must be sgd|phased")
         need(self.ttt_mode != "phased" or self.ttt_lora_chunk <= self.eval_seq_len,
@@ -1506,10 +1508,11 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
     counts = torch.tensor([t.numel() for t in scores.values()], device=dctx.device, dtype=torch.long)
     first = torch.tensor(list(scores), device=dctx.device, dtype=torch.long) - (counts.cumsum(0) - counts)
     tgt = torch.repeat_interleave(first, counts) + torch.arange(nll.numel(), device=dctx.device) + 1
-    sums = torch.stack((nll.sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=dctx.device),
-                        target_bytes(val[tgt - 1], val[tgt], luts).sum().double()))
-    loss, bpb = bpb_from(dctx.all_reduce(sums))
-    log(f"ttt_phased:done val_loss={loss:.6f} val_bpb={bpb:.6f}")
+    count = lambda v: torch.tensor(v, dtype=torch.float64, device=dctx.device)
+    nbytes = target_bytes(val[tgt - 1], val[tgt], luts).sum().double()
+    sums = dctx.all_reduce(torch.stack((nll.sum(), count(nll.numel()), nbytes, count(timing["unadapted_docs"]))))
+    loss, bpb = bpb_from(sums)
+    log(f"ttt_phased:done val_loss={loss:.6f} val_bpb={bpb:.6f} unadapted_docs={int(sums[3].item())}")
     return loss, bpb, timing
 
 
@@ -1520,9 +1523,10 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. Batches go to ranks round-robin; each batch's
-    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks. Past the
-    `deadline` (a perf_counter time), a rank scores its remaining batches without adapting, EVAL_SEQ_LEN
-    predictions per step, so the evaluation stays inside its budget (the phases still run: all ranks join them)."""
+    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks, unless the
+    `deadline` (a perf_counter time) passes: a rank then scores the batches it starts after it without adapting,
+    EVAL_SEQ_LEN predictions per step, to keep the evaluation inside its budget (the phases still run: all ranks
+    join them). The timing dict counts those documents (`unadapted_docs`)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
     prefix = min(args.ttt_prefix_docs, len(docs))
@@ -1530,6 +1534,8 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     for p in model.parameters():
         p.requires_grad_(False)
     lora, opt = lora_with_optimizer(model, args, dctx.device)
+    if dctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
         f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
     t0 = time.perf_counter()
@@ -1543,7 +1549,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    scores, t0, done, late = {}, time.perf_counter(), 0, False
+    scores, t0, done, unadapted = {}, time.perf_counter(), 0, 0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         with compiled_blocks(model, args.compile):
@@ -1551,12 +1557,12 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
                 if b % dctx.world_size == dctx.rank:
                     lora.reset(args.seed * 100_003 + b)
                     opt.state.clear()
+                    batch = docs[b * per:(b + 1) * per]
                     learn = deadline is None or time.perf_counter() < deadline
-                    if not learn and not late:
-                        late = True
+                    if not learn and not unadapted:
                         log(f"ttt_phased:deadline reached at batch {b + 1}/{n_batches}: TTT_DEADLINE_SECONDS="
                             f"{args.ttt_deadline_seconds:.0f} of evaluation; the rest is scored without adaptation")
-                    batch = docs[b * per:(b + 1) * per]
+                    unadapted += 0 if learn else len(batch)
                     nll = score_doc_batch(model, lora, opt, val, batch, args, dctx.device, learn)
                     scores.update(zip((s for s, _ in batch), nll))
                 progress(b + 1, n_batches)
@@ -1566,9 +1572,11 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
     if args.compile:  # each costs a compile of a minute or more on a GPU inside the timed loop
         log(f"ttt_phased:graphs_compiled_in_loop={torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
+    if dctx.device.type == "cuda":  # 64 windows of 2048 with their backward: does it fit an 80 GB H100?
+        log(f"ttt_phased:peak_memory_allocated_mib={torch.cuda.max_memory_allocated() // 2**20}")
     for p in model.parameters():
         p.requires_grad_(True)
-    return scores, {"warm_s": warm_s}
+    return scores, {"warm_s": warm_s, "unadapted_docs": unadapted}
 
 
 @functools.cache
@@ -1619,8 +1627,9 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
                     learn: bool = True) -> list[torch.Tensor]:
     """Per-token NLL of a batch of documents (longest first), scored chunk by chunk, each chunk before the LoRA
     step that learns from it (in the same forward: the step follows the scores it was computed with). A chunk
-    runs only the rows of documents not yet finished (at least 2), a prefix of the batch. learn=False: no
-    steps, and chunks of EVAL_SEQ_LEN predictions (a document of up to that length in one forward)."""
+    runs only the rows of documents not yet finished (at least 2), a prefix of the batch, and the LM head only
+    the predictions the longest of them has left. learn=False: no steps, and chunks of EVAL_SEQ_LEN predictions
+    (a document of up to that length in one forward)."""
     L, C, B = args.eval_seq_len, args.ttt_lora_chunk if learn else args.eval_seq_len, args.ttt_doc_batch
     lens = [n for _, n in docs] + [0] * (B - len(docs))  # rows past the last document stay empty
     assert all(a >= b for a, b in zip(lens, lens[1:])), "a document batch is ordered longest first"
@@ -1628,8 +1637,8 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
     ns = torch.tensor(lens, device=device)[:, None]
     offsets = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
     flat = torch.zeros(sum(lens) + 1, dtype=torch.float64, device=device)  # + a sink for unscored positions
-    k = torch.arange(C, device=device)
     for c0 in range(0, max(lens), C):
+        k = torch.arange(min(C, lens[0] - c0), device=device)  # the chunk's predictions in its longest row
         rows = min(B, max(2, sum(m > c0 for m in lens)))
         start, n, offset = starts[:rows], ns[:rows], offsets[:rows]
         T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens[:rows]), L)
@@ -2386,6 +2395,12 @@ def compiled_logits(model: GPT, args: Hyperparameters):
     return torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if args.compile else model.forward_logits
 
 
+def ttt_deadline(args: Hyperparameters, dctx: Dist, eval_start: float) -> float | None:
+    """When phased TTT stops adapting: TTT_DEADLINE_SECONDS into the evaluation on 8 GPUs, the record's setting
+    and its 600 s budget; never elsewhere (a 1-GPU evaluation of the full split takes about an hour)."""
+    return eval_start + args.ttt_deadline_seconds if args.ttt_deadline_seconds > 0 and dctx.world_size == 8 else None
+
+
 def window_scorer(model: GPT, args: Hyperparameters):
     """The final evaluation's window scorer: compiled when a sliding-window or SGD-TTT phase will use it; eager
     for the round-trip alone (a few seconds of scoring against a compile of half a minute on a cold cache)."""
@@ -2637,7 +2652,8 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len
     t = time.perf_counter()
-    warm_up_scoring(logits_fn, args, device)
+    if logits_fn != model.forward_logits:  # compiled
+        warm_up_scoring(logits_fn, args, device)
     warm_s = time.perf_counter() - t
     vl, vb = evaluate(logits_fn, val, luts, L, L, args.eval_batch_seqs, dctx, log, "roundtrip")
     secs = time.perf_counter() - t
@@ -2659,8 +2675,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     if args.ttt_enabled:
         t = time.perf_counter()
         if args.ttt_mode == "phased":
-            deadline = t_all + args.ttt_deadline_seconds if args.ttt_deadline_seconds > 0 else None
-            vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log, deadline)
+            vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log, ttt_deadline(args, dctx, t_all))
         else:
             loss_fn = torch.compile(model, dynamic=False) if args.compile else model
             vl, vb, timing = ttt_evaluate(model, logits_fn, loss_fn, val, luts, args, dctx, log)

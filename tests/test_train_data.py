@@ -149,6 +149,7 @@ def test_env_vars_are_typed_like_their_defaults(make_args):
     (dict(ROPE_DIMS="64"), "ROPE_DIMS"),
     (dict(VE_LAYERS="1,3"), "VE_LAYERS"),
     (dict(EVAL_STRIDE="0"), "EVAL_STRIDE"),
+    (dict(EVAL_STRIDE="4096", TTT_ENABLED="1", TTT_MODE="sgd"), "EVAL_STRIDE must be <= EVAL_SEQ_LEN"),
     (dict(EVAL_STRIDE="65"), "EVAL_STRIDE"),
     (dict(EXPORT_WEIGHTS="best"), "EXPORT_WEIGHTS"),
     (dict(COMPRESSOR="gzip"), "COMPRESSOR"),

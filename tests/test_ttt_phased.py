@@ -99,17 +99,25 @@ def test_past_the_deadline_batches_are_scored_without_adapting(make_args):
     assert any(not torch.allclose(adapted[k], frozen[k]) for k in frozen), "LoRA steps change some scores"
     a, m = setup(make_args, TTT_PREFIX_DOCS="0")
     logs = []
-    late, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=0.0)
+    late, timing = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=0.0)
     assert any(ln.startswith("ttt_phased:deadline reached at batch 1/") for ln in logs), logs
+    assert timing["unadapted_docs"] == len(frozen)
     for k in frozen:
         torch.testing.assert_close(late[k], frozen[k], rtol=1e-5, atol=1e-5)
     a, m = setup(make_args)
     with_phases, _, _ = scores(make_args, val)
     logs = []
-    on_time, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=time.perf_counter() + 3600)
-    assert not any("deadline" in ln for ln in logs)
+    on_time, timing = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append, deadline=time.perf_counter() + 3600)
+    assert not any("deadline" in ln for ln in logs) and timing["unadapted_docs"] == 0
     for k in with_phases:
         torch.testing.assert_close(on_time[k], with_phases[k], rtol=0, atol=0)
+
+
+def test_the_deadline_applies_on_eight_gpus_only(make_args):
+    dctx = H.DistStub()
+    for world, seconds, want in ((8, "540", 1540.0), (1, "540", None), (2, "540", None), (8, "0", None)):
+        dctx.world_size = world
+        assert tg.ttt_deadline(make_args(**TINY, TTT_DEADLINE_SECONDS=seconds), dctx, 1000.0) == want
 
 
 @pytest.mark.parametrize("prefix", ["0", "5"])
