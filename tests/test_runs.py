@@ -38,6 +38,7 @@ FORMATS = [
     r"legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}",
     r"eval_projection phase:legal_ttt measured_s:\d+\.\d tokens:4096 world_size:1 projected_8gpu_full_val_s:\d+\.\d "
     r"warmup_s:\d+\.\d",
+    r"eval_budget export +(\d+\.\d) +\1 +\1",  # the export counts in the budget, measured as projected
     r"eval_budget total +\d+\.\d +\d+\.\d  budget 600",
     r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
     r"eval_time_total:\d+ms",
@@ -106,9 +107,11 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert int(H.line_value(log, r"^Total submission size int6\+\w+: (\d+) bytes$")) == len(code) + art
     assert f"size_check total:{len(code) + art} limit:16000000 ok" in lines
     assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"brot"
-    # the four projections (artifact load, round-trip, sliding, TTT) add up to the total
+    # the five projections (export, artifact load, round-trip, sliding, TTT) add up to the total
     phases = re.findall(r"^eval_projection phase:(\S+) .* projected_8gpu_full_val_s:(\S+) warmup_s:\S+$", log, re.M)
-    assert [p for p, _ in phases] == ["load", "roundtrip", "sliding_window", "legal_ttt"]
+    assert [p for p, _ in phases] == ["export", "load", "roundtrip", "sliding_window", "legal_ttt"]
+    export_s = float(H.line_value(log, r"^export_time:(\d+)ms$")) / 1000
+    assert float(phases[0][1]) == pytest.approx(export_s, abs=0.06)
     phases = [float(x) for _, x in phases]
     total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
     assert total == pytest.approx(sum(phases), abs=0.2)
