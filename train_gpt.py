@@ -393,12 +393,23 @@ class Dist:
             self.device = torch.device("cpu")
         if self.enabled:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.master = self.rank == 0
+        self.master, self.claims = self.rank == 0, 0
 
     def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.enabled:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def claim(self, start: int, end: int):
+        """The indices start..end-1, each to exactly one rank: whichever rank asks first takes the next one (a
+        counter in the process group's key-value store), so a rank with shorter work items takes more of them."""
+        if not self.enabled:
+            yield from range(start, end)
+            return
+        self.claims += 1  # every rank claims the same ranges in the same order
+        store, key = dist.distributed_c10d._get_default_store(), f"claim{self.claims}"
+        while (i := start + store.add(key, 1) - 1) < end:
+            yield i
 
     def share(self, obj):
         """Rank 0's value of a picklable object, on every rank."""
@@ -1522,8 +1533,9 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
-    the base weights with SGD on every document scored so far. Batches go to ranks round-robin; each batch's
-    LoRA is reset from a seed of its index, so the result does not depend on the number of ranks, unless the
+    the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it
+    is free (Dist.claim); each batch's LoRA is reset from a seed of its index, so the result does not depend on
+    the number of ranks or on which rank scored a batch, unless the
     `deadline` (a perf_counter time) passes: a rank then scores the batches it starts after it without adapting,
     EVAL_SEQ_LEN predictions per step, to keep the evaluation inside its budget (the phases still run: all ranks
     join them). The timing dict counts those documents (`unadapted_docs`)."""
@@ -1553,18 +1565,17 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         with compiled_blocks(model, args.compile):
-            for b in range(done, end):
-                if b % dctx.world_size == dctx.rank:
-                    lora.reset(args.seed * 100_003 + b)
-                    opt.state.clear()
-                    batch = docs[b * per:(b + 1) * per]
-                    learn = deadline is None or time.perf_counter() < deadline
-                    if not learn and not unadapted:
-                        log(f"ttt_phased:deadline reached at batch {b + 1}/{n_batches}: TTT_DEADLINE_SECONDS="
-                            f"{args.ttt_deadline_seconds:.0f} of evaluation; the rest is scored without adaptation")
-                    unadapted += 0 if learn else len(batch)
-                    nll = score_doc_batch(model, lora, opt, val, batch, args, dctx.device, learn)
-                    scores.update(zip((s for s, _ in batch), nll))
+            for b in dctx.claim(done, end):
+                lora.reset(args.seed * 100_003 + b)
+                opt.state.clear()
+                batch = docs[b * per:(b + 1) * per]
+                learn = deadline is None or time.perf_counter() < deadline
+                if not learn and not unadapted:
+                    log(f"ttt_phased:deadline reached at batch {b + 1}/{n_batches}: TTT_DEADLINE_SECONDS="
+                        f"{args.ttt_deadline_seconds:.0f} of evaluation; the rest is scored without adaptation")
+                unadapted += 0 if learn else len(batch)
+                nll = score_doc_batch(model, lora, opt, val, batch, args, dctx.device, learn)
+                scores.update(zip((s for s, _ in batch), nll))
                 progress(b + 1, n_batches)
         done = end
         if end < n_batches:

@@ -215,6 +215,33 @@ def test_lora_delta_is_per_document_and_starts_at_zero(make_args):
 
 
 @pytest.mark.tg_runs("phased_1p", "phased_2p")
+def _claim_worker(rank, port, out):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dctx = tg.Dist()
+    mine = []
+    for start, end in ((0, 40), (40, 45), (45, 45)):
+        for i in dctx.claim(start, end):
+            mine.append(i)
+            time.sleep(0.02 if rank == 0 else 0.002)  # rank 0's work items are slower
+        torch.distributed.barrier()
+    torch.save(mine, f"{out}/{rank}.pt")
+    dctx.close()
+
+
+def test_claimed_batches_go_to_exactly_one_rank_and_free_ranks_take_more(tmp_path):
+    """Dist.claim: each index of each range to exactly one rank, whichever asks first (a counter in the process
+    group's store), so the faster rank scores more batches; ranges claimed one after another do not mix."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_claim_worker, args=(port, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert sorted(a + b) == list(range(45)) and not set(a) & set(b)
+    assert len(b) > 2 * len(a), (a, b)
+
+
 def test_two_process_phased_ttt_matches_one_process(tg_runs):
     one, two = tg_runs("phased_1p"), tg_runs("phased_2p")
     for r in (one, two):
