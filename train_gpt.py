@@ -2281,7 +2281,9 @@ class Trainer:
 
     def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
         a = self.args
-        eta_s = a.train_cap_s - ms / 1000 if a.train_cap_s > 0 else (a.iterations - step) * ms / step / 1000
+        eta_s = (a.iterations - step) * ms / step / 1000  # the step limit or the wall clock, whichever comes first
+        if a.train_cap_s > 0:
+            eta_s = min(eta_s, a.train_cap_s - ms / 1000)
         self.log(f"step:{step}/{a.iterations} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
                  f"step_avg:{ms / step:.2f}ms eta:{max(eta_s, 0):.0f}s")
 

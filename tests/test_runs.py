@@ -64,6 +64,18 @@ def close_to_4dp(exact_value, logged_4dp):
     return abs(exact_value - logged_4dp) <= 5e-5 + 1e-7
 
 
+def test_step_line_eta_is_the_nearer_of_the_step_limit_and_the_wall_clock(make_args):
+    def eta(**knobs):
+        lines = []
+        trainer = type("T", (), {"args": make_args(**knobs), "log": staticmethod(lines.append)})()
+        tg.Trainer.log_train_step(trainer, 10, tg.torch.tensor(3.0), 2500.0)  # 10 steps in 2.5 s
+        return int(re.search(r"eta:(\d+)s$", lines[0]).group(1))
+
+    assert eta(ITERATIONS=150, MAX_WALLCLOCK_SECONDS=600) == 35  # 140 steps left at 0.25 s
+    assert eta(ITERATIONS=20000, MAX_WALLCLOCK_SECONDS=600) == 598  # the wall clock comes first
+    assert eta(ITERATIONS=150, MAX_WALLCLOCK_SECONDS=0) == 35
+
+
 @pytest.mark.tg_runs("smoke")
 def test_cli_smoke_run(tg_runs, make_args):
     run = tg_runs("smoke")
