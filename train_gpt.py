@@ -2196,7 +2196,9 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
     1 s + 1.5 x the projected calibration time, at most GPTQ_RESERVE_SECONDS; training gets the rest. The
-    calibration still stops at the cap if it runs slower than projected."""
+    calibration still stops at the cap if it runs slower than projected. One untimed batch first: the first eager
+    pass pays one-off start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
+    collect_hessians(model, args, dctx, lambda msg: None, 1)
     t = time.perf_counter()
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,

@@ -366,18 +366,23 @@ def test_export_only_reproduces_a_gptq_runs_artifact_bytes(tg_runs):
     assert H.exact(again.log, "final_int6_roundtrip_exact") == H.exact(base.log, "final_int6_roundtrip_exact")
 
 
-def test_gptq_reserve_is_sized_from_measured_calibration_batches(make_args, tiny_data):
-    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100",
-                  GPTQ_RESERVE_SECONDS="12", GPTQ_CALIB_BATCHES="40")
-    m = tg.GPT(a)
-    clock = iter([0.0] + [0.0, 0.0] + [0.1 * i for i in range(1, 400)])  # every perf_counter read: +0.1 s
+def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypatch):
+    a = make_args(**TINY_FRONTIER, QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12",
+                  GPTQ_CALIB_BATCHES="40")
+    now, calls = [0.0], []
+
+    def collect(model, args, dctx, log, batches, seconds=None):  # a 20 s cold start, then `per_batch` a batch
+        now[0] += (0.0 if calls else 20.0) + per_batch * batches
+        calls.append(batches)
+        return {}, batches
+
+    monkeypatch.setattr(tg, "collect_hessians", collect)
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
     logs = []
-    with mock.patch.object(tg.time, "perf_counter", lambda: next(clock)):
-        tg.size_gptq_reserve(m, a, H.DistStub(), logs.append)
-    reserve = 100.0 - a.train_cap_s
-    assert 1.0 < reserve < 12.0 and logs[0].startswith(f"gptq_reserve:{reserve:.1f}s ")
-    # a slow calibration keeps the configured reserve
-    slow = iter([0.0] + [10.0 * i for i in range(0, 400)])
-    with mock.patch.object(tg.time, "perf_counter", lambda: next(slow)):
-        tg.size_gptq_reserve(m, a, H.DistStub(), logs.append)
+    per_batch = 0.1
+    tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * 40)  # the cold start is not projected
+    assert logs[0].startswith("gptq_reserve:7.0s (100 ms per calibration batch")
+    per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
+    tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
     assert a.train_cap_s == 88.0
