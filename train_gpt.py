@@ -443,7 +443,8 @@ class Dist:
 
     def close(self):
         if self.enabled:
-            dist.barrier()  # no rank tears down while another is still in a collective
+            # no rank tears down while another is still in a collective; naming the GPU keeps NCCL from warning
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
             dist.destroy_process_group()
 
 

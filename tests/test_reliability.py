@@ -468,6 +468,17 @@ def test_sigterm_is_logged_with_phase_and_step(tmp_path, tiny_data):
     assert sorted(p.name for p in cwd.iterdir()) == ["logs"], "no artifact, no lock left behind"
 
 
+@pytest.mark.parametrize("device,ids", [("cuda:3", [3]), ("cpu", None)])
+def test_closing_barrier_names_the_gpu(monkeypatch, device, ids):
+    calls = []
+    monkeypatch.setattr(tg.dist, "barrier", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(tg.dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    d = tg.Dist.__new__(tg.Dist)
+    d.enabled, d.device = True, torch.device(device)
+    d.close()
+    assert calls == [{"device_ids": ids}, "destroyed"]
+
+
 # ----------------------------------------------------------------------------- 4. knob hygiene
 
 KNOWN_ENV = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PATH", "HOME",
