@@ -810,6 +810,7 @@ def exclusive_self_attention(y, v):
 
 ATTENTION_BACKEND = "sdpa"
 _fa4_func = None
+flex_compiled = torch.compile(flex_attention)  # eager callers (calibration, eager scoring) get the fused kernel too
 BOS_ID = 1
 
 
@@ -827,8 +828,8 @@ def document_mask(ids: torch.Tensor, flex: bool | None = None):
 def attention(q, k, v, mask=None):
     """Causal GQA attention on [B, T, H, D] tensors, within documents when given a `document_mask`."""
     if isinstance(mask, BlockMask):
-        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
-                              enable_gqa=True).transpose(1, 2)
+        return flex_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                             enable_gqa=True).transpose(1, 2)
     if mask is not None:  # K/V repeated for GQA: the memory-efficient kernel takes a mask, not enable_gqa
         rep = q.size(2) // k.size(2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),

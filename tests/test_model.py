@@ -512,8 +512,10 @@ def test_document_mask_compiles_in_one_graph_and_trains(make_args):
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in m.banks())
 
 
-def test_flex_document_mask_equals_the_dense_mask():
-    """The FlexAttention block mask (the CUDA path; forward only on CPU) gives the dense-mask attention."""
+def test_flex_document_mask_equals_the_dense_mask(monkeypatch, recwarn):
+    """The FlexAttention block mask (the CUDA path; forward only on CPU) gives the dense-mask attention, through
+    the fused (compiled) kernel even when the caller runs eagerly."""
+    monkeypatch.setattr(torch.nn.attention.flex_attention, "_WARNINGS_SHOWN", set())  # it warns once a process
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 50, (2, 300), generator=g)
     ids[0, [0, 40, 41, 250]] = tg.BOS_ID
@@ -525,3 +527,4 @@ def test_flex_document_mask_equals_the_dense_mask():
     torch.testing.assert_close(tg.attention(q, k, v, flex), tg.attention(q, k, v, dense), atol=1e-5, rtol=1e-5)
     causal = tg.attention(q, k, v)
     assert (tg.attention(q, k, v, flex)[0, 40:] - causal[0, 40:]).abs().max() > 1e-3, "documents are masked"
+    assert not [w for w in recwarn if "without torch.compile" in str(w.message)], "the unfused flex kernel ran"
