@@ -1537,10 +1537,10 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it
     is free (Dist.claim); each batch's LoRA is reset from a seed of its index, so the result does not depend on
-    the number of ranks or on which rank scored a batch, unless the
-    `deadline` (a perf_counter time) passes: a rank then scores the batches it starts after it without adapting,
-    EVAL_SEQ_LEN predictions per step, to keep the evaluation inside its budget (the phases still run: all ranks
-    join them). The timing dict counts those documents (`unadapted_docs`)."""
+    the number of ranks or on which rank scored a batch, unless the `deadline` (a perf_counter time) passes: a
+    rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep
+    the evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those
+    documents (`unadapted_docs`)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
     prefix = min(args.ttt_prefix_docs, len(docs))
