@@ -211,6 +211,8 @@ class Hyperparameters:
         self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
         self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex attention on CUDA
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
+        self.fused_ce = env("FUSED_CE", True)  # training loss: softcap + cross-entropy in one Triton kernel
+        self.fused_mlp = env("FUSED_MLP", True)  # training MLP: GEMMs with the activation in their epilogue
         self.qk_gain_init = env("QK_GAIN_INIT", 1.5)
         self.tied_embed_init_std = env("TIED_EMBED_INIT_STD", 0.005)
         # optimizers
@@ -777,6 +779,196 @@ def tap(store: dict | None, key: str, x: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):
             store[key] = store[key].addmm_(x.T, x) if key in store else x.T @ x
 
+# ----------------------------------------------------------------------------- fused kernels (training)
+# Two Triton kernels for the training forward and backward, each wrapped in a custom op with its own backward,
+# so the compiled graph calls them whole. Without CUDA or Triton the same ops compute the same math in torch:
+# CPU runs take the same code path, only the kernel differs.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def softcap_ce_kernel(x_ptr, t_ptr, g_ptr, out_ptr, lse_ptr, V, cap, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+        """One row of cross-entropy on cap * tanh(x / cap), reading the raw logits once. Forward: loss and
+        log-sum-exp of the row. Backward: the row's gradient with respect to the raw logits."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < V
+        x = tl.load(x_ptr + row * V + cols, mask=inside, other=0.0).to(tl.float32)
+        z = cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)  # tanh(y) = 2 sigmoid(2y) - 1
+        is_target = cols == tl.load(t_ptr + row)
+        if BACKWARD:
+            dz = (tl.exp(z - tl.load(lse_ptr + row)) - tl.where(is_target, 1.0, 0.0)) * tl.load(g_ptr + row)
+            dx = dz * (1.0 - (z / cap) * (z / cap))
+            tl.store(out_ptr + row * V + cols, dx.to(out_ptr.dtype.element_ty), mask=inside)
+        else:
+            z = tl.where(inside, z, float("-inf"))
+            top = tl.max(z, 0)
+            lse = top + tl.log(tl.sum(tl.exp(z - top), 0))
+            tl.store(lse_ptr + row, lse)
+            tl.store(out_ptr + row, lse - tl.sum(tl.where(is_target, z, 0.0), 0))
+
+    @triton.jit
+    def leaky_mlp_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K, stride_bk, stride_bn, BM: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, BACKWARD: tl.constexpr):
+        """[M, K] @ [K, N] (b through its strides) with a LeakyReLU(0.5)^2 epilogue. Forward (a: the MLP input,
+        b: the up weight transposed): writes pre = a @ b and out = act(pre). Backward (a: the gradient of
+        act(pre), b: the down weight): reads pre, writes out = (a @ b) * act'(pre)."""
+        pid = tl.program_id(0)
+        n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        first_m = pid // (GROUP * n_n) * GROUP  # GROUP row-tiles share their B tiles in L2
+        rows = tl.minimum(n_m - first_m, GROUP)
+        rm = (first_m + pid % (GROUP * n_n) % rows) * BM + tl.arange(0, BM)
+        rn = pid % (GROUP * n_n) // rows * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        b = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            acc += tl.dot(tl.load(a, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0),
+                          tl.load(b, mask=(rk[:, None] + k < K) & (rn[None, :] < N), other=0.0))
+            a += BK
+            b += BK * stride_bk
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        inside = (rm[:, None] < M) & (rn[None, :] < N)
+        if BACKWARD:
+            pre = tl.load(pre_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+            acc = acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)
+        else:
+            pre = acc.to(pre_ptr.dtype.element_ty)
+            tl.store(pre_ptr + offs, pre, mask=inside)
+            act = tl.where(pre > 0, pre, 0.5 * pre).to(tl.float32)
+            acc = act * act
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def softcap_ce_triton(logits, targets, cap: float, lse=None, grad=None):
+    """Forward (loss and log-sum-exp per row) or, given lse and grad, backward of softcap_ce by the kernel."""
+    n, v = logits.shape
+    block = triton.next_power_of_2(v)
+    launch = dict(V=v, cap=cap, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+    if grad is None:
+        loss, lse = torch.empty(n, device=logits.device), torch.empty(n, device=logits.device)
+        softcap_ce_kernel[(n,)](logits, targets, loss, loss, lse, BACKWARD=False, **launch)
+        return loss, lse
+    dx = torch.empty_like(logits)
+    softcap_ce_kernel[(n,)](logits, targets, grad, dx, lse, BACKWARD=True, **launch)
+    return dx
+
+
+@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of [N, V] raw logits softcapped to cap * tanh(logits / cap), and each row's
+    log-sum-exp (no gradient), both fp32 [N]."""
+    if use_triton(logits):
+        return softcap_ce_triton(logits, targets, cap)
+    z = cap * torch.tanh(logits.float() / cap)
+    lse = z.logsumexp(-1)
+    return lse - z.gather(1, targets[:, None]).squeeze(1), lse
+
+
+@softcap_ce.register_fake
+def _(logits, targets, cap):
+    return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
+def softcap_ce_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                   cap: float) -> torch.Tensor:
+    if use_triton(logits):
+        return softcap_ce_triton(logits, targets, cap, lse, grad)
+    z = cap * torch.tanh(logits.float() / cap)
+    dz = ((z - lse[:, None]).exp() - F.one_hot(targets, logits.size(1))) * grad[:, None]
+    return (dz * (1 - (z / cap).square())).to(logits.dtype)
+
+
+@softcap_ce_bwd.register_fake
+def _(logits, targets, lse, grad, cap):
+    return torch.empty_like(logits)
+
+
+def _softcap_ce_save(ctx, inputs, output):
+    ctx.cap = inputs[2]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _softcap_ce_backward(ctx, grad, _grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return softcap_ce_bwd(logits, targets, lse, grad.contiguous(), ctx.cap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_backward, setup_context=_softcap_ce_save)
+
+MLP_TILE = dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3)
+
+
+def leaky_mlp_triton(a, b, pre=None):
+    """Forward (a: input [M, K], b: up weight [N, K]) -> (pre, act(pre)); backward (a: gradient of act(pre)
+    [M, K], b: down weight [K, N], pre) -> the gradient of pre."""
+    backward = pre is not None
+    (M, K), N = a.shape, b.size(1) if backward else b.size(0)
+    out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    pre = pre if backward else torch.empty_like(out)
+    strides = b.stride() if backward else b.stride()[::-1]
+    grid = (triton.cdiv(M, MLP_TILE["BM"]) * triton.cdiv(N, MLP_TILE["BN"]),)
+    leaky_mlp_kernel[grid](a, b, pre, out, M, N, K, *strides, BACKWARD=backward, **MLP_TILE)
+    return out if backward else (pre, out)
+
+
+@torch.library.custom_op("pgolf::leaky_mlp", mutates_args=())
+def leaky_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LeakyReLU(0.5)^2 MLP of [M, d] rows: (output, pre-activation, activation); the last two (no gradient)
+    are kept for the backward."""
+    if use_triton(x):
+        pre, h = leaky_mlp_triton(x, up)
+    else:
+        pre = x @ up.T
+        h = F.leaky_relu(pre, 0.5).square()
+    return h @ down.T, pre, h
+
+
+@leaky_mlp.register_fake
+def _(x, up, down):
+    return x.new_empty(x.size(0), down.size(0)), x.new_empty(x.size(0), up.size(0)), x.new_empty(x.size(0), up.size(0))
+
+
+@torch.library.custom_op("pgolf::leaky_mlp_bwd", mutates_args=())
+def leaky_mlp_bwd(grad: torch.Tensor, down: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Gradient of the pre-activation from the gradient of the output."""
+    if use_triton(grad):
+        return leaky_mlp_triton(grad, down, pre)
+    return (grad @ down) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+
+
+@leaky_mlp_bwd.register_fake
+def _(grad, down, pre):
+    return torch.empty_like(pre)
+
+
+def _leaky_mlp_save(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(*inputs, output[1], output[2])
+
+
+def _leaky_mlp_backward(ctx, grad, _grad_pre, _grad_h):
+    x, up, down, pre, h = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_pre = leaky_mlp_bwd(grad, down, pre)
+    return grad_pre @ up, grad_pre.T @ x, grad.T @ h
+
+
+leaky_mlp.register_autograd(_leaky_mlp_backward, setup_context=_leaky_mlp_save)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -851,6 +1043,7 @@ class Block(nn.Module):
         d, H = args.model_dim, args.num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = H, args.num_kv_heads, d // H
         self.idx, self.hessians = idx, None  # hessians: the GPTQ calibration store while it runs
+        self.fused_mlp = args.fused_mlp
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
@@ -893,6 +1086,9 @@ class Block(nn.Module):
     def mlp_out(self, x, w):
         dt = x.dtype
         u = rms_norm(x) * self.ln_factor
+        if self.fused_mlp and torch.is_grad_enabled() and "lora" not in w and self.hessians is None:  # training
+            out = leaky_mlp(u.reshape(-1, u.size(-1)), w["up"].to(dt), w["down"].to(dt))[0].view_as(x)
+            return self.mlp_scale.to(dt) * out
         self.tap("up", u)
         h = F.leaky_relu(F.linear(u, w["up"].to(dt)), 0.5).square()
         self.tap("down", h)
@@ -1113,8 +1309,11 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
     def forward(self, ids, targets, qat: bool = False, looped: bool = True):
-        logits = self.forward_logits(ids, qat, looped)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if not self.args.fused_ce:
+            logits = self.forward_logits(ids, qat, looped)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        raw = F.linear(self.hidden(ids, qat, looped), self.tok_emb.weight.to(self.act_dtype))
+        return softcap_ce(raw.view(-1, raw.size(-1)), targets.reshape(-1).contiguous(), self.args.logit_softcap)[0].mean()
 
 
 def layer_schedule(args: Hyperparameters, looped: bool) -> tuple[list[int], list[int]]:
@@ -1155,9 +1354,10 @@ def newton_schulz(G: torch.Tensor, steps: int, polar: bool = False) -> torch.Ten
 class Muon(torch.optim.Optimizer):
     """Momentum (Nesterov) + Newton-Schulz orthogonalized update, decoupled weight decay; on 3-D banks.
     row_norm (MuonEq-R): each row of the Nesterov update is scaled to unit L2 norm before Newton-Schulz.
-    With `dctx` (Parallel Muon): scatter_grads() leaves each rank the rank-averaged gradients of its share of
-    every bank's matrices; step() orthogonalizes that share only and all-gathers the updates, so every rank
-    applies the same full update."""
+    With `dctx` (Parallel Muon): scatter_grads() and finish_scatter() leave each rank the rank-averaged
+    gradients of its share of every bank's matrices; step() orthogonalizes that share only and all-gathers the
+    updates, each bank's gather overlapping the next bank's Newton-Schulz, so every rank applies the same full
+    update."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay, polar=False, row_norm=False, dctx=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -1165,15 +1365,21 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def scatter_grads(self):
+        """Start reduce-scattering every bank's gradient (bf16 on GPUs); finish_scatter() waits for them."""
         W = self.dctx.world_size
         for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
             grad = F.pad(p.grad, (0, 0, 0, 0, 0, -p.size(0) % W)).to(torch.bfloat16 if p.is_cuda else p.dtype)
             shard = grad.new_empty(grad.size(0) // W, *grad.shape[1:])
-            dist.reduce_scatter_tensor(shard, grad.contiguous())
-            self.shards[p] = shard.float() / W
+            self.shards[p] = (shard, dist.reduce_scatter_tensor(shard, grad.contiguous(), async_op=True))
+
+    def finish_scatter(self):
+        for p, (shard, work) in self.shards.items():
+            work.wait()
+            self.shards[p] = shard.float() / self.dctx.world_size
 
     @torch.no_grad()
     def step(self):
+        gathers = []
         for group in self.param_groups:
             for p in group["params"]:
                 grad = self.shards.pop(p) if self.dctx else p.grad
@@ -1188,14 +1394,21 @@ class Muon(torch.optim.Optimizer):
                 if self.row_norm:
                     update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 update = newton_schulz(update, group["backend_steps"], self.polar)
-                if self.dctx:  # on GPUs in bf16, the precision Newton-Schulz computed it in
+                if self.dctx:  # in bf16 on GPUs (Newton-Schulz's precision), gathered during the next bank's
                     update = update.to(torch.bfloat16 if p.is_cuda else update.dtype)
                     full = update.new_empty(update.size(0) * self.dctx.world_size, *update.shape[1:])
-                    dist.all_gather_into_tensor(full, update.contiguous())
-                    update = full[:p.size(0)].to(p.dtype)
-                shape_scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * shape_scale)
+                    gathers.append((p, group, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
+                else:
+                    self.apply(p, group, update)
+        for p, group, full, work in gathers:
+            work.wait()
+            self.apply(p, group, full[:p.size(0)].to(p.dtype))
+
+    @staticmethod
+    def apply(p, group, update):
+        shape_scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"] * shape_scale)
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, fused: bool, dctx=None):
@@ -2240,10 +2453,11 @@ class Trainer:
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         muon = self.optimizers[-1]
-        if muon.dctx:  # Parallel Muon: bank gradients are reduce-scattered, the rest averaged as usual
+        if muon.dctx:  # Parallel Muon: bank gradients are reduce-scattered while the rest are averaged
             muon.scatter_grads()
             grads = [p.grad for p in self.params if p not in muon.shards and p.grad is not None]
             self.dctx.mean_(grads)
+            muon.finish_scatter()
             if self.args.grad_clip_norm > 0:
                 clip_sharded(grads, list(muon.shards.values()), self.args.grad_clip_norm, self.dctx)
         else:
@@ -2355,8 +2569,10 @@ class Trainer:
 # ----------------------------------------------------------------------------- main
 
 
-COMPACT_HEAD = b"import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\""
-COMPACT_TAIL = b"\")))\n"
+# The source runs under a name that linecache serves, so that tracebacks show its lines and Triton can read
+# its kernels' source.
+COMPACT_HEAD = b'import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b85decode("'
+COMPACT_TAIL = b'")).decode();f=__file__+"#src";C.cache[f]=(0,None,s.splitlines(1),f);exec(compile(s,f,"exec"))\n'
 
 
 def compact_code(source: bytes) -> bytes:
@@ -2487,6 +2703,10 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
     choose_attention_backend(args, device)
     log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
+    fused = [name for name, on in (("ce", args.fused_ce), ("mlp", args.fused_mlp)) if on]
+    if fused:
+        how = "triton" if triton is not None and device.type == "cuda" else "torch ops (no Triton on a GPU here)"
+        log(f"fused_kernels:{','.join(fused)} ({how})")
     log(f"recipe:{args.recipe}")
     for name, value in CONFIG.items():
         log(f"config {name}={value}")

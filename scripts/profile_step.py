@@ -1,6 +1,7 @@
 """Profile one compiled training step of the default model on a GPU: its time, the top kernels, and the CUDA
 time by category (attention, GEMM, elementwise/reductions, optimizer, communication).
-Usage (on the GPU machine): python3 scripts/profile_step.py   (env knobs as for train_gpt.py, e.g. DOC_MASK=1)"""
+Usage (on the GPU machine): python3 scripts/profile_step.py   (env knobs as for train_gpt.py, e.g. DOC_MASK=1;
+FUSED_CE=0 FUSED_MLP=0 for the step without the fused kernels)"""
 import os
 import re
 import sys
@@ -14,8 +15,8 @@ import train_gpt as tg  # noqa: E402
 
 CATEGORIES = (("communication", r"nccl"),
               ("attention", r"flash|fmha|attention|sdpa|flex|_attn"),
-              ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|matmul|_mm_|splitk"),
-              ("elementwise/reductions", r"triton|elementwise|reduce|vectorized|copy|fill|cat|index|softmax|norm"))
+              ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|matmul|_mm_|splitk|leaky_mlp_kernel"),
+              ("elementwise/reductions", r"triton|elementwise|reduce|vectorized|copy|fill|cat|index|softmax|norm|softcap_ce"))
 
 
 def category(kernel: str) -> str:
@@ -61,7 +62,8 @@ def main():
         step()
     torch.cuda.synchronize()
     print(f"step_ms {(time.perf_counter() - t) / 5 * 1000:.1f} ({accum} x {B} x {T} tokens, "
-          f"attention_backend {tg.ATTENTION_BACKEND}, DOC_MASK={int(args.doc_mask)})")
+          f"attention_backend {tg.ATTENTION_BACKEND}, DOC_MASK={int(args.doc_mask)}, FUSED_CE={int(args.fused_ce)}, "
+          f"FUSED_MLP={int(args.fused_mlp)})")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

@@ -64,6 +64,19 @@ def test_compact_code_is_deterministic_and_runs_the_same_source():
     assert pk.make_compact(src) == a, "the packager ships exactly what the run counts"
 
 
+def test_compact_copy_serves_its_source_to_inspect_and_triton(tmp_path):
+    """Triton's @jit reads a kernel's source with inspect, which exec'd code has only through linecache."""
+    path = tmp_path / "train_gpt.py"
+    path.write_bytes(tg.compact_code(H.TRAIN_GPT.read_bytes()))
+    probe = ("import inspect, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='probe'); "
+             "print(inspect.getsource(g['compact_code']).splitlines()[0]); "
+             "print(g['triton'] is None or 'def softcap_ce_kernel' in g['softcap_ce_kernel'].src)")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                         env=H.clean_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["def compact_code(source: bytes) -> bytes:", "True"]
+
+
 @pytest.mark.tg_runs("smoke")
 def test_size_check_counts_the_compact_copy(tg_runs):
     log = tg_runs("smoke").log

@@ -1,5 +1,6 @@
 """GPU-only checks of the CUDA paths (skipped without a GPU; run them on the device):
-FlexAttention document masking against the dense-mask path, and phased TTT's dynamic compiled graph."""
+FlexAttention document masking against the dense-mask path, phased TTT's dynamic compiled graph, FA4, and the fused
+training kernels in bf16."""
 from __future__ import annotations
 
 import pytest
@@ -100,3 +101,23 @@ def test_fa4_attention_matches_sdpa_forward_and_backward_eager_and_compiled():
     for name in ("fa4", "fa4 compiled"):
         for got, want in zip(results[name], results["sdpa"]):
             torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_fused_kernels_in_bf16_are_as_accurate_as_the_eager_ops():
+    """The Triton kernels at the training widths (rows not a multiple of the tile), against an fp32 reference:
+    their error is at most about that of the eager bf16 ops they replace."""
+    if tg.triton is None:
+        pytest.skip("triton is not installed")
+    import test_kernels as K
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x, up, down = (torch.randn(*s, generator=g, device=CUDA) / s[-1] ** 0.25 for s in ((4100, 512), (2048, 512), (512, 2048)))
+    logits, targets = torch.randn(4100, 8192, generator=g, device=CUDA) * 8, torch.randint(0, 8192, (4100,), device=CUDA)
+    cases = ((lambda a, u, d: tg.leaky_mlp(a, u, d)[0], K.mlp_reference, (x, up, down)),
+             (lambda z: tg.softcap_ce(z, targets, 30.0)[0].mean(), lambda z: K.ce_reference(z, targets), (logits,)))
+    for fused, eager, inputs in cases:
+        exact = K.loss_and_grads(eager, *[t.clone().requires_grad_() for t in inputs])
+        errors = {}
+        for name, fn in (("fused", fused), ("eager", eager)):
+            got = K.loss_and_grads(fn, *[t.bfloat16().requires_grad_() for t in inputs])
+            errors[name] = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, exact)]
+        assert all(f <= 2 * e + 1e-3 for f, e in zip(errors["fused"], errors["eager"])), errors

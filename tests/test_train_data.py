@@ -333,6 +333,53 @@ def test_parallel_muon_trains_like_one_process(tg_runs):
     H.assert_same_training(one.log, two.log)
 
 
+def test_parallel_muon_overlaps_its_collectives_with_compute(monkeypatch):
+    """Every bank's reduce-scatter starts before any is waited for; each bank's all-gather starts before the next
+    bank's Newton-Schulz and is waited for only after the last one; the gathered update is applied. Collectives
+    are faked for 2 ranks that hold the same gradients."""
+    events = []
+
+    class Work:
+        def __init__(self, name):
+            self.name = name
+
+        def wait(self):
+            events.append("wait " + self.name)
+
+    def reduce_scatter(shard, grad, async_op=False):
+        assert async_op
+        shard.copy_(2 * grad[:shard.size(0)])  # the sum over 2 identical ranks of this rank's half
+        events.append(f"scatter {grad.shape[1]}")
+        return Work(f"scatter {grad.shape[1]}")
+
+    def all_gather(full, update, async_op=False):
+        assert async_op
+        full.copy_(torch.cat([update, update]))
+        events.append(f"gather {update.shape[1]}")
+        return Work(f"gather {update.shape[1]}")
+
+    def newton_schulz(G, steps, polar=False):
+        events.append(f"ns {G.shape[1]}")
+        return G / G.norm()
+
+    monkeypatch.setattr(tg.dist, "reduce_scatter_tensor", reduce_scatter)
+    monkeypatch.setattr(tg.dist, "all_gather_into_tensor", all_gather)
+    monkeypatch.setattr(tg, "newton_schulz", newton_schulz)
+    banks = [torch.nn.Parameter(torch.ones(4, rows, 3)) for rows in (5, 6)]  # rows tell the banks apart
+    for p in banks:
+        p.grad = torch.full_like(p, 0.5)
+    stub = H.DistStub(world_size=2)
+    muon = tg.Muon(banks, lr=0.1, momentum=0.0, backend_steps=5, weight_decay=0.0, dctx=stub)
+    muon.scatter_grads()
+    assert events == ["scatter 5", "scatter 6"]
+    muon.finish_scatter()
+    muon.step()
+    assert events[2:] == ["wait scatter 5", "wait scatter 6", "ns 5", "gather 5", "ns 6", "gather 6",
+                          "wait gather 5", "wait gather 6"]
+    for p in banks:  # each rank's shard (2 of 4 matrices) is orthogonalized and the gathered update applied
+        torch.testing.assert_close(p.data, torch.ones_like(p) - 0.1 * max(1.0, p.size(1) / 3) ** 0.5 / (2 * p[0].numel()) ** 0.5)
+
+
 def test_clip_sharded_is_clip_grad_norm_over_the_union():
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
