@@ -94,6 +94,8 @@ def test_profile_step_sorts_kernels_into_categories():
              "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "GEMM",
              "triton_per_fused__to_copy_mul_rsqrt_0": "elementwise/reductions",
              "void at::native::vectorized_elementwise_kernel<4>": "elementwise/reductions",
+             "leaky_mlp_kernel": "GEMM",  # the fused MLP's GEMM with its epilogue
+             "softcap_ce_kernel": "elementwise/reductions",
              "mystery_kernel": "other"}
     assert {n: ps.category(n) for n in names} == names
 
