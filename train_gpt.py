@@ -2395,7 +2395,7 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
             if seconds is not None and elapsed * (done + 1) / max(done, 1) > seconds:
                 break
             x, _ = loader.next_batch()
-            with autocast(dctx.device):
+            with torch.no_grad(), autocast(dctx.device):
                 model.hidden(x)
             done += 1
     finally:

@@ -140,6 +140,7 @@ def test_calibration_taps_every_matrix_input_and_every_looped_pass(make_args, ti
     def counting_tap(store, key, x):
         if store is not None:
             calls[key] = calls.get(key, 0) + 1
+            assert not torch.is_grad_enabled(), "calibration builds no autograd graph"
         real_tap(store, key, x)
 
     with mock.patch.object(tg, "tap", counting_tap):
