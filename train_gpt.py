@@ -852,6 +852,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def softcap_ce_triton(logits, targets, cap: float, lse=None, grad=None):
     """Forward (loss and log-sum-exp per row) or, given lse and grad, backward of softcap_ce by the kernel."""
+    logits, targets = logits.contiguous(), targets.contiguous()  # the kernel indexes rows as row * V
     n, v = logits.shape
     block = triton.next_power_of_2(v)
     launch = dict(V=v, cap=cap, BLOCK=block, num_warps=min(16, max(4, block // 512)))
@@ -859,7 +860,7 @@ def softcap_ce_triton(logits, targets, cap: float, lse=None, grad=None):
         loss, lse = torch.empty(n, device=logits.device), torch.empty(n, device=logits.device)
         softcap_ce_kernel[(n,)](logits, targets, loss, loss, lse, BACKWARD=False, **launch)
         return loss, lse
-    dx = torch.empty_like(logits)
+    dx = torch.empty_like(logits)  # contiguous, as logits now is
     softcap_ce_kernel[(n,)](logits, targets, grad, dx, lse, BACKWARD=True, **launch)
     return dx
 
@@ -915,6 +916,7 @@ def leaky_mlp_triton(a, b, pre=None):
     """Forward (a: input [M, K], b: up weight [N, K]) -> (pre, act(pre)); backward (a: gradient of act(pre)
     [M, K], b: down weight [K, N], pre) -> the gradient of pre."""
     backward = pre is not None
+    a, pre = a.contiguous(), pre.contiguous() if backward else None  # rows indexed as row * width; b by strides
     (M, K), N = a.shape, b.size(1) if backward else b.size(0)
     out = torch.empty(M, N, device=a.device, dtype=a.dtype)
     pre = pre if backward else torch.empty_like(out)
@@ -1382,7 +1384,7 @@ class Muon(torch.optim.Optimizer):
         gathers = []
         for group in self.param_groups:
             for p in group["params"]:
-                grad = self.shards.pop(p) if self.dctx else p.grad
+                grad = self.shards.pop(p, None) if self.dctx else p.grad
                 if grad is None:
                     continue
                 state = self.state[p]
@@ -2395,7 +2397,7 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
             if seconds is not None and elapsed * (done + 1) / max(done, 1) > seconds:
                 break
             x, _ = loader.next_batch()
-            with torch.no_grad(), autocast(dctx.device):
+            with autocast(dctx.device):
                 model.hidden(x)
             done += 1
     finally:
@@ -2569,10 +2571,10 @@ class Trainer:
 # ----------------------------------------------------------------------------- main
 
 
-# The source runs under a name that linecache serves, so that tracebacks show its lines and Triton can read
-# its kernels' source.
+# The source runs under a name that linecache serves (lines split where the compiler splits them), so that
+# Triton can read its kernels' source through inspect and the run's error report shows the failing lines.
 COMPACT_HEAD = b'import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b85decode("'
-COMPACT_TAIL = b'")).decode();f=__file__+"#src";C.cache[f]=(0,None,s.splitlines(1),f);exec(compile(s,f,"exec"))\n'
+COMPACT_TAIL = b'")).decode();f=__file__+"#src";C.cache[f]=(0,None,[l+"\\n"for l in s.split("\\n")],f);exec(compile(s,f,"exec"))\n'
 
 
 def compact_code(source: bytes) -> bytes:

@@ -683,6 +683,10 @@ def make_compact(source: bytes | str) -> bytes:
     """
     if isinstance(source, str):
         source = source.encode("utf-8")
+    try:
+        source.decode("utf-8")  # the compact copy decodes its source as UTF-8 before it runs it
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the script is not UTF-8 ({e}); the compact copy could not run it") from e
     compile(source, "<compact-source>", "exec")  # refuse to wrap code that does not even compile
     out = tg.compact_code(source)  # the transform train_gpt.py applies to itself to count its code bytes
     if unpack_compact(out) != source:  # pragma: no cover - lzma/base85 are lossless

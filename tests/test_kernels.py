@@ -113,6 +113,16 @@ for m, d, hidden in ((70, 48, 160), (128, 64, 256), (3, 64, 130)):  # partial ti
     want = K.loss_and_grads(K.mlp_reference, *K.mlp_case(m, d, hidden))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+wide, targets = K.ce_case(37, 400)  # strided inputs: a column slice of logits, a transposed MLP input
+got = K.loss_and_grads(lambda z: tg.softcap_ce(z[:, :300], targets % 300, 30.0)[0].mean(), wide)
+want = K.loss_and_grads(lambda z: K.ce_reference(z[:, :300], targets % 300), wide)
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+x, u, w = K.mlp_case(48, 70, 160)
+got = K.loss_and_grads(lambda x, u, w: tg.leaky_mlp(x.T, u, w)[0], x.detach().T.contiguous().requires_grad_(), u, w)
+want = K.loss_and_grads(lambda x, u, w: K.mlp_reference(x.T, u, w), x.detach().T.contiguous().requires_grad_(), u, w)
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 print("kernels ok")
 """
 

@@ -593,6 +593,17 @@ def test_compact_pure_roundtrip(tmp_path):
     assert o2.split()[3] == str(len(data)) and o2.split()[4] == hashlib.sha256(data).hexdigest()
     with pytest.raises(SyntaxError):
         pk.make_compact("def broken(:\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        pk.make_compact(b"# -*- coding: latin-1 -*-\nx = '\xe9'\n")
+
+
+def test_compact_copy_keeps_line_numbers_past_unusual_line_breaks(tmp_path):
+    """The linecache entry splits lines where the compiler does (a form feed is not a line break to it)."""
+    src = "import inspect\n# a form feed \x0c inside a comment\ndef g():\n    return 1\nprint(inspect.getsource(g))\n"
+    comp = tmp_path / "comp.py"
+    comp.write_bytes(pk.make_compact(src))
+    out = subprocess.run([sys.executable, str(comp)], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("def g():")
 
 
 # ----------------------------------------------------------------------------------------------------------
