@@ -242,6 +242,7 @@ class Hyperparameters:
         self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
+        self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier: set it to an earlier run's size_fit k
         # export
         self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
         self.matrix_bits = env("MATRIX_BITS", 6)  # attention/MLP matrices
@@ -310,7 +311,8 @@ class Hyperparameters:
         need(self.compressor in ("auto", *COMPRESSORS), "COMPRESSOR must be auto|brotli|zstd|lzma")
         need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
-        need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed) > 0, "SDCLIP_K_* must be > 0")
+        need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed, self.qat_grid_mult) > 0,
+             "SDCLIP_K_* and QAT_GRID_MULT must be > 0")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -767,8 +769,9 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult: flo
 
 
 def fake_quant(w: torch.Tensor, args: Hyperparameters, family: str) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize at k multiplier 1; backward = identity (straight-through)."""
-    q, s = round_to_grid(w.detach(), args, family)
+    """Forward = the export grid's quantize-dequantize at k multiplier QAT_GRID_MULT; backward = identity
+    (straight-through)."""
+    q, s = round_to_grid(w.detach(), args, family, args.qat_grid_mult)
     return w + (q.float() * s.float().unsqueeze(-1) - w).detach()
 
 
@@ -2193,7 +2196,8 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
         f"pruned_ones:{pruned}")
     if args.qat_enabled or args.late_qat_threshold > 0:
-        log(f"size_fit: QAT trained on the k x1.0000 grid; the export grid moved x{used:.4f} from it")
+        log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
+            f"x{used / args.qat_grid_mult:.4f} from it")
     return blob, raw
 
 

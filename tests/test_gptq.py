@@ -90,10 +90,11 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
     assert torch.equal(packed["mlp_up_bank.qscale"].view(2, -1)[1], s)
 
 
-def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args):
-    """QAT's fake quantizer (k multiplier 1) equals the export's dequantization: rounded to nearest, and
-    through GPTQ when the Hessian carries no correlation."""
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+@pytest.mark.parametrize("mult", ["1.0", "1.25"])
+def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult):
+    """QAT's fake quantizer (k multiplier QAT_GRID_MULT) equals the export's dequantization at that multiplier:
+    rounded to nearest, and through GPTQ when the Hessian carries no correlation."""
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", QAT_GRID_MULT=mult)
     torch.manual_seed(0)
     m = H.randomize(tg.GPT(a), std=0.05)
     state = m.state_dict()
@@ -101,7 +102,7 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args):
     d, hid = a.model_dim, int(a.mlp_mult * a.model_dim)
     hess = {f"{kind}.{i}": eye(hid if kind == "down" else d) for i in range(2) for kind in ("qkv", "o", "up", "down")}
     for hessians in (None, hess):
-        deq = tg.dequantize_state(tg.quantize_state(state, a, hessians))
+        deq = tg.dequantize_state(tg.quantize_state(state, a, hessians, float(mult)))
         for name, bank, family in zip(tg.BANK_NAMES, m.banks(), tg.BANK_FAMILIES):
             assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, family)), (name, hessians is None)
 
