@@ -1399,7 +1399,7 @@ class Muon(torch.optim.Optimizer):
                 if self.row_norm:
                     update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 update = newton_schulz(update, group["backend_steps"], self.polar)
-                if self.dctx:  # in bf16 on GPUs (Newton-Schulz's precision), gathered during the next bank's
+                if self.dctx:  # bf16 on GPUs (Newton-Schulz's precision); gathered while the next bank computes
                     update = update.to(torch.bfloat16 if p.is_cuda else update.dtype)
                     full = update.new_empty(update.size(0) * self.dctx.world_size, *update.shape[1:])
                     gathers.append((p, group, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
