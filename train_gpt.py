@@ -868,13 +868,17 @@ def softcap_ce_triton(logits, targets, cap: float, lse=None, grad=None):
     return dx
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(logits.float() / cap)
+
+
 @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
 def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of [N, V] raw logits softcapped to cap * tanh(logits / cap), and each row's
     log-sum-exp (no gradient), both fp32 [N]."""
     if use_triton(logits):
         return softcap_ce_triton(logits, targets, cap)
-    z = cap * torch.tanh(logits.float() / cap)
+    z = softcap(logits, cap)
     lse = z.logsumexp(-1)
     return lse - z.gather(1, targets[:, None]).squeeze(1), lse
 
@@ -889,7 +893,7 @@ def softcap_ce_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
                    cap: float) -> torch.Tensor:
     if use_triton(logits):
         return softcap_ce_triton(logits, targets, cap, lse, grad)
-    z = cap * torch.tanh(logits.float() / cap)
+    z = softcap(logits, cap)
     dz = ((z - lse[:, None]).exp() - F.one_hot(targets, logits.size(1))) * grad[:, None]
     return (dz * (1 - (z / cap).square())).to(logits.dtype)
 
@@ -919,10 +923,10 @@ def leaky_mlp_triton(a, b, pre=None):
     """Forward (a: input [M, K], b: up weight [N, K]) -> (pre, act(pre)); backward (a: gradient of act(pre)
     [M, K], b: down weight [K, N], pre) -> the gradient of pre."""
     backward = pre is not None
-    a, pre = a.contiguous(), pre.contiguous() if backward else None  # rows indexed as row * width; b by strides
+    a = a.contiguous()  # rows of a, pre and out are indexed as row * width; b goes by its strides
     (M, K), N = a.shape, b.size(1) if backward else b.size(0)
     out = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    pre = pre if backward else torch.empty_like(out)
+    pre = pre.contiguous() if backward else torch.empty_like(out)
     strides = b.stride() if backward else b.stride()[::-1]
     grid = (triton.cdiv(M, MLP_TILE["BM"]) * triton.cdiv(N, MLP_TILE["BN"]),)
     leaky_mlp_kernel[grid](a, b, pre, out, M, N, K, *strides, BACKWARD=backward, **MLP_TILE)
@@ -1309,9 +1313,7 @@ class GPT(nn.Module):
         logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
         if lora is not None:
             logits = logits + lora_delta(h, lora.adapter("head", h.size(0)))
-        logits = logits.float()
-        cap = self.args.logit_softcap
-        return cap * torch.tanh(logits / cap)
+        return softcap(logits, self.args.logit_softcap)
 
     def forward(self, ids, targets, qat: bool = False, looped: bool = True):
         if not self.args.fused_ce:
