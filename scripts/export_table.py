@@ -31,7 +31,38 @@ VARIANTS = [
     ("GPTQ + SDClip fit, k 12.85 attention and MLP", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=12.85,
                                                           sdclip_k_mlp=12.85)),
     ("GPTQ + SDClip fit + LQER r8 top8", dict(quant_method="gptq", prune_ones=False, lqer_rank=8, lqer_top=8)),
+    ("GPTQ + SDClip fit, int8 embedding k=15", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=15.0)),
+    ("GPTQ + SDClip fit, int8 embedding k=12", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=12.0)),
+    ("GPTQ + SDClip fit, k attention 11.5, MLP 13", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=11.5,
+                                                         sdclip_k_mlp=13.0)),
 ]
+
+# Parts of the model whose quantization error --attribute measures one at a time: (label, tensor, bank rows
+# as a fraction range of its first dimension; None: the whole tensor).
+PARTS = [("q", "qo_bank", (0, 0.5)), ("o (attention out)", "qo_bank", (0.5, 1)), ("k", "kv_bank", (0, 0.5)),
+         ("v", "kv_bank", (0.5, 1)), ("MLP up", "mlp_up_bank", None), ("MLP down", "mlp_down_bank", None),
+         ("embedding / LM head", "tok_emb.weight", None)]
+
+
+def attribution(state: dict, original: dict, model, measure, quantized_bpb: float, pre: float) -> list[str]:
+    """Rows of how much of the round-trip gap each part's quantization causes: the artifact's weights with that
+    part alone restored to the checkpoint's values (and, last, every tensor the artifact keeps in fp16)."""
+    rows = ["| part restored to the checkpoint | round-trip val_bpb | gap left | share of the gap |", "|---|---|---|---|"]
+    fp16_names = [n for n in state if not n.endswith(tuple(t for _, t, _ in PARTS))]
+    for label, name, rng in PARTS + [("fp16-stored tensors (norms, gains, gates)", None, None)]:
+        trial = dict(state)
+        for n in ([name] if name else fp16_names):
+            t = original[n].to(state[n].dtype)
+            if rng:
+                t, (a, b) = state[n].clone(), (int(r * t.size(0)) for r in rng)
+                t[a:b] = original[n][a:b].to(t.dtype)
+            trial[n] = t
+        model.load_state_dict(trial)
+        bpb = measure()
+        share = (quantized_bpb - bpb) / max(quantized_bpb - pre, 1e-12)
+        rows.append(f"| {label} | {bpb:.5f} | {bpb - pre:+.5f} | {share:.0%} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -39,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", help="final_model.pt written by a train_gpt.py run")
     ap.add_argument("--out", help="also write the table to this file")
     ap.add_argument("--only", type=int, nargs="*", help="variant numbers to run (default: all)")
+    ap.add_argument("--attribute", type=int, help="variant number whose gap is split over the model's parts")
     opts = ap.parse_args(argv)
     args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
     saved = torch.load(opts.checkpoint, map_location="cpu")
@@ -53,7 +85,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     hessians, batches = tg.collect_hessians(model, args, dctx, log, saved.get("calib_batches") or args.gptq_calib_batches)
     calib_s = time.perf_counter() - t
-    budget = args.size_limit - len(tg.code_info()[1])
+    budget, parts = args.size_limit - len(tg.code_info()[1]), []
     rows = [f"| export | model bytes | round-trip val_bpb | gap | export s | compressors at k x1 / fit |",
             "|---|---|---|---|---|---|",
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
@@ -78,7 +110,9 @@ def main(argv=None) -> int:
         rows.append(f"| {label} | {len(blob)}{' (over)' if len(blob) > budget else ''} | {bpb:.5f} | "
                     f"{bpb - pre:+.5f} | {secs:.1f} | {notes} |")
         log(rows[-1])
-    table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows)
+        if opts.attribute == i:
+            parts = attribution(state, original, model, measure, bpb, pre)
+    table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + parts)
     print(table)
     if opts.out:
         Path(opts.out).write_text(table + "\n")

@@ -72,16 +72,58 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     env = {k: v for k, v in run.env.items() if k not in ("RUN_ID", "ARTIFACT_PATH")}
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "export_table.py"), tg.checkpoint_path(str(run.artifact)),
-                        "--only", "0", "2", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                        "--only", "0", "2", "--attribute", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300,
                        env=dict(env, PYTHONDONTWRITEBYTECODE="1"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = out.read_text().splitlines()
     budget = int(table[0].split(": ")[1].split()[0])
+    split = table.index("| part restored to the checkpoint | round-trip val_bpb | gap left | share of the gap |")
+    parts = [ln.split(" | ")[0][2:] for ln in table[split + 2:]]
+    assert parts == [p[0] for p in export_table().PARTS] + ["fp16-stored tensors (norms, gains, gates)"]
+    table = table[:split]
     rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith(("| export", "| unquantized"))]
     assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
     assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
+
+
+def export_table():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import export_table as et
+    return et
+
+
+def test_gap_attribution_restores_exactly_one_part_at_a_time():
+    """With a 'loss' that is the summed error of every weight, restoring one part removes exactly that part's
+    error: q and o are the two halves of qo_bank, k and v of kv_bank, and the shares add up to the whole gap."""
+    import torch
+    et, L = export_table(), 3
+    original = {"qo_bank": torch.zeros(2 * L, 4, 4), "kv_bank": torch.zeros(2 * L, 2, 4),
+                "mlp_up_bank": torch.zeros(L, 8, 4), "mlp_down_bank": torch.zeros(L, 4, 8),
+                "tok_emb.weight": torch.zeros(16, 4), "blocks.0.attn_scale": torch.zeros(4)}
+    errors = {"q": 1.0, "o (attention out)": 2.0, "k": 3.0, "v": 4.0, "MLP up": 5.0, "MLP down": 6.0,
+              "embedding / LM head": 7.0}
+    state = {n: t.clone() for n, t in original.items()}
+    state["qo_bank"][:L] += 1.0 / state["qo_bank"][:L].numel()
+    state["qo_bank"][L:] += 2.0 / state["qo_bank"][L:].numel()
+    state["kv_bank"][:L] += 3.0 / state["kv_bank"][:L].numel()
+    state["kv_bank"][L:] += 4.0 / state["kv_bank"][L:].numel()
+    for n, e in (("mlp_up_bank", 5.0), ("mlp_down_bank", 6.0), ("tok_emb.weight", 7.0), ("blocks.0.attn_scale", 8.0)):
+        state[n] += e / state[n].numel()
+
+    class Model:
+        def load_state_dict(self, s):
+            self.s = s
+    model = Model()
+    measure = lambda: sum(float((model.s[n] - original[n]).abs().sum()) for n in original)
+    gap = sum(errors.values()) + 8.0
+    rows = et.attribution(state, original, model, measure, gap, 0.0)
+    left = {r.split(" | ")[0][2:]: float(r.split(" | ")[1]) for r in rows[2:]}
+    assert left == pytest.approx({**{k: gap - e for k, e in errors.items()},
+                                  "fp16-stored tensors (norms, gains, gates)": gap - 8.0})
+    assert state["qo_bank"].abs().sum() > 0, "the artifact's state is left as it was"
 
 
 def test_profile_step_sorts_kernels_into_categories():
