@@ -2460,6 +2460,11 @@ class Trainer:
                 loss = self.loss_fn(x, y, qat, looped)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
+        self.apply_grads()
+        return loss_sum / self.grad_accum
+
+    def apply_grads(self):
+        """Average the gradients over ranks, clip them and take every optimizer's step."""
         muon = self.optimizers[-1]
         if muon.dctx:  # Parallel Muon: bank gradients are reduce-scattered while the rest are averaged
             muon.scatter_grads()
@@ -2476,7 +2481,6 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum
 
     def graph_variants(self) -> list[tuple[bool, bool]]:
         """Every (qat, looped) forward graph the run can reach; the one it starts with first."""

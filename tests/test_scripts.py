@@ -126,6 +126,20 @@ def test_gap_attribution_restores_exactly_one_part_at_a_time():
     assert state["qo_bank"].abs().sum() > 0, "the artifact's state is left as it was"
 
 
+def test_muon_bench_times_both_gradient_paths_on_two_ranks():
+    """scripts/muon_bench.py over 2 gloo ranks: both paths timed, and from the same weights and gradients they
+    end on the same weights (fp32 collectives on CPU, so exactly)."""
+    env = dict(os.environ, NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START="3", MODEL_DIM="64",
+               NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="1024", BENCH_REPS="2", PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "scripts" / "muon_bench.py")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("muon_bench"))
+    fields = dict(f.split(":") for f in line.split()[1:] if ":" in f)
+    assert fields["world_size"] == "2" and float(fields["plain"]) > 0 and float(fields["sharded"]) > 0
+    assert float(fields["max_weight_diff"]) == 0.0
+
+
 def test_profile_step_sorts_kernels_into_categories():
     sys.path.insert(0, str(REPO / "scripts"))
     import profile_step as ps
