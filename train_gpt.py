@@ -147,6 +147,14 @@ def env_list(name: str, default: str, cast=int) -> list:
                          f"{cast.__name__}s") from None
 
 
+def role_pairs(raw: str) -> dict[str, float]:
+    """"q=1.5,v=0.7" -> {"q": 1.5, "v": 0.7}."""
+    try:
+        return {k.strip(): float(m) for k, m in (kv.split("=") for kv in raw.split(",") if kv.strip())}
+    except ValueError:
+        raise SystemExit(f"error: SDCLIP_ROLE_MULT={raw!r} must be role=multiplier pairs, e.g. q=1.5,v=0.7") from None
+
+
 class Hyperparameters:
     def __init__(self):
         global _recipe_defaults
@@ -250,6 +258,7 @@ class Hyperparameters:
         self.sdclip_k_attn = env("SDCLIP_K_ATTN", 13.0)  # SDClip (gptq): row clip = k * std(row), per family
         self.sdclip_k_mlp = env("SDCLIP_K_MLP", 11.5)
         self.sdclip_k_embed = env("SDCLIP_K_EMBED", 20.0)
+        self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # step multipliers of roles: q=1.5,v=0.7 (not QAT's)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
@@ -313,6 +322,8 @@ class Hyperparameters:
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
         need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed, self.qat_grid_mult) > 0,
              "SDCLIP_K_* and QAT_GRID_MULT must be > 0")
+        need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
+             f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -1924,6 +1935,7 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
 
 ARTIFACT_MAGIC = b"PGOLF4"
 BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+ROLES = ("q", "k", "v", "o", "up", "down", "embed")
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
 
@@ -1980,6 +1992,14 @@ def tensor_family(name: str) -> str:
     return "embed" if name in TABLE_NAMES else next(f for b, f in zip(BANK_NAMES, BANK_FAMILIES) if name.endswith(b))
 
 
+def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
+    """SDCLIP_ROLE_MULT of each of the n matrices of a bank (q then o, k then v) or of a table, as [n, 1, 1]."""
+    h = n // 2
+    roles = {"qo_bank": ["q"] * h + ["o"] * h, "kv_bank": ["k"] * h + ["v"] * h, "mlp_up_bank": ["up"] * n,
+             "mlp_down_bank": ["down"] * n}.get(name.split(".")[-1], ["embed"] * n)
+    return torch.tensor([args.role_mult.get(r, 1.0) for r in roles]).view(-1, 1, 1)
+
+
 def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessians: dict | None = None,
                    mult: float = 1.0, log=None) -> dict[str, torch.Tensor]:
     """Banks and embedding tables -> int8 codes (`.q`, MATRIX_BITS / EMBED_BITS wide) and fp16 per-row steps
@@ -1987,8 +2007,9 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
     GPTQ on its SDClip steps, the others are rounded to nearest. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
     codes, steps = {}, {}
+    roles = {n: role_mults(args, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
     for name, t in mats.items():
-        q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), mult)
+        q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), roles[name] * mult)
         codes[name], steps[name] = q, s.float()
     fallbacks = 0
     if hessians and args.quant_method == "gptq":
@@ -2000,11 +2021,13 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
         for (family, *_), units in batches.items():
             qmax, k = export_grid(args, family)
             W = torch.stack([u[0] for u in units])
-            s = sdclip_steps(W, k * mult, qmax).squeeze(-1)
+            m = mult * torch.stack([torch.cat([roles[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
+                                    for *_, parts in units])
+            s = sdclip_steps(W, k * m, qmax).squeeze(-1)
             Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
-            for (w, _, parts), q, si, good in zip(units, Q, s, ok.tolist()):
+            for (w, _, parts), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
                 if not good:  # Cholesky failed: the clip search, rounded to nearest
-                    q, si = quantize_rows(w, qmax, args.clip_fracs, mult)
+                    q, si = quantize_rows(w, qmax, args.clip_fracs, mi)
                     fallbacks += 1
                 row = 0
                 for n, i in parts:

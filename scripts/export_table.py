@@ -9,6 +9,7 @@ windows of EVAL_SEQ_LEN, the `final_int6_roundtrip` number), against the unquant
 artifact is fitted to SIZE_LIMIT minus the compact code size, exactly as a run would. Prints a Markdown table.
 """
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -37,21 +38,43 @@ VARIANTS = [
                                                          sdclip_k_mlp=13.0)),
 ]
 
-# Parts of the model whose quantization error --attribute measures one at a time: (label, tensor, bank rows
-# as a fraction range of its first dimension; None: the whole tensor).
-PARTS = [("q", "qo_bank", (0, 0.5)), ("o (attention out)", "qo_bank", (0.5, 1)), ("k", "kv_bank", (0, 0.5)),
-         ("v", "kv_bank", (0.5, 1)), ("MLP up", "mlp_up_bank", None), ("MLP down", "mlp_down_bank", None),
-         ("embedding / LM head", "tok_emb.weight", None)]
+# Parts of the model whose quantization error --attribute measures one at a time: (SDCLIP_ROLE_MULT role,
+# tensors, bank rows as a fraction range of the first dimension; None: the whole tensors).
+PARTS = [("q", ("qo_bank",), (0, 0.5)), ("o", ("qo_bank",), (0.5, 1)), ("k", ("kv_bank",), (0, 0.5)),
+         ("v", ("kv_bank",), (0.5, 1)), ("up", ("mlp_up_bank",), None), ("down", ("mlp_down_bank",), None),
+         ("embed", tg.TABLE_NAMES, None)]
+FP16_PART = "fp16-stored tensors (norms, gains, gates)"
 
 
-def attribution(state: dict, original: dict, model, measure, quantized_bpb: float, pre: float) -> list[str]:
+def part_size(state: dict, names, rng) -> int:
+    n = sum(state[name].numel() for name in names if name in state)
+    return n if rng is None else int(n * (rng[1] - rng[0]))
+
+
+def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
+    """Step multipliers per role that minimize the summed gap at the same total bits, if each part's gap grows
+    as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
+    the same share of the gap (gap_r s_r^2 / size_r equal) with sum(size_r log s_r) = 0. Parts whose measured
+    gap is not positive keep their steps. Multipliers are clamped to [1/2, 2]."""
+    roles = [r for r in gaps if gaps[r] > 0]
+    if not roles:
+        return {}
+    total = sum(sizes[r] for r in roles)
+    log_c = -sum(sizes[r] * math.log(sizes[r] / gaps[r]) for r in roles) / total
+    return {r: min(max(math.sqrt(math.exp(log_c) * sizes[r] / gaps[r]), 0.5), 2.0) for r in roles}
+
+
+def attribution(state: dict, original: dict, model, measure, quantized_bpb: float, pre: float):
     """Rows of how much of the round-trip gap each part's quantization causes: the artifact's weights with that
-    part alone restored to the checkpoint's values (and, last, every tensor the artifact keeps in fp16)."""
+    part alone restored to the checkpoint's values (and, last, every tensor the artifact keeps in fp16). Also
+    returns each role's gap (val_bpb drop when restored)."""
     rows = ["| part restored to the checkpoint | round-trip val_bpb | gap left | share of the gap |", "|---|---|---|---|"]
-    fp16_names = [n for n in state if not n.endswith(tuple(t for _, t, _ in PARTS))]
-    for label, name, rng in PARTS + [("fp16-stored tensors (norms, gains, gates)", None, None)]:
+    quantized = tuple(n for _, names, _ in PARTS for n in names)
+    fp16_names = [n for n in state if not n.endswith(quantized)]
+    gaps = {}
+    for label, names, rng in PARTS + [(FP16_PART, fp16_names, None)]:
         trial = dict(state)
-        for n in ([name] if name else fp16_names):
+        for n in (n for n in state if n.endswith(tuple(names))):
             t = original[n].to(state[n].dtype)
             if rng:
                 t, (a, b) = state[n].clone(), (int(r * t.size(0)) for r in rng)
@@ -59,10 +82,10 @@ def attribution(state: dict, original: dict, model, measure, quantized_bpb: floa
             trial[n] = t
         model.load_state_dict(trial)
         bpb = measure()
-        share = (quantized_bpb - bpb) / max(quantized_bpb - pre, 1e-12)
-        rows.append(f"| {label} | {bpb:.5f} | {bpb - pre:+.5f} | {share:.0%} |")
+        gaps[label] = quantized_bpb - bpb
+        rows.append(f"| {label} | {bpb:.5f} | {bpb - pre:+.5f} | {gaps[label] / max(quantized_bpb - pre, 1e-12):.0%} |")
         print(rows[-1], flush=True)
-    return rows
+    return rows, gaps
 
 
 def main(argv=None) -> int:
@@ -89,8 +112,9 @@ def main(argv=None) -> int:
     rows = [f"| export | model bytes | round-trip val_bpb | gap | export s | compressors at k x1 / fit |",
             "|---|---|---|---|---|---|",
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
-    for i, (label, knobs) in enumerate(VARIANTS):
-        if opts.only and i not in opts.only:
+    variants = list(VARIANTS)  # --attribute appends its balanced variant, which always runs
+    for i, (label, knobs) in enumerate(variants):
+        if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:
             continue
         run = tg.Hyperparameters()
         for k, v in knobs.items():
@@ -111,7 +135,12 @@ def main(argv=None) -> int:
                     f"{bpb - pre:+.5f} | {secs:.1f} | {notes} |")
         log(rows[-1])
         if opts.attribute == i:
-            parts = attribution(state, original, model, measure, bpb, pre)
+            parts, gaps = attribution(state, original, model, measure, bpb, pre)
+            gaps.pop(FP16_PART)
+            mults = balanced_mults(gaps, {r: part_size(original, names, rng) for r, names, rng in PARTS})
+            knob = ",".join(f"{r}={m:.3f}" for r, m in mults.items())
+            parts.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
+            variants.append((f"{label}, SDCLIP_ROLE_MULT={knob}", dict(knobs, role_mult=mults)))
     table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + parts)
     print(table)
     if opts.out:

@@ -28,6 +28,8 @@ def apply_grads_ms(args, dctx, sharded: bool, reps: int, warm: int = 3) -> tuple
         if dctx.device.type == "cuda":
             torch.cuda.synchronize()
         dctx.all_reduce(torch.zeros(1, device=dctx.device))  # every rank starts together
+        if dctx.device.type == "cuda":
+            torch.cuda.synchronize()  # NCCL's all-reduce returns when queued
         t = time.perf_counter()
         trainer.apply_grads()
         if dctx.device.type == "cuda":

@@ -107,6 +107,52 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult):
             assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, family)), (name, hessians is None)
 
 
+@pytest.mark.parametrize("with_hessians", [False, True])
+def test_role_multipliers_scale_exactly_their_roles_steps(make_args, with_hessians):
+    """SDCLIP_ROLE_MULT: v x2 and embed x0.5 scale the steps of the v half of kv_bank and of the embedding, and
+    nothing else, both rounded to nearest and through GPTQ (where q, k and v share one unit)."""
+    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    plain, a = make_args(**knobs), make_args(**knobs, SDCLIP_ROLE_MULT="v=2, embed=0.5")
+    assert a.role_mult == {"v": 2.0, "embed": 0.5}
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
+    d, hid = a.model_dim, int(a.mlp_mult * a.model_dim)
+    g = torch.Generator().manual_seed(3)
+    hess = {f"{kind}.{i}": (lambda n: (x := torch.randn(4 * n, n, generator=g)).T @ x)(hid if kind == "down" else d)
+            for i in range(2) for kind in ("qkv", "o", "up", "down")} if with_hessians else None
+    if hess:
+        hess["emb"] = (lambda x: x.T @ x)(torch.randn(4 * d, d, generator=g))
+    base, moved = tg.quantize_state(state, plain, hess), tg.quantize_state(state, a, hess)
+    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
+        s0, s1 = base[name + ".qscale"].float(), moved[name + ".qscale"].float()
+        ratio = (s1 / s0).view(len(state[name]) if name.endswith("bank") else 1, -1)
+        want = torch.ones(ratio.size(0))
+        if name == "kv_bank":
+            want[2:] = 2.0  # k of layers 0, 1, then v of layers 0, 1
+        if name == "tok_emb.weight":
+            want[:] = 0.5
+        assert torch.allclose(ratio, want[:, None], rtol=2e-3), name
+        if name.endswith("bank"):  # matrices whose steps stay keep their codes (GPTQ's rows are independent)
+            same = ratio.eq(1).all(1)
+            assert same.any() and torch.equal(base[name + ".q"][same], moved[name + ".q"][same]), name
+    with pytest.raises(SystemExit, match="SDCLIP_ROLE_MULT"):
+        make_args(SDCLIP_ROLE_MULT="mlp=2")
+
+
+def test_role_multipliers_reach_the_clip_search_fallback(make_args):
+    """A unit whose Cholesky fails falls back to the clip search on its own role's multipliers: with v=2 and
+    failing q/k/v Hessians, the v matrices get the clip search's codes and steps at step multiplier 2."""
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", SDCLIP_ROLE_MULT="v=2")
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
+    hess = {f"qkv.{i}": torch.full((a.model_dim, a.model_dim), math.nan) for i in range(2)}
+    packed = tg.quantize_state(state, a, hess)
+    for i, mult in ((0, 1.0), (2, 2.0)):  # k of layer 0, v of layer 0
+        q, s = tg.quantize_rows(state["kv_bank"][i].float(), 31, a.clip_fracs, mult)
+        assert torch.equal(packed["kv_bank.q"][i], q)
+        assert torch.equal(packed["kv_bank.qscale"].view(4, -1)[i], s)
+
+
 def test_gptq_lowers_the_models_output_error_with_calibrated_hessians(make_args, tiny_data):
     """End to end on a small model: Hessians from training batches, then GPTQ codes give outputs closer to the
     unquantized model's than round-to-nearest on the same SDClip grid."""

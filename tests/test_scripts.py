@@ -80,10 +80,13 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     budget = int(table[0].split(": ")[1].split()[0])
     split = table.index("| part restored to the checkpoint | round-trip val_bpb | gap left | share of the gap |")
     parts = [ln.split(" | ")[0][2:] for ln in table[split + 2:]]
-    assert parts == [p[0] for p in export_table().PARTS] + ["fp16-stored tensors (norms, gains, gates)"]
+    knob = table[-1].split("SDCLIP_ROLE_MULT=")[1]
+    assert parts[:8] == [p[0] for p in export_table().PARTS] + ["fp16-stored tensors (norms, gains, gates)"]
+    assert set(tg.role_pairs(knob)) <= set(tg.ROLES)
     table = table[:split]
     rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith(("| export", "| unquantized"))]
-    assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit"]
+    assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit",
+                                                   f"| GPTQ + SDClip fit, SDCLIP_ROLE_MULT={knob}"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
     assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
@@ -103,8 +106,7 @@ def test_gap_attribution_restores_exactly_one_part_at_a_time():
     original = {"qo_bank": torch.zeros(2 * L, 4, 4), "kv_bank": torch.zeros(2 * L, 2, 4),
                 "mlp_up_bank": torch.zeros(L, 8, 4), "mlp_down_bank": torch.zeros(L, 4, 8),
                 "tok_emb.weight": torch.zeros(16, 4), "blocks.0.attn_scale": torch.zeros(4)}
-    errors = {"q": 1.0, "o (attention out)": 2.0, "k": 3.0, "v": 4.0, "MLP up": 5.0, "MLP down": 6.0,
-              "embedding / LM head": 7.0}
+    errors = {"q": 1.0, "o": 2.0, "k": 3.0, "v": 4.0, "up": 5.0, "down": 6.0, "embed": 7.0}
     state = {n: t.clone() for n, t in original.items()}
     state["qo_bank"][:L] += 1.0 / state["qo_bank"][:L].numel()
     state["qo_bank"][L:] += 2.0 / state["qo_bank"][L:].numel()
@@ -119,10 +121,10 @@ def test_gap_attribution_restores_exactly_one_part_at_a_time():
     model = Model()
     measure = lambda: sum(float((model.s[n] - original[n]).abs().sum()) for n in original)
     gap = sum(errors.values()) + 8.0
-    rows = et.attribution(state, original, model, measure, gap, 0.0)
+    rows, gaps = et.attribution(state, original, model, measure, gap, 0.0)
     left = {r.split(" | ")[0][2:]: float(r.split(" | ")[1]) for r in rows[2:]}
-    assert left == pytest.approx({**{k: gap - e for k, e in errors.items()},
-                                  "fp16-stored tensors (norms, gains, gates)": gap - 8.0})
+    assert left == pytest.approx({**{k: gap - e for k, e in errors.items()}, et.FP16_PART: gap - 8.0})
+    assert gaps == pytest.approx({**errors, et.FP16_PART: 8.0})
     assert state["qo_bank"].abs().sum() > 0, "the artifact's state is left as it was"
 
 
@@ -138,6 +140,25 @@ def test_muon_bench_times_both_gradient_paths_on_two_ranks():
     fields = dict(f.split(":") for f in line.split()[1:] if ":" in f)
     assert fields["world_size"] == "2" and float(fields["plain"]) > 0 and float(fields["sharded"]) > 0
     assert float(fields["max_weight_diff"]) == 0.0
+
+
+def test_balanced_multipliers_equalize_the_gap_per_weight_at_equal_bits():
+    """The optimum of sum(gap_r s_r^2) under sum(size_r log s_r) = 0: every part ends with the same gap per
+    weight; it beats no change and a perturbed allocation at the same bits; a part with no measured gap keeps
+    its steps."""
+    import math
+    et = export_table()
+    gaps, sizes = {"q": 1.0, "v": 3.0, "up": 6.0, "embed": 0.0}, {"q": 4, "v": 2, "up": 10, "embed": 3}
+    m = et.balanced_mults(gaps, sizes)
+    assert set(m) == {"q", "v", "up"}
+    per_weight = [gaps[r] * m[r] ** 2 / sizes[r] for r in m]
+    assert max(per_weight) == pytest.approx(min(per_weight))
+    assert sum(sizes[r] * math.log(m[r]) for r in m) == pytest.approx(0, abs=1e-12)
+    cost = lambda s: sum(gaps[r] * s[r] ** 2 for r in s)
+    nudged = dict(m, q=m["q"] * 1.1, up=m["up"] * 1.1 ** (-sizes["q"] / sizes["up"]))
+    assert cost(m) < min(cost({r: 1.0 for r in m}), cost(nudged))
+    assert m["q"] > 1 > m["v"], "the part with the least gap per weight gets coarser steps"
+    assert et.balanced_mults({"q": 0.0, "v": -1e-6}, sizes) == {}, "no measured gap: no change"
 
 
 def test_profile_step_sorts_kernels_into_categories():
