@@ -259,6 +259,7 @@ class Hyperparameters:
         self.sdclip_k_mlp = env("SDCLIP_K_MLP", 11.5)
         self.sdclip_k_embed = env("SDCLIP_K_EMBED", 20.0)
         self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # step multipliers of roles: q=1.5,v=0.7 (not QAT's)
+        self.sdclip_balance_batches = env("SDCLIP_BALANCE_BATCHES", 0)  # > 0: measure per-role multipliers (gptq)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
@@ -324,6 +325,7 @@ class Hyperparameters:
              "SDCLIP_K_* and QAT_GRID_MULT must be > 0")
         need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
+        need(self.sdclip_balance_batches >= 0, "SDCLIP_BALANCE_BATCHES must be >= 0")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -1992,12 +1994,68 @@ def tensor_family(name: str) -> str:
     return "embed" if name in TABLE_NAMES else next(f for b, f in zip(BANK_NAMES, BANK_FAMILIES) if name.endswith(b))
 
 
-def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
-    """SDCLIP_ROLE_MULT of each of the n matrices of a bank (q then o, k then v) or of a table, as [n, 1, 1]."""
+def matrix_roles(name: str, n: int) -> list[str]:
+    """The role of each of the n matrices of a bank (q then o, k then v) or of a table."""
     h = n // 2
-    roles = {"qo_bank": ["q"] * h + ["o"] * h, "kv_bank": ["k"] * h + ["v"] * h, "mlp_up_bank": ["up"] * n,
-             "mlp_down_bank": ["down"] * n}.get(name.split(".")[-1], ["embed"] * n)
-    return torch.tensor([args.role_mult.get(r, 1.0) for r in roles]).view(-1, 1, 1)
+    return {"qo_bank": ["q"] * h + ["o"] * h, "kv_bank": ["k"] * h + ["v"] * h, "mlp_up_bank": ["up"] * n,
+            "mlp_down_bank": ["down"] * n}.get(name.split(".")[-1], ["embed"] * n)
+
+
+def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
+    """SDCLIP_ROLE_MULT of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
+    return torch.tensor([args.role_mult.get(r, 1.0) for r in matrix_roles(name, n)]).view(-1, 1, 1)
+
+
+def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
+    """Step multipliers per role that minimize the summed gap at the same total bits, if each role's gap grows
+    as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
+    the same share of the gap (gap_r s_r^2 / size_r equal) with sum(size_r log s_r) = 0. Roles whose measured
+    gap is not positive keep their steps. Multipliers are clamped to [1/2, 2]."""
+    roles = [r for r in gaps if gaps[r] > 0 and sizes[r] > 0]
+    if not roles:
+        return {}
+    log_c = -sum(sizes[r] * math.log(sizes[r] / gaps[r]) for r in roles) / sum(sizes[r] for r in roles)
+    return {r: min(max(math.sqrt(math.exp(log_c) * sizes[r] / gaps[r]), 0.5), 2.0) for r in roles}
+
+
+def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: dict, seconds: float | None):
+    """SDCLIP_BALANCE_BATCHES: with each role's exported matrices (GPTQ at k x1) alone in the model, the loss
+    increase on that many training batches; then the multipliers of balanced_mults, on top of SDCLIP_ROLE_MULT.
+    Training data, so inside the training wall clock: skipped when `seconds` would not cover every pass."""
+    t0 = time.perf_counter()
+    state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    deq = dequantize_state(quantize_state(state, args, hessians))
+    loader = train_loader(args, dctx, shard_files(args.data_path, "train"), calibration_tokens(args, dctx))
+    data = [loader.next_batch() for _ in range(args.sdclip_balance_batches)]
+
+    def loss() -> float:
+        with torch.no_grad(), autocast(dctx.device):
+            total = sum(model(x, y).float() for x, y in data)
+        return dctx.all_reduce(total).item() / (len(data) * dctx.world_size)
+
+    t1 = time.perf_counter()
+    base, t2 = loss(), time.perf_counter()
+    need = t2 - t0 + (t2 - t1) * len(ROLES)
+    margin = torch.tensor(need - (seconds if seconds is not None else math.inf), dtype=torch.float64, device=dctx.device)
+    if dctx.all_reduce(margin, dist.ReduceOp.MAX).item() > 0:  # every rank decides alike
+        log(f"sdclip_balance: skipped, its passes need about {need:.1f}s of the {seconds:.1f}s left")
+        return
+    gaps, sizes = {}, dict.fromkeys(ROLES, 0)
+    for role in ROLES:
+        trial = dict(state)
+        for name, t in state.items():
+            if name.endswith(BANK_NAMES) or name in TABLE_NAMES:
+                picked = torch.tensor([r == role for r in matrix_roles(name, len(t) if t.dim() == 3 else 1)])
+                trial[name] = torch.where(picked.view(-1, *[1] * (t.dim() - 1)).to(t.device), deq[name].to(t), t)
+                sizes[role] += int(picked.sum()) * t[0].numel() if t.dim() == 3 else int(picked.sum()) * t.numel()
+        model.load_state_dict(trial)
+        gaps[role] = loss() - base
+    model.load_state_dict(state)
+    mults = balanced_mults(gaps, sizes)
+    args.role_mult = {r: args.role_mult.get(r, 1.0) * mults.get(r, 1.0) for r in ROLES}
+    log(f"sdclip_balance: batches:{len(data)} time:{time.perf_counter() - t0:.1f}s loss_increase "
+        + " ".join(f"{r}:{g:.2e}" for r, g in gaps.items())
+        + " SDCLIP_ROLE_MULT=" + ",".join(f"{r}={m:.3f}" for r, m in args.role_mult.items()))
 
 
 def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessians: dict | None = None,
@@ -2403,6 +2461,11 @@ def all_finite(flag: torch.Tensor, dctx: Dist) -> bool:
     return dctx.all_reduce(flag.float(), dist.ReduceOp.MIN).item() > 0
 
 
+def calibration_tokens(args: Hyperparameters, dctx: Dist) -> int:
+    """Tokens of one rank's calibration batch: TRAIN_BATCH_TOKENS/8 over the ranks, whole sequences."""
+    return max(args.train_batch_tokens // 8 // dctx.world_size // args.train_seq_len, 1) * args.train_seq_len
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches: int,
                      seconds: float | None = None) -> tuple[dict, int]:
@@ -2415,7 +2478,7 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     t0 = time.perf_counter()
     if seconds is not None:
         seconds = dctx.all_reduce(torch.tensor(seconds, dtype=torch.float64, device=dctx.device), dist.ReduceOp.MIN).item()
-    local = max(args.train_batch_tokens // 8 // dctx.world_size // args.train_seq_len, 1) * args.train_seq_len
+    local = calibration_tokens(args, dctx)
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), local)
     store, done = {}, 0
     model.set_hessian_store(store)
@@ -2449,7 +2512,8 @@ def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
                                              device=dctx.device), dist.ReduceOp.MAX).item()
-    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * args.gptq_calib_batches)
+    passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes)
     args.train_cap_s = args.max_wallclock_seconds - reserve
     log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
         f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
@@ -2838,6 +2902,9 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
                                            cap - results["train_s"] if cap > 0 else None)
+        if args.sdclip_balance_batches:
+            balance_roles(model, args, dctx, log, hessians,
+                          cap - results["train_s"] - (time.perf_counter() - t) if cap > 0 else None)
         results["train_s"] += time.perf_counter() - t
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
@@ -2857,6 +2924,8 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     hessians = None
     if args.quant_method == "gptq":
         hessians, _ = collect_hessians(model, args, dctx, log, saved.get("calib_batches", args.gptq_calib_batches))
+        if args.sdclip_balance_batches:
+            balance_roles(model, args, dctx, log, hessians, None)
     measure_pre_quant(compiled_logits(model, args), "checkpoint", args, dctx, log, val, luts, results)
     return model, hessians
 

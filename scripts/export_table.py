@@ -9,7 +9,6 @@ windows of EVAL_SEQ_LEN, the `final_int6_roundtrip` number), against the unquant
 artifact is fitted to SIZE_LIMIT minus the compact code size, exactly as a run would. Prints a Markdown table.
 """
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ VARIANTS = [
     ("GPTQ + SDClip fit, int8 embedding k=12", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=12.0)),
     ("GPTQ + SDClip fit, k attention 11.5, MLP 13", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=11.5,
                                                          sdclip_k_mlp=13.0)),
+    ("GPTQ + SDClip fit, roles balanced on 8 training batches", dict(quant_method="gptq", prune_ones=False,
+                                                                     sdclip_balance_batches=8)),
 ]
 
 # Parts of the model whose quantization error --attribute measures one at a time: (SDCLIP_ROLE_MULT role,
@@ -49,19 +50,6 @@ FP16_PART = "fp16-stored tensors (norms, gains, gates)"
 def part_size(state: dict, names, rng) -> int:
     n = sum(state[name].numel() for name in names if name in state)
     return n if rng is None else int(n * (rng[1] - rng[0]))
-
-
-def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
-    """Step multipliers per role that minimize the summed gap at the same total bits, if each part's gap grows
-    as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
-    the same share of the gap (gap_r s_r^2 / size_r equal) with sum(size_r log s_r) = 0. Parts whose measured
-    gap is not positive keep their steps. Multipliers are clamped to [1/2, 2]."""
-    roles = [r for r in gaps if gaps[r] > 0]
-    if not roles:
-        return {}
-    total = sum(sizes[r] for r in roles)
-    log_c = -sum(sizes[r] * math.log(sizes[r] / gaps[r]) for r in roles) / total
-    return {r: min(max(math.sqrt(math.exp(log_c) * sizes[r] / gaps[r]), 0.5), 2.0) for r in roles}
 
 
 def attribution(state: dict, original: dict, model, measure, quantized_bpb: float, pre: float):
@@ -120,6 +108,10 @@ def main(argv=None) -> int:
         for k, v in knobs.items():
             setattr(run, k, v)
         lines = []
+        if run.sdclip_balance_batches:  # as a run would, on the checkpoint's weights
+            model.load_state_dict(original)
+            tg.balance_roles(model, run, dctx, lines.append, hessians, None)
+            print(lines[-1], flush=True)
         t = time.perf_counter()
         blob, _ = tg.fit_artifact(original, hessians if run.quant_method == "gptq" else None, saved["arch"], run,
                                   budget, lines.append)
@@ -137,7 +129,7 @@ def main(argv=None) -> int:
         if opts.attribute == i:
             parts, gaps = attribution(state, original, model, measure, bpb, pre)
             gaps.pop(FP16_PART)
-            mults = balanced_mults(gaps, {r: part_size(original, names, rng) for r, names, rng in PARTS})
+            mults = tg.balanced_mults(gaps, {r: part_size(original, names, rng) for r, names, rng in PARTS})
             knob = ",".join(f"{r}={m:.3f}" for r, m in mults.items())
             parts.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
             variants.append((f"{label}, SDCLIP_ROLE_MULT={knob}", dict(knobs, role_mult=mults)))

@@ -86,6 +86,12 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # re-export the tiny frontier run's checkpoint: GPTQ recalibrated on as many batches must give the same bytes
     "frontier_export_only": ({**FRONTIER_ACC, "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                              1, "frontier_acc_1p"),
+    # per-role step multipliers measured in the calibration reserve, and a re-export that measures them again
+    "frontier_balance": (dict(FRONTIER_ACC, SDCLIP_BALANCE_BATCHES=2), 1, None),
+    "frontier_balance_2p": (dict(FRONTIER_ACC, SDCLIP_BALANCE_BATCHES=2), 2, None),
+    "frontier_balance_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2,
+                                      "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
+                                     1, "frontier_balance"),
     "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),
 }

@@ -153,6 +153,88 @@ def test_role_multipliers_reach_the_clip_search_fallback(make_args):
         assert torch.equal(packed["kv_bank.qscale"].view(4, -1)[i], s)
 
 
+def test_balanced_multipliers_equalize_the_gap_per_weight_at_equal_bits():
+    """The optimum of sum(gap_r s_r^2) under sum(size_r log s_r) = 0: every part ends with the same gap per
+    weight; it beats no change and a perturbed allocation at the same bits; a part with no measured gap keeps
+    its steps."""
+    gaps, sizes = {"q": 1.0, "v": 3.0, "up": 6.0, "embed": 0.0}, {"q": 4, "v": 2, "up": 10, "embed": 3}
+    m = tg.balanced_mults(gaps, sizes)
+    assert set(m) == {"q", "v", "up"}
+    per_weight = [gaps[r] * m[r] ** 2 / sizes[r] for r in m]
+    assert max(per_weight) == pytest.approx(min(per_weight))
+    assert sum(sizes[r] * math.log(m[r]) for r in m) == pytest.approx(0, abs=1e-12)
+    cost = lambda s: sum(gaps[r] * s[r] ** 2 for r in s)
+    nudged = dict(m, q=m["q"] * 1.1, up=m["up"] * 1.1 ** (-sizes["q"] / sizes["up"]))
+    assert cost(m) < min(cost({r: 1.0 for r in m}), cost(nudged))
+    assert m["q"] > 1 > m["v"], "the part with the least gap per weight gets coarser steps"
+    assert tg.balanced_mults({"q": 0.0, "v": -1e-6}, sizes) == {}, "no measured gap: no change"
+
+
+class QuadraticModel:
+    """Stands in for the model in balance_roles: its loss is sum over roles of c_role * |W - W0|^2."""
+
+    def __init__(self, state: dict, c: dict):
+        self.w0, self.cur, self.c = state, dict(state), c
+
+    def state_dict(self):
+        return dict(self.cur)
+
+    def load_state_dict(self, state):
+        self.cur = dict(state)
+
+    def __call__(self, x, y):
+        total = torch.zeros(())
+        for name, w in self.cur.items():
+            if name.endswith(tg.BANK_NAMES) or name in tg.TABLE_NAMES:
+                err = (w - self.w0[name]).square().reshape(len(w) if w.dim() == 3 else 1, -1).sum(1)
+                total += sum(self.c[r] * e for r, e in zip(tg.matrix_roles(name, len(err)), err))
+        return total
+
+
+def test_balance_roles_gives_the_costliest_role_the_finest_steps(make_args, tiny_data):
+    """SDCLIP_BALANCE_BATCHES on a loss that weighs v's error 4x: the measured increase of each role is its
+    own (the others restored), v gets the finest steps, the multipliers keep the total bits (no clamp here),
+    and they multiply SDCLIP_ROLE_MULT."""
+    knobs = dict(**TINY_FRONTIER, DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", SDCLIP_BALANCE_BATCHES="1",
+                 SDCLIP_ROLE_MULT="q=1.5", TRAIN_BATCH_TOKENS="4096", MATRIX_BITS="4", EMBED_BITS="4")
+    a = make_args(**knobs)
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in H.randomize(tg.GPT(a), std=0.05).state_dict().items()}
+    c = dict.fromkeys(tg.ROLES, 1.0) | {"v": 4.0}
+    model, logs = QuadraticModel(state, c), []
+    tg.balance_roles(model, a, H.DistStub(), logs.append, None, None)
+    assert all(torch.equal(model.cur[k], state[k]) for k in state), "weights restored"
+    gaps = {kv.split(":")[0]: float(kv.split(":")[1]) for kv in logs[0].split("loss_increase ")[1].split(" SDCLIP")[0].split()}
+    deq = tg.dequantize_state(tg.quantize_state(state, make_args(**knobs)))  # the grid it measured on
+    L = a.num_layers
+    alone = {"v": c["v"] * (deq["kv_bank"][L:] - state["kv_bank"][L:]).square().sum().item()}
+    assert gaps["v"] == pytest.approx(alone["v"], rel=5e-3)  # the log's 3 digits
+    balanced = {r: a.role_mult[r] / (1.5 if r == "q" else 1.0) for r in tg.ROLES}
+    assert min(balanced, key=balanced.get) == "v" and all(0.5 < m < 2 for m in balanced.values()), balanced
+    sizes = {r: sum(t[0].numel() * tg.matrix_roles(n, len(t)).count(r) if t.dim() == 3 else t.numel() * (r == "embed")
+                    for n, t in state.items() if n.endswith(tg.BANK_NAMES) or n in tg.TABLE_NAMES) for r in tg.ROLES}
+    assert sum(sizes[r] * math.log(balanced[r]) for r in tg.ROLES) == pytest.approx(0, abs=1e-6)
+
+
+def test_balance_roles_reads_training_data_leaves_the_weights_and_respects_the_clock(make_args, tiny_data):
+    knobs = dict(**TINY_FRONTIER, DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", SDCLIP_BALANCE_BATCHES="2",
+                 TRAIN_BATCH_TOKENS="4096")
+    a = make_args(**knobs)
+    torch.manual_seed(0)
+    m = H.randomize(tg.GPT(a), std=0.08)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    hess, _ = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 2)
+    logs, read, real = [], [], tg.load_shard
+    with mock.patch.object(tg, "load_shard", lambda path: read.append(path) or real(path)):
+        tg.balance_roles(m, a, H.DistStub(), logs.append, hess, None)
+    assert read and all("fineweb_train_" in p for p in read), read
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert logs[0].startswith("sdclip_balance: batches:2 ") and set(a.role_mult) == set(tg.ROLES), logs
+    late = make_args(**knobs)
+    tg.balance_roles(m, late, H.DistStub(), logs.append, hess, 0.0)
+    assert late.role_mult == {} and logs[-1].startswith("sdclip_balance: skipped"), logs[-1]
+
+
 def test_gptq_lowers_the_models_output_error_with_calibrated_hessians(make_args, tiny_data):
     """End to end on a small model: Hessians from training batches, then GPTQ codes give outputs closer to the
     unquantized model's than round-to-nearest on the same SDClip grid."""
@@ -414,6 +496,21 @@ def test_export_only_reproduces_a_gptq_runs_artifact_bytes(tg_runs):
     assert H.exact(again.log, "final_int6_roundtrip_exact") == H.exact(base.log, "final_int6_roundtrip_exact")
 
 
+@pytest.mark.tg_runs("frontier_balance", "frontier_balance_export_only", "frontier_balance_2p")
+def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_bytes(tg_runs):
+    base, again, two = tg_runs("frontier_balance"), tg_runs("frontier_balance_export_only"), tg_runs("frontier_balance_2p")
+    assert base.rc == 0 and again.rc == 0 and two.rc == 0, again.describe() + two.describe()
+    lines = base.log.splitlines()
+    balance = [i for i, ln in enumerate(lines) if ln.startswith("sdclip_balance: batches:2 ")]
+    clock = [i for i, ln in enumerate(lines) if ln.startswith("train_time+calibration:")]
+    assert len(balance) == 1 and len(clock) == 1 and balance[0] < clock[0], "measured inside the training clock"
+    mults = lines[balance[0]].split("SDCLIP_ROLE_MULT=")[1]
+    assert f"SDCLIP_ROLE_MULT={mults}" in again.log, "the re-export measures the same multipliers"
+    two_mults = next(ln for ln in two.log.splitlines() if ln.startswith("sdclip_balance: ")).split("SDCLIP_ROLE_MULT=")[1]
+    assert tg.role_pairs(two_mults) == pytest.approx(tg.role_pairs(mults), rel=0.02), "2 ranks measure what 1 does"
+    assert again.artifact.read_bytes() == base.artifact.read_bytes()
+
+
 def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypatch):
     a = make_args(**TINY_FRONTIER, QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12",
                   GPTQ_CALIB_BATCHES="40")
@@ -431,6 +528,10 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
     assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * 40)  # the cold start is not projected
     assert logs[0].startswith("gptq_reserve:7.0s (100 ms per calibration batch")
+    a.sdclip_balance_batches = 2  # and the role balance's 8 passes of 2 batches
+    tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * (40 + 16))
+    a.sdclip_balance_batches = 0
     per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
     assert a.train_cap_s == 88.0
