@@ -325,7 +325,8 @@ class Hyperparameters:
              "SDCLIP_K_* and QAT_GRID_MULT must be > 0")
         need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
-        need(self.sdclip_balance_batches >= 0, "SDCLIP_BALANCE_BATCHES must be >= 0")
+        need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
+             "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -738,9 +739,9 @@ def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
 # ----------------------------------------------------------------------------- quantization (shared by QAT and export)
 
 
-def quantize_rows(w: torch.Tensor, qmax: int, clip_fracs, step_mult: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, qmax: int, clip_fracs, step_mult=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of the last dim; each row keeps the clip (a fraction of its max |w|)
-    with the least squared reconstruction error; step_mult > 1 coarsens the steps (size fitting).
+    with the least squared reconstruction error; step_mult > 1 (a number, or one per matrix) coarsens the steps.
     Returns integer codes and fp16 scales (one per row)."""
     w = w.float()
     row_max = w.abs().amax(dim=-1, keepdim=True)
@@ -771,8 +772,8 @@ def export_grid(args: Hyperparameters, family: str) -> tuple[int, float]:
     return 2 ** (bits - 1) - 1, k
 
 
-def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult: float = 1.0):
-    """The export's per-row grid of `family`, its steps scaled by `mult` (size fitting), rounded to nearest:
+def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0):
+    """The export's per-row grid of `family`, its steps scaled by `mult` (a number, or [n, 1, 1]), rounded to nearest:
     SDClip steps (QUANT_METHOD=gptq) or the clip search (search). Returns int8 codes and fp16 steps."""
     qmax, k = export_grid(args, family)
     if args.quant_method == "search":
@@ -781,10 +782,10 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult: flo
     return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8), s.squeeze(-1).half()
 
 
-def fake_quant(w: torch.Tensor, args: Hyperparameters, family: str) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize at k multiplier QAT_GRID_MULT; backward = identity
-    (straight-through)."""
-    q, s = round_to_grid(w.detach(), args, family, args.qat_grid_mult)
+def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str) -> torch.Tensor:
+    """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier QAT_GRID_MULT (with
+    SDCLIP_ROLE_MULT, as the export computes it); backward = identity (straight-through)."""
+    q, s = round_to_grid(w.detach(), args, family, role_mults(args, name, len(w)).to(w.device) * args.qat_grid_mult)
     return w + (q.float() * s.float().unsqueeze(-1) - w).detach()
 
 
@@ -1274,7 +1275,8 @@ class GPT(nn.Module):
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
-        qo, kv, up, down = [fake_quant(b, self.args, f) if qat else b for b, f in zip(self.banks(), BANK_FAMILIES)]
+        qo, kv, up, down = [fake_quant(b, self.args, n, f) if qat else b
+                            for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
@@ -2018,44 +2020,53 @@ def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, f
     return {r: min(max(math.sqrt(math.exp(log_c) * sizes[r] / gaps[r]), 0.5), 2.0) for r in roles}
 
 
-def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: dict, seconds: float | None):
+def role_knob(mults: dict[str, float]) -> str:
+    return "SDCLIP_ROLE_MULT=" + ",".join(f"{r}={m:.3f}" for r, m in mults.items())
+
+
+def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: dict, skip_batches: int,
+                  seconds: float | None = None, per_batch: float = 0.0):
     """SDCLIP_BALANCE_BATCHES: with each role's exported matrices (GPTQ at k x1) alone in the model, the loss
-    increase on that many training batches; then the multipliers of balanced_mults, on top of SDCLIP_ROLE_MULT.
-    Training data, so inside the training wall clock: skipped when `seconds` would not cover every pass."""
+    increase on that many training batches (after the `skip_batches` GPTQ was calibrated on); then the multipliers
+    of balanced_mults, on top of SDCLIP_ROLE_MULT. Training data, so inside the training wall clock: skipped,
+    before any work, when `seconds` do not cover 1 s + 1.5 x its passes at `per_batch` s each."""
+    n = args.sdclip_balance_batches
+    need = 1.0 + 1.5 * per_batch * (len(ROLES) + 1) * n
+    margin = torch.tensor(need - (math.inf if seconds is None else seconds), dtype=torch.float64, device=dctx.device)
+    if dctx.all_reduce(margin, dist.ReduceOp.MAX).item() > 0:  # every rank decides alike
+        log(f"sdclip_balance: skipped, its passes need about {need:.1f}s of the {seconds:.1f}s left")
+        return
     t0 = time.perf_counter()
-    state = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    deq = dequantize_state(quantize_state(state, args, hessians))
+    state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    deq = {k: t.to(state[k]) for k, t in dequantize_state(quantize_state(state, args, hessians)).items()}
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), calibration_tokens(args, dctx))
-    data = [loader.next_batch() for _ in range(args.sdclip_balance_batches)]
+    data = [loader.next_batch() for _ in range(skip_batches + n)][skip_batches:]
 
     def loss() -> float:
         with torch.no_grad(), autocast(dctx.device):
             total = sum(model(x, y).float() for x, y in data)
-        return dctx.all_reduce(total).item() / (len(data) * dctx.world_size)
+        return dctx.all_reduce(total).item() / (n * dctx.world_size)
 
-    t1 = time.perf_counter()
-    base, t2 = loss(), time.perf_counter()
-    need = t2 - t0 + (t2 - t1) * len(ROLES)
-    margin = torch.tensor(need - (seconds if seconds is not None else math.inf), dtype=torch.float64, device=dctx.device)
-    if dctx.all_reduce(margin, dist.ReduceOp.MAX).item() > 0:  # every rank decides alike
-        log(f"sdclip_balance: skipped, its passes need about {need:.1f}s of the {seconds:.1f}s left")
-        return
     gaps, sizes = {}, dict.fromkeys(ROLES, 0)
-    for role in ROLES:
-        trial = dict(state)
-        for name, t in state.items():
-            if name.endswith(BANK_NAMES) or name in TABLE_NAMES:
-                picked = torch.tensor([r == role for r in matrix_roles(name, len(t) if t.dim() == 3 else 1)])
-                trial[name] = torch.where(picked.view(-1, *[1] * (t.dim() - 1)).to(t.device), deq[name].to(t), t)
-                sizes[role] += int(picked.sum()) * t[0].numel() if t.dim() == 3 else int(picked.sum()) * t.numel()
-        model.load_state_dict(trial)
-        gaps[role] = loss() - base
-    model.load_state_dict(state)
+    try:
+        base = loss()
+        for role in ROLES:
+            trial = dict(state)
+            for name, t in state.items():
+                if name.endswith(BANK_NAMES) or name in TABLE_NAMES:
+                    picked = torch.tensor([r == role for r in matrix_roles(name, len(t) if t.dim() == 3 else 1)])
+                    if picked.any():
+                        trial[name] = torch.where(picked.view(-1, *[1] * (t.dim() - 1)).to(t.device), deq[name], t)
+                        sizes[role] += int(picked.sum()) * (t[0] if t.dim() == 3 else t).numel()
+            model.load_state_dict(trial)
+            gaps[role] = loss() - base
+    finally:
+        model.load_state_dict(state)
     mults = balanced_mults(gaps, sizes)
     args.role_mult = {r: args.role_mult.get(r, 1.0) * mults.get(r, 1.0) for r in ROLES}
-    log(f"sdclip_balance: batches:{len(data)} time:{time.perf_counter() - t0:.1f}s loss_increase "
+    log(f"sdclip_balance: batches:{n} time:{time.perf_counter() - t0:.1f}s loss_increase "
         + " ".join(f"{r}:{g:.2e}" for r, g in gaps.items())
-        + " SDCLIP_ROLE_MULT=" + ",".join(f"{r}={m:.3f}" for r, m in args.role_mult.items()))
+        + " " + role_knob(args.role_mult))
 
 
 def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessians: dict | None = None,
@@ -2065,9 +2076,9 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
     GPTQ on its SDClip steps, the others are rounded to nearest. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
     codes, steps = {}, {}
-    roles = {n: role_mults(args, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
+    role_m = {n: role_mults(args, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
     for name, t in mats.items():
-        q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), roles[name] * mult)
+        q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), role_m[name] * mult)
         codes[name], steps[name] = q, s.float()
     fallbacks = 0
     if hessians and args.quant_method == "gptq":
@@ -2079,7 +2090,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
         for (family, *_), units in batches.items():
             qmax, k = export_grid(args, family)
             W = torch.stack([u[0] for u in units])
-            m = mult * torch.stack([torch.cat([roles[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
+            m = mult * torch.stack([torch.cat([role_m[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
                                     for *_, parts in units])
             s = sdclip_steps(W, k * m, qmax).squeeze(-1)
             Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
@@ -2407,6 +2418,7 @@ def checkpoint_path(artifact_path: str) -> str:
 def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
     buf = io.BytesIO()
     torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
+                "role_mult": args.role_mult if args.sdclip_balance_batches else None,
                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
     write_atomic(path, buf.getvalue())
     log(f"checkpoint:{path} bytes:{buf.tell()} (EXPORT_ONLY_FROM={path} re-exports it without training)")
@@ -2504,7 +2516,8 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
-    1 s + 1.5 x the projected calibration time, at most GPTQ_RESERVE_SECONDS; training gets the rest. The
+    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes), at most
+    GPTQ_RESERVE_SECONDS; training gets the rest. The
     calibration still stops at the cap if it runs slower than projected. One untimed batch first: the first eager
     pass pays one-off start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
@@ -2513,7 +2526,7 @@ def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
                                              device=dctx.device), dist.ReduceOp.MAX).item()
     passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
-    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes)
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (args.sdclip_balance_batches > 0))
     args.train_cap_s = args.max_wallclock_seconds - reserve
     log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
         f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
@@ -2903,8 +2916,9 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
                                            cap - results["train_s"] if cap > 0 else None)
         if args.sdclip_balance_batches:
-            balance_roles(model, args, dctx, log, hessians,
-                          cap - results["train_s"] - (time.perf_counter() - t) if cap > 0 else None)
+            spent = time.perf_counter() - t
+            left = cap - results["train_s"] - spent if cap > 0 else None
+            balance_roles(model, args, dctx, log, hessians, calib, left, spent / max(calib, 1))
         results["train_s"] += time.perf_counter() - t
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
@@ -2923,9 +2937,13 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        hessians, _ = collect_hessians(model, args, dctx, log, saved.get("calib_batches", args.gptq_calib_batches))
-        if args.sdclip_balance_batches:
-            balance_roles(model, args, dctx, log, hessians, None)
+        calib = saved.get("calib_batches", args.gptq_calib_batches)
+        hessians, _ = collect_hessians(model, args, dctx, log, calib)
+        if args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)
+            args.role_mult = saved["role_mult"]
+            log("sdclip_balance: the checkpoint's " + role_knob(args.role_mult))
+        elif args.sdclip_balance_batches:
+            balance_roles(model, args, dctx, log, hessians, calib)
     measure_pre_quant(compiled_logits(model, args), "checkpoint", args, dctx, log, val, luts, results)
     return model, hessians
 

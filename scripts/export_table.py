@@ -35,8 +35,8 @@ VARIANTS = [
     ("GPTQ + SDClip fit, int8 embedding k=12", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=12.0)),
     ("GPTQ + SDClip fit, k attention 11.5, MLP 13", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=11.5,
                                                          sdclip_k_mlp=13.0)),
-    ("GPTQ + SDClip fit, roles balanced on 8 training batches", dict(quant_method="gptq", prune_ones=False,
-                                                                     sdclip_balance_batches=8)),
+    ("GPTQ + SDClip fit, roles balanced on 4 training batches", dict(quant_method="gptq", prune_ones=False,
+                                                                     sdclip_balance_batches=4)),
 ]
 
 # Parts of the model whose quantization error --attribute measures one at a time: (SDCLIP_ROLE_MULT role,
@@ -65,7 +65,8 @@ def attribution(state: dict, original: dict, model, measure, quantized_bpb: floa
         for n in (n for n in state if n.endswith(tuple(names))):
             t = original[n].to(state[n].dtype)
             if rng:
-                t, (a, b) = state[n].clone(), (int(r * t.size(0)) for r in rng)
+                t = state[n].clone()
+                a, b = (int(r * t.size(0)) for r in rng)
                 t[a:b] = original[n][a:b].to(t.dtype)
             trial[n] = t
         model.load_state_dict(trial)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     hessians, batches = tg.collect_hessians(model, args, dctx, log, saved.get("calib_batches") or args.gptq_calib_batches)
     calib_s = time.perf_counter() - t
-    budget, parts = args.size_limit - len(tg.code_info()[1]), []
+    budget, attributed = args.size_limit - len(tg.code_info()[1]), []
     rows = [f"| export | model bytes | round-trip val_bpb | gap | export s | compressors at k x1 / fit |",
             "|---|---|---|---|---|---|",
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         lines = []
         if run.sdclip_balance_batches:  # as a run would, on the checkpoint's weights
             model.load_state_dict(original)
-            tg.balance_roles(model, run, dctx, lines.append, hessians, None)
+            tg.balance_roles(model, run, dctx, lines.append, hessians, batches)
             print(lines[-1], flush=True)
         t = time.perf_counter()
         blob, _ = tg.fit_artifact(original, hessians if run.quant_method == "gptq" else None, saved["arch"], run,
@@ -127,13 +128,13 @@ def main(argv=None) -> int:
                     f"{bpb - pre:+.5f} | {secs:.1f} | {notes} |")
         log(rows[-1])
         if opts.attribute == i:
-            parts, gaps = attribution(state, original, model, measure, bpb, pre)
+            attributed, gaps = attribution(state, original, model, measure, bpb, pre)
             gaps.pop(FP16_PART)
             mults = tg.balanced_mults(gaps, {r: part_size(original, names, rng) for r, names, rng in PARTS})
             knob = ",".join(f"{r}={m:.3f}" for r, m in mults.items())
-            parts.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
+            attributed.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
             variants.append((f"{label}, SDCLIP_ROLE_MULT={knob}", dict(knobs, role_mult=mults)))
-    table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + parts)
+    table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + attributed)
     print(table)
     if opts.out:
         Path(opts.out).write_text(table + "\n")

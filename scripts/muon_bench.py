@@ -47,7 +47,7 @@ def main():
     diff = (w_plain - w_sharded).abs().max().item()
     if dctx.master:
         print(f"muon_bench world_size:{dctx.world_size} reps:{reps} apply_grads_ms plain:{plain:.2f} "
-              f"sharded:{sharded:.2f} ratio:{plain / sharded:.3f} max_weight_diff:{diff:.2e}", flush=True)
+              f"sharded:{sharded:.2f} speedup_sharded:{plain / sharded:.3f} max_weight_diff:{diff:.2e}", flush=True)
     dctx.close()
 
 

@@ -37,7 +37,7 @@ def row_err(w, q, s):
 def test_fake_quant_forward_is_quant_dequant_and_backward_is_identity(make_args, method):
     a = make_args(QUANT_METHOD=method)
     w = heavy_tailed(2 * 24, 32).view(2, 24, 32).requires_grad_(True)
-    out = tg.fake_quant(w, a, "mlp")
+    out = tg.fake_quant(w, a, "mlp_up_bank", "mlp")
     if method == "search":
         q, s = tg.quantize_rows(w.detach(), 31, FRACS)
     else:  # SDClip: step = k * std(row) / 31, k of the MLP family

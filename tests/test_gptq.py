@@ -90,11 +90,12 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
     assert torch.equal(packed["mlp_up_bank.qscale"].view(2, -1)[1], s)
 
 
-@pytest.mark.parametrize("mult", ["1.0", "1.25"])
-def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult):
-    """QAT's fake quantizer (k multiplier QAT_GRID_MULT) equals the export's dequantization at that multiplier:
-    rounded to nearest, and through GPTQ when the Hessian carries no correlation."""
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", QAT_GRID_MULT=mult)
+@pytest.mark.parametrize("mult, roles", [("1.0", ""), ("1.25", ""), ("1.08", "q=1.7,v=0.67,up=1.1")])
+def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
+    """QAT's fake quantizer (k multiplier QAT_GRID_MULT, SDCLIP_ROLE_MULT) equals the export's dequantization at
+    that multiplier: rounded to nearest, and through GPTQ when the Hessian carries no correlation."""
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", QAT_GRID_MULT=mult,
+                  SDCLIP_ROLE_MULT=roles)
     torch.manual_seed(0)
     m = H.randomize(tg.GPT(a), std=0.05)
     state = m.state_dict()
@@ -104,7 +105,7 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult):
     for hessians in (None, hess):
         deq = tg.dequantize_state(tg.quantize_state(state, a, hessians, float(mult)))
         for name, bank, family in zip(tg.BANK_NAMES, m.banks(), tg.BANK_FAMILIES):
-            assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, family)), (name, hessians is None)
+            assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, name, family)), (name, hessians is None)
 
 
 @pytest.mark.parametrize("with_hessians", [False, True])
@@ -202,7 +203,7 @@ def test_balance_roles_gives_the_costliest_role_the_finest_steps(make_args, tiny
     state = {k: v.detach() for k, v in H.randomize(tg.GPT(a), std=0.05).state_dict().items()}
     c = dict.fromkeys(tg.ROLES, 1.0) | {"v": 4.0}
     model, logs = QuadraticModel(state, c), []
-    tg.balance_roles(model, a, H.DistStub(), logs.append, None, None)
+    tg.balance_roles(model, a, H.DistStub(), logs.append, None, 0)
     assert all(torch.equal(model.cur[k], state[k]) for k in state), "weights restored"
     gaps = {kv.split(":")[0]: float(kv.split(":")[1]) for kv in logs[0].split("loss_increase ")[1].split(" SDCLIP")[0].split()}
     deq = tg.dequantize_state(tg.quantize_state(state, make_args(**knobs)))  # the grid it measured on
@@ -224,15 +225,25 @@ def test_balance_roles_reads_training_data_leaves_the_weights_and_respects_the_c
     m = H.randomize(tg.GPT(a), std=0.08)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     hess, _ = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 2)
-    logs, read, real = [], [], tg.load_shard
-    with mock.patch.object(tg, "load_shard", lambda path: read.append(path) or real(path)):
-        tg.balance_roles(m, a, H.DistStub(), logs.append, hess, None)
+    logs, read, real, drawn, real_loader = [], [], tg.load_shard, [], tg.train_loader
+
+    def counting_loader(*args_):
+        loader = real_loader(*args_)
+        draw = loader.next_batch
+        loader.next_batch = lambda: drawn.append(1) or draw()
+        return loader
+
+    with mock.patch.object(tg, "load_shard", lambda path: read.append(path) or real(path)), \
+            mock.patch.object(tg, "train_loader", counting_loader):
+        tg.balance_roles(m, a, H.DistStub(), logs.append, hess, 2)
+    assert len(drawn) == 2 + 2, "the 2 calibration batches are drawn and left out, then its own 2"
     assert read and all("fineweb_train_" in p for p in read), read
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert logs[0].startswith("sdclip_balance: batches:2 ") and set(a.role_mult) == set(tg.ROLES), logs
     late = make_args(**knobs)
-    tg.balance_roles(m, late, H.DistStub(), logs.append, hess, 0.0)
-    assert late.role_mult == {} and logs[-1].startswith("sdclip_balance: skipped"), logs[-1]
+    with mock.patch.object(tg, "quantize_state", side_effect=AssertionError("no work once skipped")):
+        tg.balance_roles(m, late, H.DistStub(), logs.append, hess, 2, seconds=3.0, per_batch=0.1)  # needs 3.4 s
+    assert late.role_mult == {} and logs[-1].startswith("sdclip_balance: skipped, its passes need about 3.4s"), logs[-1]
 
 
 def test_gptq_lowers_the_models_output_error_with_calibrated_hessians(make_args, tiny_data):
@@ -505,7 +516,7 @@ def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_
     clock = [i for i, ln in enumerate(lines) if ln.startswith("train_time+calibration:")]
     assert len(balance) == 1 and len(clock) == 1 and balance[0] < clock[0], "measured inside the training clock"
     mults = lines[balance[0]].split("SDCLIP_ROLE_MULT=")[1]
-    assert f"SDCLIP_ROLE_MULT={mults}" in again.log, "the re-export measures the same multipliers"
+    assert f"sdclip_balance: the checkpoint's SDCLIP_ROLE_MULT={mults}" in again.log, "the re-export uses the run's"
     two_mults = next(ln for ln in two.log.splitlines() if ln.startswith("sdclip_balance: ")).split("SDCLIP_ROLE_MULT=")[1]
     assert tg.role_pairs(two_mults) == pytest.approx(tg.role_pairs(mults), rel=0.02), "2 ranks measure what 1 does"
     assert again.artifact.read_bytes() == base.artifact.read_bytes()
@@ -530,7 +541,7 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
     assert logs[0].startswith("gptq_reserve:7.0s (100 ms per calibration batch")
     a.sdclip_balance_batches = 2  # and the role balance's 8 passes of 2 batches
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
-    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * (40 + 16))
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * (40 + 16) + 1.0)  # + 1 s for its GPTQ pass
     a.sdclip_balance_batches = 0
     per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)

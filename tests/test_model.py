@@ -452,8 +452,8 @@ def test_qat_switch_is_live_in_compiled_forward(make_args):
     qat_c = compiled(ids, tgt, True)  # after the switch: must not reuse the qat=False graph
     fq = copy.deepcopy(m)
     with torch.no_grad():
-        for bank, family in zip(fq.banks(), tg.BANK_FAMILIES):
-            bank.copy_(tg.fake_quant(bank, a, family))
+        for name, bank, family in zip(tg.BANK_NAMES, fq.banks(), tg.BANK_FAMILIES):
+            bank.copy_(tg.fake_quant(bank, a, name, family))
         plain_e, qat_e = m(ids, tgt, False), fq(ids, tgt, False)
     torch.testing.assert_close(plain_c, plain_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qat_c, qat_e, atol=1e-5, rtol=1e-5)

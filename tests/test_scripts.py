@@ -86,7 +86,7 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     table = table[:split]
     rows = [ln for ln in table if ln.startswith("| ") and not ln.startswith(("| export", "| unquantized"))]
     assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit",
-                                                   "| GPTQ + SDClip fit, roles balanced on 8 training batches",
+                                                   "| GPTQ + SDClip fit, roles balanced on 4 training batches",
                                                    f"| GPTQ + SDClip fit, SDCLIP_ROLE_MULT={knob}"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
