@@ -1,6 +1,6 @@
 """GPU-only checks of the CUDA paths (skipped without a GPU; run them on the device):
-FlexAttention document masking against the dense-mask path, phased TTT's dynamic compiled graph, FA4, and the fused
-training kernels in bf16."""
+FlexAttention document masking against the dense-mask path, phased TTT's dynamic compiled graph, FA4, the fused
+training kernels in bf16, and the role balance of the export in bf16."""
 from __future__ import annotations
 
 import pytest
@@ -121,3 +121,28 @@ def test_fused_kernels_in_bf16_are_as_accurate_as_the_eager_ops():
             got = K.loss_and_grads(fn, *[t.bfloat16().requires_grad_() for t in inputs])
             errors[name] = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, exact)]
         assert all(f <= 2 * e + 1e-3 for f, e in zip(errors["fused"], errors["eager"])), errors
+
+
+def test_role_balance_on_the_gpu_measures_what_the_cpu_does(make_args, tiny_data):
+    """SDCLIP_BALANCE_BATCHES on CUDA (bf16 autocast, the fused cross-entropy under no_grad): the weights come back
+    bit-exact, and each role's loss increase matches the fp32 CPU measurement of the same model and Hessians."""
+    knobs = dict(TINY, VOCAB_SIZE="1024", DATA_PATH=str(tiny_data), QUANT_METHOD="gptq", SDCLIP_BALANCE_BATCHES="2",
+                 TRAIN_BATCH_TOKENS="8192", MATRIX_BITS="4", EMBED_BITS="5")
+    torch.manual_seed(0)
+    cpu = H.randomize(tg.GPT(make_args(**knobs)), std=0.08)
+    hess, n = tg.collect_hessians(cpu, make_args(**knobs), H.DistStub(), lambda msg: None, 2)
+    gaps = {}
+    for where, device in (("cpu", torch.device("cpu")), ("gpu", CUDA)):
+        a, logs = make_args(**knobs), []
+        model = tg.GPT(a).to(device)
+        model.load_state_dict(cpu.state_dict())
+        model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        stub = H.DistStub()
+        stub.device = device
+        tg.balance_roles(model, a, stub, logs.append, {k: h.to(device) for k, h in hess.items()}, n)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), where
+        fields = logs[0].split("loss_increase ")[1].split(" SDCLIP")[0].split()
+        gaps[where] = {kv.split(":")[0]: float(kv.split(":")[1]) for kv in fields}
+    scale = max(abs(g) for g in gaps["cpu"].values())
+    assert gaps["gpu"] == pytest.approx(gaps["cpu"], abs=0.1 * scale + 1e-3), gaps
