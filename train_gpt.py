@@ -258,7 +258,7 @@ class Hyperparameters:
         self.sdclip_k_attn = env("SDCLIP_K_ATTN", 13.0)  # SDClip (gptq): row clip = k * std(row), per family
         self.sdclip_k_mlp = env("SDCLIP_K_MLP", 11.5)
         self.sdclip_k_embed = env("SDCLIP_K_EMBED", 20.0)
-        self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # step multipliers of roles: q=1.5,v=0.7 (not QAT's)
+        self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # export (and QAT) step multipliers: q=1.5,v=0.7
         self.sdclip_balance_batches = env("SDCLIP_BALANCE_BATCHES", 0)  # > 0: measure per-role multipliers (gptq)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
@@ -2517,9 +2517,9 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
     1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes), at most
-    GPTQ_RESERVE_SECONDS; training gets the rest. The
-    calibration still stops at the cap if it runs slower than projected. One untimed batch first: the first eager
-    pass pays one-off start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
+    GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at the cap if it runs slower than
+    projected. One untimed batch first: the first eager pass pays one-off start-up costs (once 64 s on two GPUs,
+    where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
     t = time.perf_counter()
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
