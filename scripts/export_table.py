@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the table to this file")
     ap.add_argument("--only", type=int, nargs="*", help="variant numbers to run (default: all)")
     ap.add_argument("--attribute", type=int, help="variant number whose gap is split over the model's parts")
+    ap.add_argument("--balance", type=int, nargs="*", default=[],
+                    help="also export with the in-run role balance on each of these numbers of training batches")
     opts = ap.parse_args(argv)
     args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
     saved = torch.load(opts.checkpoint, map_location="cpu")
@@ -101,7 +103,9 @@ def main(argv=None) -> int:
     rows = [f"| export | model bytes | round-trip val_bpb | gap | export s | compressors at k x1 / fit |",
             "|---|---|---|---|---|---|",
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
-    variants = list(VARIANTS)  # --attribute appends its balanced variant, which always runs
+    variants = list(VARIANTS) + [(f"GPTQ + SDClip fit, roles balanced on {n} training batches",
+                                  dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=n))
+                                 for n in opts.balance]  # these, and --attribute's balanced variant, always run
     for i, (label, knobs) in enumerate(variants):
         if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:
             continue
