@@ -2003,6 +2003,18 @@ def matrix_roles(name: str, n: int) -> list[str]:
             "mlp_down_bank": ["down"] * n}.get(name.split(".")[-1], ["embed"] * n)
 
 
+def swap_role(state: dict, source: dict, role: str) -> tuple[dict, int]:
+    """`state` with the matrices of `role` taken from `source`, and how many weights they hold."""
+    out, count = dict(state), 0
+    for name, t in state.items():
+        if name.endswith(BANK_NAMES) or name in TABLE_NAMES:
+            picked = torch.tensor([r == role for r in matrix_roles(name, len(t) if t.dim() == 3 else 1)])
+            if picked.any():
+                out[name] = torch.where(picked.view(-1, *[1] * (t.dim() - 1)).to(t.device), source[name].to(t), t)
+                count += int(picked.sum()) * (t[0] if t.dim() == 3 else t).numel()
+    return out, count
+
+
 def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
     """SDCLIP_ROLE_MULT of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
     return torch.tensor([args.role_mult.get(r, 1.0) for r in matrix_roles(name, n)]).view(-1, 1, 1)
@@ -2047,17 +2059,11 @@ def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: 
             total = sum(model(x, y).float() for x, y in data)
         return dctx.all_reduce(total).item() / (n * dctx.world_size)
 
-    gaps, sizes = {}, dict.fromkeys(ROLES, 0)
+    gaps, sizes = {}, {}
     try:
         base = loss()
         for role in ROLES:
-            trial = dict(state)
-            for name, t in state.items():
-                if name.endswith(BANK_NAMES) or name in TABLE_NAMES:
-                    picked = torch.tensor([r == role for r in matrix_roles(name, len(t) if t.dim() == 3 else 1)])
-                    if picked.any():
-                        trial[name] = torch.where(picked.view(-1, *[1] * (t.dim() - 1)).to(t.device), deq[name], t)
-                        sizes[role] += int(picked.sum()) * (t[0] if t.dim() == 3 else t).numel()
+            trial, sizes[role] = swap_role(state, deq, role)
             model.load_state_dict(trial)
             gaps[role] = loss() - base
     finally:

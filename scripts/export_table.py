@@ -39,36 +39,17 @@ VARIANTS = [
                                                                      sdclip_balance_batches=4)),
 ]
 
-# Parts of the model whose quantization error --attribute measures one at a time: (SDCLIP_ROLE_MULT role,
-# tensors, bank rows as a fraction range of the first dimension; None: the whole tensors).
-PARTS = [("q", ("qo_bank",), (0, 0.5)), ("o", ("qo_bank",), (0.5, 1)), ("k", ("kv_bank",), (0, 0.5)),
-         ("v", ("kv_bank",), (0.5, 1)), ("up", ("mlp_up_bank",), None), ("down", ("mlp_down_bank",), None),
-         ("embed", tg.TABLE_NAMES, None)]
 FP16_PART = "fp16-stored tensors (norms, gains, gates)"
 
 
-def part_size(state: dict, names, rng) -> int:
-    n = sum(state[name].numel() for name in names if name in state)
-    return n if rng is None else int(n * (rng[1] - rng[0]))
-
-
 def attribution(state: dict, original: dict, model, measure, quantized_bpb: float, pre: float):
-    """Rows of how much of the round-trip gap each part's quantization causes: the artifact's weights with that
-    part alone restored to the checkpoint's values (and, last, every tensor the artifact keeps in fp16). Also
-    returns each role's gap (val_bpb drop when restored)."""
+    """Rows of how much of the round-trip gap each part's quantization causes: the artifact's weights with one
+    role's matrices restored to the checkpoint's values (and, last, every tensor the artifact keeps in fp16).
+    Also returns each part's gap (val_bpb drop when restored)."""
     rows = ["| part restored to the checkpoint | round-trip val_bpb | gap left | share of the gap |", "|---|---|---|---|"]
-    quantized = tuple(n for _, names, _ in PARTS for n in names)
-    fp16_names = [n for n in state if not n.endswith(quantized)]
+    fp16 = {n: original[n].to(state[n].dtype) for n in state if not n.endswith(tg.BANK_NAMES + tg.TABLE_NAMES)}
     gaps = {}
-    for label, names, rng in PARTS + [(FP16_PART, fp16_names, None)]:
-        trial = dict(state)
-        for n in (n for n in state if n.endswith(tuple(names))):
-            t = original[n].to(state[n].dtype)
-            if rng:
-                t = state[n].clone()
-                a, b = (int(r * t.size(0)) for r in rng)
-                t[a:b] = original[n][a:b].to(t.dtype)
-            trial[n] = t
+    for label, trial in [(r, tg.swap_role(state, original, r)[0]) for r in tg.ROLES] + [(FP16_PART, state | fp16)]:
         model.load_state_dict(trial)
         bpb = measure()
         gaps[label] = quantized_bpb - bpb
@@ -134,7 +115,8 @@ def main(argv=None) -> int:
         if opts.attribute == i:
             attributed, gaps = attribution(state, original, model, measure, bpb, pre)
             gaps.pop(FP16_PART)
-            mults = tg.balanced_mults(gaps, {r: part_size(original, names, rng) for r, names, rng in PARTS})
+            sizes = {r: tg.swap_role(original, original, r)[1] for r in tg.ROLES}  # weights of each role
+            mults = tg.balanced_mults(gaps, sizes)
             knob = ",".join(f"{r}={m:.3f}" for r, m in mults.items())
             attributed.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
             variants.append((f"{label}, SDCLIP_ROLE_MULT={knob}", dict(knobs, role_mult=mults)))
