@@ -106,7 +106,8 @@ RECIPES: dict[str, dict[str, object]] = {
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
-        TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0),
+        TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
+        SDCLIP_BALANCE_BATCHES=4),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -251,6 +252,7 @@ class Hyperparameters:
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
         self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier: set it to an earlier run's size_fit k
+        self.qat_embed = env("QAT_EMBED", False)  # QAT also on the tied embedding's grid (lookup and LM head)
         # export
         self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
         self.matrix_bits = env("MATRIX_BITS", 6)  # attention/MLP matrices
@@ -327,6 +329,9 @@ class Hyperparameters:
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
+        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)),
+             "SDCLIP_BALANCE_BATCHES would move the export grid QAT trained on: with QAT set it to 0 (and "
+             "SDCLIP_ROLE_MULT, QAT_GRID_MULT to the multipliers of a balanced run's qat_hint line)")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -783,10 +788,11 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0)
 
 
 def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier QAT_GRID_MULT (with
+    """Forward = the export grid's quantize-dequantize of bank or table `name` at k multiplier QAT_GRID_MULT (with
     SDCLIP_ROLE_MULT, as the export computes it); backward = identity (straight-through)."""
-    q, s = round_to_grid(w.detach(), args, family, role_mults(args, name, len(w)).to(w.device) * args.qat_grid_mult)
-    return w + (q.float() * s.float().unsqueeze(-1) - w).detach()
+    t = w.detach() if w.dim() == 3 else w.detach()[None]
+    q, s = round_to_grid(t, args, family, role_mults(args, name, len(t)).to(w.device) * args.qat_grid_mult)
+    return w + (q.float() * s.float().unsqueeze(-1) - t).view_as(w)
 
 
 def tap(store: dict | None, key: str, x: torch.Tensor):
@@ -1277,7 +1283,7 @@ class GPT(nn.Module):
         L = self.args.num_layers
         qo, kv, up, down = [fake_quant(b, self.args, n, f) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
-        x = self.tok_emb(ids)
+        x = F.embedding(ids, self.embedding(qat))
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x).to(self.act_dtype)
@@ -1313,6 +1319,11 @@ class GPT(nn.Module):
         tap(self.hessians, "emb", x)  # the tied LM head's input
         return x
 
+    def embedding(self, qat: bool) -> torch.Tensor:
+        """The tied embedding, on its export grid under QAT with QAT_EMBED."""
+        w = self.tok_emb.weight
+        return fake_quant(w, self.args, "tok_emb.weight", "embed") if qat and self.args.qat_embed else w
+
     def merge_skip(self, x, skip, j):
         skip = self.skip_weights[j].to(x.dtype) * skip
         if self.skip_gates is None:
@@ -1325,7 +1336,7 @@ class GPT(nn.Module):
         h = self.hidden(ids, qat, looped, lora)
         if select is not None:
             h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
-        logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
+        logits = F.linear(h, self.embedding(qat).to(self.act_dtype))
         if lora is not None:
             logits = logits + lora_delta(h, lora.adapter("head", h.size(0)))
         return softcap(logits, self.args.logit_softcap)
@@ -1334,7 +1345,7 @@ class GPT(nn.Module):
         if not self.args.fused_ce:
             logits = self.forward_logits(ids, qat, looped)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        raw = F.linear(self.hidden(ids, qat, looped), self.tok_emb.weight.to(self.act_dtype))
+        raw = F.linear(self.hidden(ids, qat, looped), self.embedding(qat).to(self.act_dtype))
         return softcap_ce(raw.view(-1, raw.size(-1)), targets.reshape(-1).contiguous(), self.args.logit_softcap)[0].mean()
 
 
@@ -2295,6 +2306,9 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         return blobs[compressor], raw
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
         f"pruned_ones:{pruned}")
+    if args.sdclip_balance_batches:  # the grid of this export, for late QAT in the next seeds' runs
+        log(f"qat_hint: LATE_QAT_THRESHOLD=0.15 QAT_GRID_MULT={used:.4f} {role_knob(args.role_mult)} "
+            f"SDCLIP_BALANCE_BATCHES=0")
     if args.qat_enabled or args.late_qat_threshold > 0:
         log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
             f"x{used / args.qat_grid_mult:.4f} from it")

@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:
             continue
         run = tg.Hyperparameters()
+        run.sdclip_balance_batches = 0  # unless the variant balances (the frontier recipe does by default)
         for k, v in knobs.items():
             setattr(run, k, v)
         lines = []

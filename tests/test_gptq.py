@@ -90,7 +90,7 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
     assert torch.equal(packed["mlp_up_bank.qscale"].view(2, -1)[1], s)
 
 
-@pytest.mark.parametrize("mult, roles", [("1.0", ""), ("1.25", ""), ("1.08", "q=1.7,v=0.67,up=1.1")])
+@pytest.mark.parametrize("mult, roles", [("1.0", ""), ("1.25", ""), ("1.08", "q=1.7,v=0.67,up=1.1,embed=0.8")])
 def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
     """QAT's fake quantizer (k multiplier QAT_GRID_MULT, SDCLIP_ROLE_MULT) equals the export's dequantization at
     that multiplier: rounded to nearest, and through GPTQ when the Hessian carries no correlation."""
@@ -106,6 +106,8 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
         deq = tg.dequantize_state(tg.quantize_state(state, a, hessians, float(mult)))
         for name, bank, family in zip(tg.BANK_NAMES, m.banks(), tg.BANK_FAMILIES):
             assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, name, family)), (name, hessians is None)
+        table = state["tok_emb.weight"]  # QAT_EMBED's grid: the table's export, rounded to nearest (no Hessian)
+        assert torch.equal(deq["tok_emb.weight"], tg.fake_quant(table, a, "tok_emb.weight", "embed").to(table))
 
 
 @pytest.mark.parametrize("with_hessians", [False, True])
@@ -522,9 +524,26 @@ def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_
     assert again.artifact.read_bytes() == base.artifact.read_bytes()
 
 
+@pytest.mark.tg_runs("frontier_balance")
+def test_role_balance_refuses_qat_and_its_qat_hint_names_the_exported_grid(make_args, tg_runs):
+    """Balancing after QAT would move the grid QAT trained on; the balanced run's qat_hint line gives the next
+    runs that grid (the fit's k multiplier and the measured role multipliers) with the balance off."""
+    for qat in (dict(LATE_QAT_THRESHOLD="0.15"), dict(QAT_ENABLED="1", LATE_QAT_THRESHOLD="0")):
+        with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES would move the export grid QAT trained on"):
+            make_args(**TINY_FRONTIER, **qat)
+    lines = tg_runs("frontier_balance").log.splitlines()
+    hint = next(ln for ln in lines if ln.startswith("qat_hint: ")).removeprefix("qat_hint: ")
+    knobs = dict(kv.split("=", 1) for kv in hint.split())
+    fit = next(ln for ln in lines if ln.startswith("size_fit: k x")).split()[2]
+    measured = next(ln for ln in lines if ln.startswith("sdclip_balance: batches:")).split("SDCLIP_ROLE_MULT=")[1]
+    assert fit == "x" + knobs["QAT_GRID_MULT"] and knobs["SDCLIP_ROLE_MULT"] == measured, (hint, fit, measured)
+    a = make_args(**TINY_FRONTIER, **knobs)
+    assert a.late_qat_threshold == 0.15 and a.sdclip_balance_batches == 0 and a.role_mult == tg.role_pairs(measured)
+
+
 def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypatch):
     a = make_args(**TINY_FRONTIER, QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12",
-                  GPTQ_CALIB_BATCHES="40")
+                  GPTQ_CALIB_BATCHES="40", SDCLIP_BALANCE_BATCHES="0")
     now, calls = [0.0], []
 
     def collect(model, args, dctx, log, batches, seconds=None):  # a 20 s cold start, then `per_batch` a batch

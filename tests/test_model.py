@@ -442,9 +442,12 @@ def test_muon_first_step_closed_form():
 # ----------------------------------------------------------------------------- QAT under torch.compile
 
 
-def test_qat_switch_is_live_in_compiled_forward(make_args):
+@pytest.mark.parametrize("qat_embed", ["0", "1"])
+def test_qat_switch_is_live_in_compiled_forward(make_args, qat_embed):
+    """qat=True runs the banks (and with QAT_EMBED=1 the tied embedding, lookup and head) on the export grid,
+    with straight-through gradients to them."""
     torch._dynamo.reset()
-    m, a = tiny_model(make_args, VOCAB_SIZE="128", seed=1)
+    m, a = tiny_model(make_args, VOCAB_SIZE="128", seed=1, QAT_EMBED=qat_embed)
     ids = rand_ids(128, (2, 32), seed=1)
     tgt = rand_ids(128, (2, 32), seed=2)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -454,6 +457,8 @@ def test_qat_switch_is_live_in_compiled_forward(make_args):
     with torch.no_grad():
         for name, bank, family in zip(tg.BANK_NAMES, fq.banks(), tg.BANK_FAMILIES):
             bank.copy_(tg.fake_quant(bank, a, name, family))
+        if a.qat_embed:
+            fq.tok_emb.weight.copy_(tg.fake_quant(fq.tok_emb.weight, a, "tok_emb.weight", "embed"))
         plain_e, qat_e = m(ids, tgt, False), fq(ids, tgt, False)
     torch.testing.assert_close(plain_c, plain_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qat_c, qat_e, atol=1e-5, rtol=1e-5)
@@ -462,6 +467,9 @@ def test_qat_switch_is_live_in_compiled_forward(make_args):
     qat_c = compiled(ids, tgt, True)
     qat_c.backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in m.banks())
+    assert m.tok_emb.weight.grad.abs().sum() > 0
+    if not a.qat_embed:  # the embedding stays off the grid
+        torch.testing.assert_close(m.embedding(True), m.tok_emb.weight, atol=0, rtol=0)
     torch._dynamo.reset()
 
 
