@@ -251,7 +251,7 @@ class Hyperparameters:
         self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
-        self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier: set it to an earlier run's size_fit k
+        self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier (an earlier run's size_fit k; 0: estimated)
         self.qat_embed = env("QAT_EMBED", False)  # QAT also on the tied embedding's grid (lookup and LM head)
         # export
         self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
@@ -323,8 +323,11 @@ class Hyperparameters:
         need(self.compressor in ("auto", *COMPRESSORS), "COMPRESSOR must be auto|brotli|zstd|lzma")
         need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
-        need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed, self.qat_grid_mult) > 0,
-             "SDCLIP_K_* and QAT_GRID_MULT must be > 0")
+        need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed) > 0, "SDCLIP_K_* must be > 0")
+        need(self.qat_grid_mult > 0 or (self.qat_grid_mult == 0 and self.late_qat_threshold > 0
+                                        and not self.qat_enabled and self.quant_method == "gptq"),
+             "QAT_GRID_MULT must be > 0, or 0 (estimated when late QAT starts) with LATE_QAT_THRESHOLD > 0, "
+             "QAT_ENABLED=0 and QUANT_METHOD=gptq")
         need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
@@ -787,11 +790,13 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0)
     return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8), s.squeeze(-1).half()
 
 
-def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize of bank or table `name` at k multiplier QAT_GRID_MULT (with
-    SDCLIP_ROLE_MULT, as the export computes it); backward = identity (straight-through)."""
+def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, grid=None) -> torch.Tensor:
+    """Forward = the export grid's quantize-dequantize of bank or table `name` at k multiplier `grid` (a tensor:
+    the model's live qat_grid; default QAT_GRID_MULT), with SDCLIP_ROLE_MULT as the export computes it; backward =
+    identity (straight-through)."""
     t = w.detach() if w.dim() == 3 else w.detach()[None]
-    q, s = round_to_grid(t, args, family, role_mults(args, name, len(t)).to(w.device) * args.qat_grid_mult)
+    grid = args.qat_grid_mult if grid is None else grid
+    q, s = round_to_grid(t, args, family, role_mults(args, name, len(t)).to(w.device) * grid)
     return w + (q.float() * s.float().unsqueeze(-1) - t).view_as(w)
 
 
@@ -1235,6 +1240,8 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
         self.hessians = None  # the GPTQ calibration store while it runs
+        # QAT's k multiplier as a graph input, so that QAT_GRID_MULT=0 can set it without a recompile
+        self.register_buffer("qat_grid", torch.tensor(args.qat_grid_mult or 1.0), persistent=False)
         # precomputed RoPE tables: one unscaled table whose prefixes serve every length up to
         # ROPE_TRAIN_SEQ_LEN (sliced, so one compiled graph serves many lengths), one per longer length in use
         lengths = {min(max(args.train_seq_len, args.eval_seq_len), args.rope_train_seq_len)}
@@ -1281,7 +1288,7 @@ class GPT(nn.Module):
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
-        qo, kv, up, down = [fake_quant(b, self.args, n, f) if qat else b
+        qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
         x = F.embedding(ids, self.embedding(qat))
         if self.bigram is not None:
@@ -1322,7 +1329,7 @@ class GPT(nn.Module):
     def embedding(self, qat: bool) -> torch.Tensor:
         """The tied embedding, on its export grid under QAT with QAT_EMBED."""
         w = self.tok_emb.weight
-        return fake_quant(w, self.args, "tok_emb.weight", "embed") if qat and self.args.qat_embed else w
+        return fake_quant(w, self.args, "tok_emb.weight", "embed", self.qat_grid) if qat and self.args.qat_embed else w
 
     def merge_skip(self, x, skip, j):
         skip = self.skip_weights[j].to(x.dtype) * skip
@@ -2309,10 +2316,25 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     if args.sdclip_balance_batches:  # the grid of this export, for late QAT in the next seeds' runs
         log(f"qat_hint: LATE_QAT_THRESHOLD=0.15 QAT_GRID_MULT={used:.4f} {role_knob(args.role_mult)} "
             f"SDCLIP_BALANCE_BATCHES=0")
-    if args.qat_enabled or args.late_qat_threshold > 0:
+    if (args.qat_enabled or args.late_qat_threshold > 0) and args.qat_grid_mult > 0:
         log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
             f"x{used / args.qat_grid_mult:.4f} from it")
     return blob, raw
+
+
+SIZE_MODEL_RATIO = 1.007  # compressed bytes / size_model of two bench artifacts (brotli): 1.0058, 1.0078
+
+
+def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int) -> float:
+    """QAT_GRID_MULT=0: the smallest k multiplier (in [1/2, 8], to 0.5 %) at which `state`, rounded to nearest on
+    the export grid, fits `budget` by the size model; the fit the export will most likely choose. SDClip codes
+    depend on each row's shape, not its scale, so weights some steps before the end estimate it well."""
+    fits = lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, None, m)) <= budget
+    lo, hi = 0.5, 8.0
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def search_fit(quant, cache: dict, ratio: float, budget: int, prune: bool, pack):
@@ -2629,6 +2651,18 @@ class Trainer:
             opt.load_state_dict(state)
             opt.zero_grad(set_to_none=True)
 
+    def estimate_qat_grid(self):
+        """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): QAT trains from now on on the grid
+        qat_grid_estimate expects the export's fit to choose; every rank takes the largest estimate."""
+        t = time.perf_counter()
+        budget = self.args.size_limit - len(code_info()[1])
+        with torch.no_grad():
+            m = qat_grid_estimate(self.model.state_dict(), self.args, budget)
+            m = self.dctx.all_reduce(torch.tensor(m, device=self.dctx.device), dist.ReduceOp.MAX).item()
+            self.model.qat_grid.fill_(m)
+        self.args.qat_grid_mult = m
+        self.log(f"late_qat:grid k x{m:.4f} (estimated fit to {budget} bytes, {time.perf_counter() - t:.1f}s)")
+
     def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
         a = self.args
         eta_s = (a.iterations - step) * ms / step / 1000  # the step limit or the wall clock, whichever comes first
@@ -2680,6 +2714,8 @@ class Trainer:
             if not qat and args.late_qat_threshold > 0 and down < args.late_qat_threshold:
                 qat = True
                 log(f"late_qat:enabled step:{step} warmdown:{down:.4f}")
+                if args.qat_grid_mult == 0:
+                    self.estimate_qat_grid()
             frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
             for opt in self.optimizers:
                 for g in opt.param_groups:

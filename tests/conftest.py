@@ -93,6 +93,8 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "frontier_balance_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2,
                                       "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                                      1, "frontier_balance"),
+    # late QAT on the grid estimated when it starts (QAT_GRID_MULT=0)
+    "frontier_qat_auto": (dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=0), 1, None),
     "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),
 }

@@ -524,6 +524,34 @@ def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_
     assert again.artifact.read_bytes() == base.artifact.read_bytes()
 
 
+def test_qat_grid_estimate_is_the_smallest_multiplier_that_fits_by_the_size_model(make_args):
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
+    size = lambda m: tg.SIZE_MODEL_RATIO * tg.size_model(tg.quantize_state(state, a, None, m))
+    estimates = []
+    for target in (1.3, 2.2):
+        m = tg.qat_grid_estimate(state, a, int(size(target)))
+        assert size(m) <= int(size(target)) < size(m / 1.005) and abs(m / target - 1) < 0.01, (target, m)
+        estimates.append(m)
+    assert estimates[0] < estimates[1], "a smaller budget needs a coarser grid"
+
+
+@pytest.mark.tg_runs("frontier_qat_auto")
+def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_runs):
+    run = tg_runs("frontier_qat_auto")
+    assert run.rc == 0, run.describe()
+    lines = run.log.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("late_qat:enabled step:"))
+    assert lines[start + 1].startswith("late_qat:grid k x"), lines[start:start + 2]
+    grid = lines[start + 1].split()[2]
+    assert any(ln.startswith(f"size_fit: QAT trained on the k {grid} grid; the export grid moved") for ln in lines)
+    for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search")):
+        with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0, or 0"):
+            make_args(**{**TINY_FRONTIER, "SDCLIP_BALANCE_BATCHES": "0", "LATE_QAT_THRESHOLD": "0.5",
+                         "QAT_GRID_MULT": "0", **bad})
+
+
 @pytest.mark.tg_runs("frontier_balance")
 def test_role_balance_refuses_qat_and_its_qat_hint_names_the_exported_grid(make_args, tg_runs):
     """Balancing after QAT would move the grid QAT trained on; the balanced run's qat_hint line gives the next

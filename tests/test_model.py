@@ -470,6 +470,19 @@ def test_qat_switch_is_live_in_compiled_forward(make_args, qat_embed):
     assert m.tok_emb.weight.grad.abs().sum() > 0
     if not a.qat_embed:  # the embedding stays off the grid
         torch.testing.assert_close(m.embedding(True), m.tok_emb.weight, atol=0, rtol=0)
+    # QAT_GRID_MULT=0 sets the grid when late QAT starts: the compiled graph reads it live, without a recompile
+    with torch.no_grad():
+        m.qat_grid.fill_(1.7)
+        a.qat_grid_mult = 1.7
+        coarse = copy.deepcopy(m)
+        for name, bank, family in zip(tg.BANK_NAMES, coarse.banks(), tg.BANK_FAMILIES):
+            bank.copy_(tg.fake_quant(bank, a, name, family))
+        if a.qat_embed:
+            coarse.tok_emb.weight.copy_(tg.fake_quant(coarse.tok_emb.weight, a, "tok_emb.weight", "embed"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        coarse_c = compiled(ids, tgt, True)
+    torch.testing.assert_close(coarse_c, coarse(ids, tgt, False), atol=1e-5, rtol=1e-5)
+    assert (coarse_c - qat_c).abs() > 1e-4
     torch._dynamo.reset()
 
 
