@@ -324,10 +324,10 @@ class Hyperparameters:
         need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
         need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed) > 0, "SDCLIP_K_* must be > 0")
-        need(self.qat_grid_mult > 0 or (self.qat_grid_mult == 0 and self.late_qat_threshold > 0
+        need(self.qat_grid_mult > 0 or (self.qat_grid_mult == 0 and self.late_qat_threshold > 0 and self.size_fit
                                         and not self.qat_enabled and self.quant_method == "gptq"),
              "QAT_GRID_MULT must be > 0, or 0 (estimated when late QAT starts) with LATE_QAT_THRESHOLD > 0, "
-             "QAT_ENABLED=0 and QUANT_METHOD=gptq")
+             "QAT_ENABLED=0, SIZE_FIT=1 and QUANT_METHOD=gptq")
         need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
@@ -1290,7 +1290,7 @@ class GPT(nn.Module):
         L = self.args.num_layers
         qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
-        x = F.embedding(ids, self.embedding(qat))
+        x = F.embedding(ids, self.tied_weight(qat))
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x).to(self.act_dtype)
@@ -1326,7 +1326,7 @@ class GPT(nn.Module):
         tap(self.hessians, "emb", x)  # the tied LM head's input
         return x
 
-    def embedding(self, qat: bool) -> torch.Tensor:
+    def tied_weight(self, qat: bool) -> torch.Tensor:
         """The tied embedding, on its export grid under QAT with QAT_EMBED."""
         w = self.tok_emb.weight
         return fake_quant(w, self.args, "tok_emb.weight", "embed", self.qat_grid) if qat and self.args.qat_embed else w
@@ -1343,7 +1343,7 @@ class GPT(nn.Module):
         h = self.hidden(ids, qat, looped, lora)
         if select is not None:
             h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
-        logits = F.linear(h, self.embedding(qat).to(self.act_dtype))
+        logits = F.linear(h, self.tied_weight(qat).to(self.act_dtype))
         if lora is not None:
             logits = logits + lora_delta(h, lora.adapter("head", h.size(0)))
         return softcap(logits, self.args.logit_softcap)
@@ -1352,7 +1352,7 @@ class GPT(nn.Module):
         if not self.args.fused_ce:
             logits = self.forward_logits(ids, qat, looped)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        raw = F.linear(self.hidden(ids, qat, looped), self.embedding(qat).to(self.act_dtype))
+        raw = F.linear(self.hidden(ids, qat, looped), self.tied_weight(qat).to(self.act_dtype))
         return softcap_ce(raw.view(-1, raw.size(-1)), targets.reshape(-1).contiguous(), self.args.logit_softcap)[0].mean()
 
 
@@ -2322,7 +2322,9 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     return blob, raw
 
 
-SIZE_MODEL_RATIO = 1.007  # compressed bytes / size_model of two bench artifacts (brotli): 1.0058, 1.0078
+# compressed GPTQ artifact / size_model of the same weights rounded to nearest: 1.0058 and 1.0078 (two bench
+# artifacts, brotli over size_model of their GPTQ codes) x 1.0008-1.0017 (size_model of GPTQ over RTN codes)
+SIZE_MODEL_RATIO = 1.008
 
 
 def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int) -> float:
@@ -2458,9 +2460,10 @@ def checkpoint_path(artifact_path: str) -> str:
 
 
 def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
-    buf = io.BytesIO()
+    buf, qat = io.BytesIO(), args.qat_enabled or args.late_qat_threshold > 0
     torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
-                "role_mult": args.role_mult if args.sdclip_balance_batches else None,
+                "role_mult": args.role_mult if args.sdclip_balance_batches or qat else None,
+                "qat_grid": args.qat_grid_mult if qat else None,
                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
     write_atomic(path, buf.getvalue())
     log(f"checkpoint:{path} bytes:{buf.tell()} (EXPORT_ONLY_FROM={path} re-exports it without training)")
@@ -2651,13 +2654,17 @@ class Trainer:
             opt.load_state_dict(state)
             opt.zero_grad(set_to_none=True)
 
-    def estimate_qat_grid(self):
+    def estimate_qat_grid(self, ema: list[torch.Tensor] | None = None):
         """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): QAT trains from now on on the grid
-        qat_grid_estimate expects the export's fit to choose; every rank takes the largest estimate."""
+        qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are exported; every
+        rank takes the largest estimate."""
         t = time.perf_counter()
         budget = self.args.size_limit - len(code_info()[1])
         with torch.no_grad():
-            m = qat_grid_estimate(self.model.state_dict(), self.args, budget)
+            state = self.model.state_dict()
+            if ema is not None and self.args.export_weights == "ema":
+                state |= {n: e for (n, _), e in zip(self.model.named_parameters(), ema)}
+            m = qat_grid_estimate(state, self.args, budget)
             m = self.dctx.all_reduce(torch.tensor(m, device=self.dctx.device), dist.ReduceOp.MAX).item()
             self.model.qat_grid.fill_(m)
         self.args.qat_grid_mult = m
@@ -2715,7 +2722,7 @@ class Trainer:
                 qat = True
                 log(f"late_qat:enabled step:{step} warmdown:{down:.4f}")
                 if args.qat_grid_mult == 0:
-                    self.estimate_qat_grid()
+                    self.estimate_qat_grid(averager.ema)
             frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
             for opt in self.optimizers:
                 for g in opt.param_groups:
@@ -2995,7 +3002,11 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     if args.quant_method == "gptq":
         calib = saved.get("calib_batches", args.gptq_calib_batches)
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
-        if args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)
+        if args.sdclip_balance_batches and saved.get("qat_grid"):  # a balance would move the grid QAT trained on
+            args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]
+            log(f"sdclip_balance: skipped, the checkpoint trained with QAT on the k x{args.qat_grid_mult:.4f} grid, "
+                + role_knob(args.role_mult))
+        elif args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)
             args.role_mult = saved["role_mult"]
             log("sdclip_balance: the checkpoint's " + role_knob(args.role_mult))
         elif args.sdclip_balance_batches:

@@ -469,7 +469,7 @@ def test_qat_switch_is_live_in_compiled_forward(make_args, qat_embed):
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in m.banks())
     assert m.tok_emb.weight.grad.abs().sum() > 0
     if not a.qat_embed:  # the embedding stays off the grid
-        torch.testing.assert_close(m.embedding(True), m.tok_emb.weight, atol=0, rtol=0)
+        torch.testing.assert_close(m.tied_weight(True), m.tok_emb.weight, atol=0, rtol=0)
     # QAT_GRID_MULT=0 sets the grid when late QAT starts: the compiled graph reads it live, without a recompile
     with torch.no_grad():
         m.qat_grid.fill_(1.7)
