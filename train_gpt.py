@@ -2459,11 +2459,13 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
-    buf, qat = io.BytesIO(), args.qat_enabled or args.late_qat_threshold > 0
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0,
+                    qat_grid: float | None = None):
+    """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps that grid."""
+    buf = io.BytesIO()
     torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
-                "role_mult": args.role_mult if args.sdclip_balance_batches or qat else None,
-                "qat_grid": args.qat_grid_mult if qat else None,
+                "role_mult": args.role_mult if args.sdclip_balance_batches or qat_grid else None,
+                "qat_grid": qat_grid,
                 "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
     write_atomic(path, buf.getvalue())
     log(f"checkpoint:{path} bytes:{buf.tell()} (EXPORT_ONLY_FROM={path} re-exports it without training)")
@@ -2596,6 +2598,7 @@ class Trainer:
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
         self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
+        self.qat_grid = None  # after run(): the SDClip grid multiplier QAT trained on, if it ran
 
     def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.dctx.device)
@@ -2713,6 +2716,7 @@ class Trainer:
                                      f"{step} (diverged); stopping, no artifact written")
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+                self.qat_grid = args.qat_grid_mult if qat and args.quant_method == "gptq" else None
                 return step, train_ms
             scale, down = lr_scale(args, step, elapsed)
             if not looped and args.num_loops > 0 and run_progress(args, step, elapsed) >= args.enable_looping_at:
@@ -2986,7 +2990,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
     if args.save_checkpoint and dctx.master:
-        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib)
+        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib, trainer.qat_grid)
     return model, hessians
 
 

@@ -538,17 +538,24 @@ def test_qat_grid_estimate_is_the_smallest_multiplier_that_fits_by_the_size_mode
     assert estimates[0] < estimates[1], "a smaller budget needs a coarser grid"
 
 
-def test_estimate_qat_grid_sets_the_grid_the_compiled_forward_reads(make_args, monkeypatch):
-    a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="0", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0")
-    model, logs = tg.GPT(a), []
+@pytest.mark.parametrize("weights", ["ema", "live"])
+def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_args, monkeypatch, weights):
+    """The estimate sizes the weights the export will quantize (the EMA's, unless EXPORT_WEIGHTS says otherwise)
+    and sets the grid buffer the compiled forward reads (test_model: without a recompile) and QAT_GRID_MULT."""
+    a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="0", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
+                  EXPORT_WEIGHTS=weights)
+    model, logs, seen = tg.GPT(a), [], {}
     assert model.qat_grid.item() == 1.0, "until the estimate, the x1 grid"
-    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: 1.25)
+    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: seen.update(state) or 1.25)
+    ema = [p.detach() + 1.0 for p in model.parameters()]
     trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=logs.append)
-    tg.Trainer.estimate_qat_grid(trainer)
+    tg.Trainer.estimate_qat_grid(trainer, ema)
     assert model.qat_grid.item() == a.qat_grid_mult == 1.25 and logs[0].startswith("late_qat:grid k x1.2500 ")
+    for (name, p), e in zip(model.named_parameters(), ema):
+        assert torch.equal(seen[name], e if weights == "ema" else p), name
 
 
-@pytest.mark.tg_runs("frontier_qat_auto", "frontier_qat_auto_export_only")
+@pytest.mark.tg_runs("frontier_qat_auto", "frontier_qat_auto_export_only", "smoke")
 def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_runs):
     run, again = tg_runs("frontier_qat_auto"), tg_runs("frontier_qat_auto_export_only")
     assert run.rc == 0 and again.rc == 0, run.describe() + again.describe()
@@ -563,7 +570,11 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.15, (grid, moved)
     assert f"sdclip_balance: skipped, the checkpoint trained with QAT on the k {grid} grid" in again.log
     assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
-    for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search")):
+    assert "SDCLIP_ROLE_MULT=q=1.200,v=0.800" in again.log, "with the run's role multipliers"
+    saved = lambda r: torch.load(tg.checkpoint_path(str(r.artifact)), map_location="cpu")
+    assert saved(run)["qat_grid"] == pytest.approx(float(grid[1:]), rel=1e-4)
+    assert saved(tg_runs("smoke"))["qat_grid"] is None, "r549's QAT is on the clip-search grid, not SDClip's"
+    for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search"), dict(SIZE_FIT="0")):
         with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0, or 0"):
             make_args(**{**TINY_FRONTIER, "SDCLIP_BALANCE_BATCHES": "0", "LATE_QAT_THRESHOLD": "0.5",
                          "QAT_GRID_MULT": "0", **bad})
