@@ -2599,6 +2599,7 @@ class Trainer:
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
         self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
         self.qat_grid = None  # after run(): the SDClip grid multiplier QAT trained on, if it ran
+        self.fit_budget = args.size_limit - len(code_info()[1]) if args.qat_grid_mult == 0 else None  # model bytes
 
     def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.dctx.device)
@@ -2661,8 +2662,7 @@ class Trainer:
         """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): QAT trains from now on on the grid
         qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are exported; every
         rank takes the largest estimate."""
-        t = time.perf_counter()
-        budget = self.args.size_limit - len(code_info()[1])
+        t, budget = time.perf_counter(), self.fit_budget
         with torch.no_grad():
             state = self.model.state_dict()
             if ema is not None and self.args.export_weights == "ema":

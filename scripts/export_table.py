@@ -118,9 +118,8 @@ def main(argv=None) -> int:
             gaps.pop(FP16_PART)
             sizes = {r: tg.swap_role(original, original, r)[1] for r in tg.ROLES}  # weights of each role
             mults = tg.balanced_mults(gaps, sizes)
-            knob = ",".join(f"{r}={m:.3f}" for r, m in mults.items())
-            attributed.append(f"\nbalanced from this attribution: SDCLIP_ROLE_MULT={knob}")
-            variants.append((f"{label}, SDCLIP_ROLE_MULT={knob}", dict(knobs, role_mult=mults)))
+            attributed.append(f"\nbalanced from this attribution: {tg.role_knob(mults)}")
+            variants.append((f"{label}, {tg.role_knob(mults)}", dict(knobs, role_mult=mults)))
     table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + attributed)
     print(table)
     if opts.out:

@@ -25,15 +25,12 @@ def apply_grads_ms(args, dctx, sharded: bool, reps: int, warm: int = 3) -> tuple
     for _ in range(warm + reps):
         for p, g in zip(trainer.params, grads):
             p.grad = g.clone()
-        if dctx.device.type == "cuda":
-            torch.cuda.synchronize()
+        tg.sync(dctx.device)
         dctx.all_reduce(torch.zeros(1, device=dctx.device))  # every rank starts together
-        if dctx.device.type == "cuda":
-            torch.cuda.synchronize()  # NCCL's all-reduce returns when queued
+        tg.sync(dctx.device)  # NCCL's all-reduce returns when queued
         t = time.perf_counter()
         trainer.apply_grads()
-        if dctx.device.type == "cuda":
-            torch.cuda.synchronize()
+        tg.sync(dctx.device)
         times.append(1000 * (time.perf_counter() - t))
     weights = torch.cat([p.detach().float().flatten() for p in trainer.params])
     return statistics.median(times[warm:]), weights

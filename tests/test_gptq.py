@@ -548,7 +548,7 @@ def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_ar
     assert model.qat_grid.item() == 1.0, "until the estimate, the x1 grid"
     monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: seen.update(state) or 1.25)
     ema = [p.detach() + 1.0 for p in model.parameters()]
-    trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=logs.append)
+    trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=logs.append, fit_budget=10**6)
     tg.Trainer.estimate_qat_grid(trainer, ema)
     assert model.qat_grid.item() == a.qat_grid_mult == 1.25 and logs[0].startswith("late_qat:grid k x1.2500 ")
     for (name, p), e in zip(model.named_parameters(), ema):
