@@ -332,9 +332,10 @@ class Hyperparameters:
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
-        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)),
-             "SDCLIP_BALANCE_BATCHES would move the export grid QAT trained on: with QAT set it to 0 (and "
-             "SDCLIP_ROLE_MULT, QAT_GRID_MULT to the multipliers of a balanced run's qat_hint line)")
+        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
+                  and self.qat_grid_mult > 0),
+             "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
+             "set QAT_GRID_MULT=0 (balance and grid when late QAT starts), or SDCLIP_BALANCE_BATCHES=0")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -790,13 +791,15 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0)
     return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8), s.squeeze(-1).half()
 
 
-def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, grid=None) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, grid=None, roles=None) -> torch.Tensor:
     """Forward = the export grid's quantize-dequantize of bank or table `name` at k multiplier `grid` (a tensor:
-    the model's live qat_grid; default QAT_GRID_MULT), with SDCLIP_ROLE_MULT as the export computes it; backward =
-    identity (straight-through)."""
+    the model's live qat_grid; default QAT_GRID_MULT), with the role multipliers `roles` (the model's live
+    qat_roles, one per ROLES; default SDCLIP_ROLE_MULT) as the export computes them; backward = identity
+    (straight-through)."""
     t = w.detach() if w.dim() == 3 else w.detach()[None]
     grid = args.qat_grid_mult if grid is None else grid
-    q, s = round_to_grid(t, args, family, role_mults(args, name, len(t)).to(w.device) * grid)
+    mults = role_mults(args, name, len(t)) if roles is None else roles[[ROLES.index(r) for r in matrix_roles(name, len(t))]]
+    q, s = round_to_grid(t, args, family, mults.view(-1, 1, 1).to(w.device) * grid)
     return w + (q.float() * s.float().unsqueeze(-1) - t).view_as(w)
 
 
@@ -1240,8 +1243,9 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
         self.hessians = None  # the GPTQ calibration store while it runs
-        # QAT's k multiplier as a graph input, so that QAT_GRID_MULT=0 can set it without a recompile
+        # QAT's k multiplier and role multipliers as graph inputs, so that QAT_GRID_MULT=0 sets them without a recompile
         self.register_buffer("qat_grid", torch.tensor(args.qat_grid_mult or 1.0), persistent=False)
+        self.register_buffer("qat_roles", role_tensor(args), persistent=False)
         # precomputed RoPE tables: one unscaled table whose prefixes serve every length up to
         # ROPE_TRAIN_SEQ_LEN (sliced, so one compiled graph serves many lengths), one per longer length in use
         lengths = {min(max(args.train_seq_len, args.eval_seq_len), args.rope_train_seq_len)}
@@ -1288,7 +1292,7 @@ class GPT(nn.Module):
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
-        qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid) if qat else b
+        qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid, self.qat_roles) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
         x = F.embedding(ids, self.tied_weight(qat))
         if self.bigram is not None:
@@ -1329,7 +1333,7 @@ class GPT(nn.Module):
     def tied_weight(self, qat: bool) -> torch.Tensor:
         """The tied embedding, on its export grid under QAT with QAT_EMBED."""
         w = self.tok_emb.weight
-        return fake_quant(w, self.args, "tok_emb.weight", "embed", self.qat_grid) if qat and self.args.qat_embed else w
+        return fake_quant(w, self.args, "tok_emb.weight", "embed", self.qat_grid, self.qat_roles) if qat and self.args.qat_embed else w
 
     def merge_skip(self, x, skip, j):
         skip = self.skip_weights[j].to(x.dtype) * skip
@@ -2038,6 +2042,11 @@ def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
     return torch.tensor([args.role_mult.get(r, 1.0) for r in matrix_roles(name, n)]).view(-1, 1, 1)
 
 
+def role_tensor(args: Hyperparameters) -> torch.Tensor:
+    """SDCLIP_ROLE_MULT as one multiplier per ROLES."""
+    return torch.tensor([args.role_mult.get(r, 1.0) for r in ROLES])
+
+
 def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
     """Step multipliers per role that minimize the summed gap at the same total bits, if each role's gap grows
     as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
@@ -2313,7 +2322,7 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         return blobs[compressor], raw
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
         f"pruned_ones:{pruned}")
-    if args.sdclip_balance_batches:  # the grid of this export, for late QAT in the next seeds' runs
+    if args.sdclip_balance_batches and args.late_qat_threshold == 0:  # this export's grid, for the next seeds' QAT
         log(f"qat_hint: LATE_QAT_THRESHOLD=0.15 QAT_GRID_MULT={used:.4f} {role_knob(args.role_mult)} "
             f"SDCLIP_BALANCE_BATCHES=0")
     if (args.qat_enabled or args.late_qat_threshold > 0) and args.qat_grid_mult > 0:
@@ -2572,8 +2581,9 @@ def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
                                              device=dctx.device), dist.ReduceOp.MAX).item()
-    passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
-    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (args.sdclip_balance_batches > 0))
+    balance = args.sdclip_balance_batches if args.late_qat_threshold == 0 else 0  # else it runs when QAT starts
+    passes = args.gptq_calib_batches + (len(ROLES) + 1) * balance  # balance_roles' passes
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (balance > 0))
     args.train_cap_s = args.max_wallclock_seconds - reserve
     log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
         f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
@@ -2659,10 +2669,15 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     def estimate_qat_grid(self, ema: list[torch.Tensor] | None = None):
-        """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): QAT trains from now on on the grid
-        qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are exported; every
-        rank takes the largest estimate."""
-        t, budget = time.perf_counter(), self.fit_budget
+        """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): with SDCLIP_BALANCE_BATCHES, first
+        the role balance on the live weights (GPTQ calibrated on 4 x that many batches); then QAT trains from now
+        on on the grid qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are
+        exported; every rank takes the largest estimate."""
+        t, budget, args = time.perf_counter(), self.fit_budget, self.args
+        if args.sdclip_balance_batches:
+            hessians, calib = collect_hessians(self.model, args, self.dctx, self.log, 4 * args.sdclip_balance_batches)
+            balance_roles(self.model, args, self.dctx, self.log, hessians, calib)
+            self.model.qat_roles.copy_(role_tensor(args))
         with torch.no_grad():
             state = self.model.state_dict()
             if ema is not None and self.args.export_weights == "ema":
@@ -2982,7 +2997,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
                                            cap - results["train_s"] if cap > 0 else None)
-        if args.sdclip_balance_batches:
+        if args.sdclip_balance_batches and trainer.qat_grid is None:  # else balanced when QAT started
             spent = time.perf_counter() - t
             left = cap - results["train_s"] - spent if cap > 0 else None
             balance_roles(model, args, dctx, log, hessians, calib, left, spent / max(calib, 1))

@@ -93,9 +93,11 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "frontier_balance_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2,
                                       "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                                      1, "frontier_balance"),
-    # late QAT on the grid estimated when it starts (QAT_GRID_MULT=0), with a cap that makes the fit coarsen the
-    # steps; and a re-export of its checkpoint under the recipe's role balance, which must keep QAT's grid
+    # one-pass late QAT (QAT_GRID_MULT=0): the role balance (on top of SDCLIP_ROLE_MULT) and the grid estimate
+    # when it starts, with a cap that makes the fit coarsen the steps; and a re-export of its checkpoint under the
+    # role balance, which must keep QAT's grid and multipliers
     "frontier_qat_auto": (dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=0, SDCLIP_ROLE_MULT="q=1.2,v=0.8",
+                               SDCLIP_BALANCE_BATCHES=2,
                                SIZE_LIMIT=lambda dep: len(
         tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.8 * dep.artifact.stat().st_size)), 1, "frontier_acc_1p"),
     "frontier_qat_auto_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2, "SIZE_LIMIT": lambda dep: dep.env["SIZE_LIMIT"],

@@ -561,8 +561,13 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     assert run.rc == 0 and again.rc == 0, run.describe() + again.describe()
     lines = run.log.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("late_qat:enabled step:"))
-    assert lines[start + 1].startswith("late_qat:grid k x"), lines[start:start + 2]
-    grid = lines[start + 1].split()[2]
+    calib, balance, grid_line = lines[start + 1:start + 4]
+    assert calib.startswith("gptq_calibration: batches:8/8 ") and balance.startswith("sdclip_balance: batches:2 ")
+    assert grid_line.startswith("late_qat:grid k x"), lines[start:start + 4]
+    assert sum(ln.startswith("sdclip_balance:") for ln in lines) == 1, "no second balance after training"
+    assert not any(ln.startswith("qat_hint:") for ln in lines)
+    measured = balance.split("SDCLIP_ROLE_MULT=")[1]
+    grid = grid_line.split()[2]
     moved = next(ln for ln in lines if ln.startswith(f"size_fit: QAT trained on the k {grid} grid; the export grid "
                                                       f"moved x")).split("moved x")[1].split()[0]
     # the cap coarsens the grid, and the estimate lands near the fit: on this tiny model only to about 11 %, since
@@ -570,9 +575,12 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.15, (grid, moved)
     assert f"sdclip_balance: skipped, the checkpoint trained with QAT on the k {grid} grid" in again.log
     assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
-    assert "SDCLIP_ROLE_MULT=q=1.200,v=0.800" in again.log, "with the run's role multipliers"
+    assert f"grid, SDCLIP_ROLE_MULT={measured}" in again.log, "with the role multipliers QAT trained on"
+    q = tg.role_pairs(measured)["q"]
+    assert q != pytest.approx(1.2, abs=1e-3), "the balance moved the knob's q=1.2"
     saved = lambda r: torch.load(tg.checkpoint_path(str(r.artifact)), map_location="cpu")
     assert saved(run)["qat_grid"] == pytest.approx(float(grid[1:]), rel=1e-4)
+    assert saved(run)["role_mult"] == pytest.approx(tg.role_pairs(measured), rel=2e-3)
     assert saved(tg_runs("smoke"))["qat_grid"] is None, "r549's QAT is on the clip-search grid, not SDClip's"
     for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search"), dict(SIZE_FIT="0")):
         with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0, or 0"):
@@ -582,10 +590,11 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
 
 @pytest.mark.tg_runs("frontier_balance")
 def test_role_balance_refuses_qat_and_its_qat_hint_names_the_exported_grid(make_args, tg_runs):
-    """Balancing after QAT would move the grid QAT trained on; the balanced run's qat_hint line gives the next
-    runs that grid (the fit's k multiplier and the measured role multipliers) with the balance off."""
+    """Balancing after QAT on a fixed grid would move the grid QAT trained on (QAT_GRID_MULT=0 balances when QAT
+    starts); the balanced run's qat_hint line gives the next runs that grid (the fit's k multiplier and the
+    measured role multipliers) with the balance off."""
     for qat in (dict(LATE_QAT_THRESHOLD="0.15"), dict(QAT_ENABLED="1", LATE_QAT_THRESHOLD="0")):
-        with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES would move the export grid QAT trained on"):
+        with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT"):
             make_args(**TINY_FRONTIER, **qat)
     lines = tg_runs("frontier_balance").log.splitlines()
     hint = next(ln for ln in lines if ln.startswith("qat_hint: ")).removeprefix("qat_hint: ")
@@ -617,6 +626,9 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
     a.sdclip_balance_batches = 2  # and the role balance's 8 passes of 2 batches
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
     assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * (40 + 16) + 1.0)  # + 1 s for its GPTQ pass
+    a.late_qat_threshold = 0.15  # one-pass QAT balances when QAT starts, inside the training clock
+    tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * 40)
     a.sdclip_balance_batches = 0
     per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)

@@ -470,10 +470,13 @@ def test_qat_switch_is_live_in_compiled_forward(make_args, qat_embed):
     assert m.tok_emb.weight.grad.abs().sum() > 0
     if not a.qat_embed:  # the embedding stays off the grid
         torch.testing.assert_close(m.tied_weight(True), m.tok_emb.weight, atol=0, rtol=0)
-    # QAT_GRID_MULT=0 sets the grid when late QAT starts: the compiled graph reads it live, without a recompile
+    # QAT_GRID_MULT=0 sets the grid and the role multipliers (the balance) when late QAT starts: the compiled
+    # graph reads both live, without a recompile
     with torch.no_grad():
         m.qat_grid.fill_(1.7)
         a.qat_grid_mult = 1.7
+        a.role_mult = {"q": 1.3, "v": 0.6, "down": 1.4, "embed": 0.7}
+        m.qat_roles.copy_(tg.role_tensor(a))
         coarse = copy.deepcopy(m)
         for name, bank, family in zip(tg.BANK_NAMES, coarse.banks(), tg.BANK_FAMILIES):
             bank.copy_(tg.fake_quant(bank, a, name, family))
