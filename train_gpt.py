@@ -252,7 +252,6 @@ class Hyperparameters:
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
         self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier (an earlier run's size_fit k; 0: estimated)
-        self.qat_embed = env("QAT_EMBED", False)  # QAT also on the tied embedding's grid (lookup and LM head)
         # export
         self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
         self.matrix_bits = env("MATRIX_BITS", 6)  # attention/MLP matrices
@@ -792,15 +791,14 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0)
 
 
 def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, grid=None, roles=None) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize of bank or table `name` at k multiplier `grid` (a tensor:
-    the model's live qat_grid; default QAT_GRID_MULT), with the role multipliers `roles` (the model's live
-    qat_roles, one per ROLES; default SDCLIP_ROLE_MULT) as the export computes them; backward = identity
-    (straight-through)."""
-    t = w.detach() if w.dim() == 3 else w.detach()[None]
+    """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier `grid` (a tensor: the
+    model's live qat_grid; default QAT_GRID_MULT), with the role multipliers `roles` (the model's live qat_roles,
+    one per ROLES; default SDCLIP_ROLE_MULT) as the export computes them; backward = identity (straight-through)."""
+    t = w.detach()
+    mults = role_mults(args, name, len(w)) if roles is None else roles[[ROLES.index(r) for r in matrix_roles(name, len(w))]]
     grid = args.qat_grid_mult if grid is None else grid
-    mults = role_mults(args, name, len(t)) if roles is None else roles[[ROLES.index(r) for r in matrix_roles(name, len(t))]]
     q, s = round_to_grid(t, args, family, mults.view(-1, 1, 1).to(w.device) * grid)
-    return w + (q.float() * s.float().unsqueeze(-1) - t).view_as(w)
+    return w + (q.float() * s.float().unsqueeze(-1) - t)
 
 
 def tap(store: dict | None, key: str, x: torch.Tensor):
@@ -1294,7 +1292,7 @@ class GPT(nn.Module):
         L = self.args.num_layers
         qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid, self.qat_roles) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
-        x = F.embedding(ids, self.tied_weight(qat))
+        x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
         x = rms_norm(x).to(self.act_dtype)
@@ -1330,11 +1328,6 @@ class GPT(nn.Module):
         tap(self.hessians, "emb", x)  # the tied LM head's input
         return x
 
-    def tied_weight(self, qat: bool) -> torch.Tensor:
-        """The tied embedding, on its export grid under QAT with QAT_EMBED."""
-        w = self.tok_emb.weight
-        return fake_quant(w, self.args, "tok_emb.weight", "embed", self.qat_grid, self.qat_roles) if qat and self.args.qat_embed else w
-
     def merge_skip(self, x, skip, j):
         skip = self.skip_weights[j].to(x.dtype) * skip
         if self.skip_gates is None:
@@ -1347,7 +1340,7 @@ class GPT(nn.Module):
         h = self.hidden(ids, qat, looped, lora)
         if select is not None:
             h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
-        logits = F.linear(h, self.tied_weight(qat).to(self.act_dtype))
+        logits = F.linear(h, self.tok_emb.weight.to(self.act_dtype))
         if lora is not None:
             logits = logits + lora_delta(h, lora.adapter("head", h.size(0)))
         return softcap(logits, self.args.logit_softcap)
@@ -1356,7 +1349,7 @@ class GPT(nn.Module):
         if not self.args.fused_ce:
             logits = self.forward_logits(ids, qat, looped)
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        raw = F.linear(self.hidden(ids, qat, looped), self.tied_weight(qat).to(self.act_dtype))
+        raw = F.linear(self.hidden(ids, qat, looped), self.tok_emb.weight.to(self.act_dtype))
         return softcap_ce(raw.view(-1, raw.size(-1)), targets.reshape(-1).contiguous(), self.args.logit_softcap)[0].mean()
 
 

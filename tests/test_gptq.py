@@ -107,8 +107,8 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
         deq = tg.dequantize_state(tg.quantize_state(state, a, hessians, float(mult)))
         for name, bank, family in zip(tg.BANK_NAMES, m.banks(), tg.BANK_FAMILIES):
             assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, name, family)), (name, hessians is None)
-        table = state["tok_emb.weight"]  # QAT_EMBED's grid: the table's export, rounded to nearest (no Hessian)
-        assert torch.equal(deq["tok_emb.weight"], tg.fake_quant(table, a, "tok_emb.weight", "embed").to(table))
+            buffers = torch.tensor(a.qat_grid_mult), tg.role_tensor(a)  # the model's qat_grid and qat_roles
+            assert torch.equal(deq[name], tg.fake_quant(bank.detach(), a, name, family, *buffers)), name
 
 
 @pytest.mark.parametrize("with_hessians", [False, True])
