@@ -2315,9 +2315,6 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         return blobs[compressor], raw
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
         f"pruned_ones:{pruned}")
-    if args.sdclip_balance_batches and args.late_qat_threshold == 0:  # this export's grid, for the next seeds' QAT
-        log(f"qat_hint: LATE_QAT_THRESHOLD=0.15 QAT_GRID_MULT={used:.4f} {role_knob(args.role_mult)} "
-            f"SDCLIP_BALANCE_BATCHES=0")
     if (args.qat_enabled or args.late_qat_threshold > 0) and args.qat_grid_mult > 0:
         log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
             f"x{used / args.qat_grid_mult:.4f} from it")
