@@ -334,7 +334,7 @@ class Hyperparameters:
         need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
                   and self.qat_grid_mult > 0),
              "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
-             "set QAT_GRID_MULT=0 (balance and grid when late QAT starts), or SDCLIP_BALANCE_BATCHES=0")
+             "set SDCLIP_BALANCE_BATCHES=0, or use late QAT with QAT_GRID_MULT=0 (balance and grid when it starts)")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -2562,7 +2562,8 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
-    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes), at most
+    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes, unless late QAT runs
+    it when QAT starts), at most
     GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at the cap if it runs slower than
     projected. One untimed batch first: the first eager pass pays one-off start-up costs (once 64 s on two GPUs,
     where 64 batches then took 2.5 s)."""
@@ -2668,6 +2669,7 @@ class Trainer:
             hessians, calib = collect_hessians(self.model, args, self.dctx, self.log, 4 * args.sdclip_balance_batches)
             balance_roles(self.model, args, self.dctx, self.log, hessians, calib)
             self.model.qat_roles.copy_(role_tensor(args))
+            PROGRESS["phase"] = "train"
         with torch.no_grad():
             state = self.model.state_dict()
             if ema is not None and self.args.export_weights == "ema":
@@ -3011,9 +3013,9 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     if args.quant_method == "gptq":
         calib = saved.get("calib_batches", args.gptq_calib_batches)
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
-        if args.sdclip_balance_batches and saved.get("qat_grid"):  # a balance would move the grid QAT trained on
+        if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance to move it)
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]
-            log(f"sdclip_balance: skipped, the checkpoint trained with QAT on the k x{args.qat_grid_mult:.4f} grid, "
+            log(f"export_grid: the checkpoint trained with QAT on the k x{args.qat_grid_mult:.4f} grid, "
                 + role_knob(args.role_mult))
         elif args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)
             args.role_mult = saved["role_mult"]

@@ -555,10 +555,27 @@ def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_ar
         assert torch.equal(seen[name], e if weights == "ema" else p), name
 
 
-@pytest.mark.tg_runs("frontier_qat_auto", "frontier_qat_auto_export_only", "smoke")
+def test_estimate_qat_grid_balances_first_and_sets_the_role_buffer(make_args, monkeypatch):
+    """With SDCLIP_BALANCE_BATCHES, the balance (GPTQ on 4x its batches) runs before the estimate, whose size
+    model then sees the balanced multipliers, and the QAT graph's role buffer holds them."""
+    a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="3", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
+                  SDCLIP_ROLE_MULT="q=1.2")
+    model, calls, seen = tg.GPT(a), [], {}
+    monkeypatch.setattr(tg, "collect_hessians", lambda m, args, dctx, log, n, seconds=None: calls.append(n) or ({}, n))
+    monkeypatch.setattr(tg, "balance_roles", lambda m, args, dctx, log, hessians, calib: setattr(
+        args, "role_mult", {"q": 1.2 * 1.5, "v": 0.5}))
+    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: seen.update(args.role_mult) or 1.1)
+    trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=lambda m: None, fit_budget=10**6)
+    tg.Trainer.estimate_qat_grid(trainer, None)
+    assert calls == [12] and seen == pytest.approx({"q": 1.8, "v": 0.5})
+    assert torch.equal(model.qat_roles, tg.role_tensor(a)) and model.qat_roles[tg.ROLES.index("v")] == 0.5
+    assert tg.PROGRESS["phase"] == "train"
+
+
+@pytest.mark.tg_runs("frontier_qat_auto", "frontier_qat_auto_export_only", "frontier_qat_auto_2p", "smoke")
 def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_runs):
-    run, again = tg_runs("frontier_qat_auto"), tg_runs("frontier_qat_auto_export_only")
-    assert run.rc == 0 and again.rc == 0, run.describe() + again.describe()
+    run, again, two = tg_runs("frontier_qat_auto"), tg_runs("frontier_qat_auto_export_only"), tg_runs("frontier_qat_auto_2p")
+    assert run.rc == 0 and again.rc == 0 and two.rc == 0, run.describe() + again.describe() + two.describe()
     lines = run.log.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("late_qat:enabled step:"))
     calib, balance, grid_line = lines[start + 1:start + 4]
@@ -572,7 +589,7 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     # the cap coarsens the grid, and the estimate lands near the fit: on this tiny model only to about 11 %, since
     # its artifact compresses to 0.96 of the size model (9 % of it fp16), not to the bench model's 1.008
     assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.15, (grid, moved)
-    assert f"sdclip_balance: skipped, the checkpoint trained with QAT on the k {grid} grid" in again.log
+    assert f"export_grid: the checkpoint trained with QAT on the k {grid} grid" in again.log
     assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
     assert f"grid, SDCLIP_ROLE_MULT={measured}" in again.log, "with the role multipliers QAT trained on"
     q = tg.role_pairs(measured)["q"]
@@ -580,6 +597,11 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     saved = lambda r: torch.load(tg.checkpoint_path(str(r.artifact)), map_location="cpu")
     assert saved(run)["qat_grid"] == pytest.approx(float(grid[1:]), rel=1e-4)
     assert saved(run)["role_mult"] == pytest.approx(tg.role_pairs(measured), rel=2e-3)
+    two_lines = two.log.splitlines()  # 2 ranks balance and estimate as 1 does (the ranks share one decision)
+    two_mults = next(ln for ln in two_lines if ln.startswith("sdclip_balance: ")).split("SDCLIP_ROLE_MULT=")[1]
+    two_grid = next(ln for ln in two_lines if ln.startswith("late_qat:grid k x")).split()[2]
+    assert tg.role_pairs(two_mults) == pytest.approx(tg.role_pairs(measured), rel=0.02)
+    assert float(two_grid[1:]) == pytest.approx(float(grid[1:]), rel=0.011), (two_grid, grid)
     assert saved(tg_runs("smoke"))["qat_grid"] is None, "r549's QAT is on the clip-search grid, not SDClip's"
     for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search"), dict(SIZE_FIT="0")):
         with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0, or 0"):
