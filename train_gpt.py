@@ -795,9 +795,9 @@ def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, g
     model's live qat_grid; default QAT_GRID_MULT), with the role multipliers `roles` (the model's live qat_roles,
     one per ROLES; default SDCLIP_ROLE_MULT) as the export computes them; backward = identity (straight-through)."""
     t = w.detach()
-    mults = role_mults(args, name, len(w)) if roles is None else roles[[ROLES.index(r) for r in matrix_roles(name, len(w))]]
+    mults = role_mults(role_tensor(args) if roles is None else roles, name, len(w)).to(w.device)
     grid = args.qat_grid_mult if grid is None else grid
-    q, s = round_to_grid(t, args, family, mults.view(-1, 1, 1).to(w.device) * grid)
+    q, s = round_to_grid(t, args, family, mults * grid)
     return w + (q.float() * s.float().unsqueeze(-1) - t)
 
 
@@ -2030,14 +2030,14 @@ def swap_role(state: dict, source: dict, role: str) -> tuple[dict, int]:
     return out, count
 
 
-def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
-    """SDCLIP_ROLE_MULT of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
-    return torch.tensor([args.role_mult.get(r, 1.0) for r in matrix_roles(name, n)]).view(-1, 1, 1)
-
-
 def role_tensor(args: Hyperparameters) -> torch.Tensor:
     """SDCLIP_ROLE_MULT as one multiplier per ROLES."""
     return torch.tensor([args.role_mult.get(r, 1.0) for r in ROLES])
+
+
+def role_mults(roles: torch.Tensor, name: str, n: int) -> torch.Tensor:
+    """The multipliers `roles` (one per ROLES) of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
+    return roles[[ROLES.index(r) for r in matrix_roles(name, n)]].view(-1, 1, 1)
 
 
 def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
@@ -2102,7 +2102,8 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
     GPTQ on its SDClip steps, the others are rounded to nearest. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
     codes, steps = {}, {}
-    role_m = {n: role_mults(args, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
+    roles = role_tensor(args)
+    role_m = {n: role_mults(roles, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
     for name, t in mats.items():
         q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), role_m[name] * mult)
         codes[name], steps[name] = q, s.float()
@@ -2563,10 +2564,9 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
     1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes, unless late QAT runs
-    it when QAT starts), at most
-    GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at the cap if it runs slower than
-    projected. One untimed batch first: the first eager pass pays one-off start-up costs (once 64 s on two GPUs,
-    where 64 batches then took 2.5 s)."""
+    it when QAT starts), at most GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at
+    the cap if it runs slower than projected. One untimed batch first: the first eager pass pays one-off
+    start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
     t = time.perf_counter()
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
@@ -2672,12 +2672,12 @@ class Trainer:
             PROGRESS["phase"] = "train"
         with torch.no_grad():
             state = self.model.state_dict()
-            if ema is not None and self.args.export_weights == "ema":
+            if ema is not None and args.export_weights == "ema":
                 state |= {n: e for (n, _), e in zip(self.model.named_parameters(), ema)}
-            m = qat_grid_estimate(state, self.args, budget)
+            m = qat_grid_estimate(state, args, budget)
             m = self.dctx.all_reduce(torch.tensor(m, device=self.dctx.device), dist.ReduceOp.MAX).item()
             self.model.qat_grid.fill_(m)
-        self.args.qat_grid_mult = m
+        args.qat_grid_mult = m
         self.log(f"late_qat:grid k x{m:.4f} (estimated fit to {budget} bytes, {time.perf_counter() - t:.1f}s)")
 
     def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
