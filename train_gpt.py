@@ -261,6 +261,7 @@ class Hyperparameters:
         self.sdclip_k_embed = env("SDCLIP_K_EMBED", 20.0)
         self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # export (and QAT) step multipliers: q=1.5,v=0.7
         self.sdclip_balance_batches = env("SDCLIP_BALANCE_BATCHES", 0)  # > 0: measure per-role multipliers (gptq)
+        self.embed_freq_power = env("EMBED_FREQ_POWER", 0.0)  # > 0: tied-embedding row steps by token count (gptq)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
@@ -331,6 +332,8 @@ class Hyperparameters:
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
+        need(0 <= self.embed_freq_power <= 2 and (self.embed_freq_power == 0 or self.quant_method == "gptq"),
+             "EMBED_FREQ_POWER must lie in [0, 2], and be > 0 only with QUANT_METHOD=gptq")
         need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
                   and self.qat_grid_mult > 0),
              "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
@@ -2040,6 +2043,15 @@ def role_mults(roles: torch.Tensor, name: str, n: int) -> torch.Tensor:
     return roles[[ROLES.index(r) for r in matrix_roles(name, n)]].view(-1, 1, 1)
 
 
+def frequency_mults(counts: torch.Tensor, power: float) -> torch.Tensor:
+    """EMBED_FREQ_POWER: the tied embedding's per-row step multipliers, (count + 1)^-power of each token over the
+    calibration batches, scaled to geometric mean 1 and clamped to [1/4, 4]. A token's row costs loss in
+    proportion to how often it is read as input and predicted as output, so at about the same bytes frequent
+    tokens get finer steps and rare ones coarser."""
+    r = (counts.double() + 1).pow(-power)
+    return (r / r.log().mean().exp()).clamp(0.25, 4.0).float()
+
+
 def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
     """Step multipliers per role that minimize the summed gap at the same total bits, if each role's gap grows
     as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
@@ -2099,11 +2111,15 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
                    mult: float = 1.0, log=None) -> dict[str, torch.Tensor]:
     """Banks and embedding tables -> int8 codes (`.q`, MATRIX_BITS / EMBED_BITS wide) and fp16 per-row steps
     (`.qscale`); everything else fp16. With Hessians (QUANT_METHOD=gptq) every matrix that has one goes through
-    GPTQ on its SDClip steps, the others are rounded to nearest. LQER_RANK > 0 adds low-rank corrections."""
+    GPTQ on its SDClip steps, the others are rounded to nearest; the Hessians' token counts ("tokens") set the
+    tied embedding's row steps under EMBED_FREQ_POWER. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
     codes, steps = {}, {}
     roles = role_tensor(args)
     role_m = {n: role_mults(roles, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
+    if args.embed_freq_power > 0 and hessians and "tokens" in hessians and "tok_emb.weight" in mats:
+        freq = frequency_mults(hessians["tokens"], args.embed_freq_power).to(role_m["tok_emb.weight"].device)
+        role_m["tok_emb.weight"] = role_m["tok_emb.weight"] * freq.view(1, -1, 1)
     for name, t in mats.items():
         q, s = round_to_grid(t if t.dim() == 3 else t[None], args, tensor_family(name), role_m[name] * mult)
         codes[name], steps[name] = q, s.float()
@@ -2529,17 +2545,17 @@ def calibration_tokens(args: Hyperparameters, dctx: Dist) -> int:
 def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches: int,
                      seconds: float | None = None) -> tuple[dict, int]:
     """GPTQ calibration: the Gram matrices x^T x of every quantized matrix's inputs (all passes of a looped
-    layer; the LM head's from the final-norm output), summed over up to `batches` training batches of
-    TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training data only. With `seconds` (the
-    smallest over ranks, so all stop together), stops before the next batch would overrun them: calibration
-    belongs to the training wall clock."""
+    layer; the LM head's from the final-norm output) and each token's count ("tokens"), summed over up to
+    `batches` training batches of TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training
+    data only. With `seconds` (the smallest over ranks, so all stop together), stops before the next batch would
+    overrun them: calibration belongs to the training wall clock."""
     PROGRESS["phase"] = "calibrate"
     t0 = time.perf_counter()
     if seconds is not None:
         seconds = dctx.all_reduce(torch.tensor(seconds, dtype=torch.float64, device=dctx.device), dist.ReduceOp.MIN).item()
     local = calibration_tokens(args, dctx)
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), local)
-    store, done = {}, 0
+    store, done = {"tokens": torch.zeros(args.vocab_size, dtype=torch.float64, device=dctx.device)}, 0
     model.set_hessian_store(store)
     try:
         while done < batches:
@@ -2548,6 +2564,7 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
             if seconds is not None and elapsed * (done + 1) / max(done, 1) > seconds:
                 break
             x, _ = loader.next_batch()
+            store["tokens"] += torch.bincount(x.flatten(), minlength=args.vocab_size)
             with autocast(dctx.device):
                 model.hidden(x)
             done += 1
@@ -2557,7 +2574,7 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
         dctx.all_reduce(store[key])
     sync(dctx.device)
     log(f"gptq_calibration: batches:{done}/{batches} tokens:{done * local * dctx.world_size} "
-        f"hessians:{len(store)} time:{time.perf_counter() - t0:.1f}s")
+        f"hessians:{len(store) - 1} time:{time.perf_counter() - t0:.1f}s")
     return store, done
 
 

@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attribute", type=int, help="variant number whose gap is split over the model's parts")
     ap.add_argument("--balance", type=int, nargs="*", default=[],
                     help="also export with the in-run role balance on each of these numbers of training batches")
+    ap.add_argument("--freq-power", type=float, nargs="*", default=[],
+                    help="also export balanced on 4 batches with each of these EMBED_FREQ_POWER values")
     opts = ap.parse_args(argv)
     args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
     saved = torch.load(opts.checkpoint, map_location="cpu")
@@ -86,7 +88,10 @@ def main(argv=None) -> int:
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
     variants = list(VARIANTS) + [(f"GPTQ + SDClip fit, roles balanced on {n} training batches",
                                   dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=n))
-                                 for n in opts.balance]  # these, and --attribute's balanced variant, always run
+                                 for n in opts.balance] + [
+                    (f"GPTQ + SDClip fit, roles balanced on 4 training batches, EMBED_FREQ_POWER={p:g}",
+                     dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=4, embed_freq_power=p))
+                    for p in opts.freq_power]  # these, and --attribute's balanced variant, always run
     for i, (label, knobs) in enumerate(variants):
         if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:
             continue

@@ -143,6 +143,67 @@ def test_role_multipliers_scale_exactly_their_roles_steps(make_args, with_hessia
         make_args(SDCLIP_ROLE_MULT="mlp=2")
 
 
+def test_frequency_mults_are_finer_for_frequent_tokens_at_geometric_mean_one():
+    counts = torch.tensor([0.0, 9.0, 99.0, 999.0, 1e9])
+    m = tg.frequency_mults(counts, 0.5)
+    assert torch.all(m[1:] <= m[:-1]) and m[0] > 1 > m[-1], "rare tokens coarser, frequent ones finer"
+    assert m.min() == 0.25 and m.max() == 4, "clamped to [1/4, 4]"
+    unclamped = tg.frequency_mults(torch.tensor([0.0, 3.0, 15.0]), 0.5)
+    assert unclamped.log().mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.allclose(unclamped[:2] / unclamped[1:], torch.tensor([2.0, 2.0]))  # (count + 1)^-1/2
+    assert torch.equal(tg.frequency_mults(counts, 0.0), torch.ones(5))
+
+
+@pytest.mark.parametrize("with_hessians", [False, True])
+def test_embed_freq_power_sets_the_embedding_row_steps_and_nothing_else(make_args, with_hessians):
+    """EMBED_FREQ_POWER scales the tied embedding's row steps by frequency_mults of the calibration's token
+    counts (rounded to nearest with the counts alone, and through GPTQ); the banks keep steps and codes."""
+    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    plain, a = make_args(**knobs), make_args(**knobs, EMBED_FREQ_POWER="0.3")
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
+    g = torch.Generator().manual_seed(1)
+    hess = {"tokens": torch.randint(0, 50, (a.vocab_size,), generator=g).double()}
+    if with_hessians:
+        hess["emb"] = (lambda x: x.T @ x)(torch.randn(4 * a.model_dim, a.model_dim, generator=g))
+    base, moved = tg.quantize_state(state, plain, hess), tg.quantize_state(state, a, hess)
+    ratio = moved["tok_emb.weight.qscale"].float() / base["tok_emb.weight.qscale"].float()
+    assert torch.allclose(ratio, tg.frequency_mults(hess["tokens"], 0.3), rtol=2e-3)
+    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
+        assert torch.equal(base[name + ".q"], moved[name + ".q"]) and torch.equal(base[name + ".qscale"],
+                                                                                   moved[name + ".qscale"])
+    assert torch.equal(tg.quantize_state(state, a, None)["tok_emb.weight.qscale"],
+                       tg.quantize_state(state, plain, None)["tok_emb.weight.qscale"]), "no counts: no change"
+    with pytest.raises(SystemExit, match="EMBED_FREQ_POWER"):
+        make_args(QUANT_METHOD="search", EMBED_FREQ_POWER="0.3")
+
+
+def test_embed_freq_power_lowers_the_frequency_weighted_error_at_the_same_bytes(make_args):
+    """What the knob is for: with Zipf-distributed token counts, the count-weighted squared error of the
+    embedding (how often each row's error is paid) at the size model's same bytes is lower with frequency-set
+    row steps than with SDClip's uniform ones."""
+    a0 = make_args(QUANT_METHOD="gptq", NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512")
+    a1 = make_args(QUANT_METHOD="gptq", NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512",
+                   EMBED_FREQ_POWER="0.3")
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a0), std=0.05).state_dict()
+    counts = 1e5 / torch.arange(1, 513).double()  # Zipf
+    W = state["tok_emb.weight"].float()
+
+    def at_bytes(args, target):  # the embedding at the multiplier whose size-model bytes just fit `target`
+        lo, hi = 0.5, 16.0
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            p = tg.quantize_state(state, args, {"tokens": counts}, mid)
+            lo, hi = (lo, mid) if tg.size_model({"e": p["tok_emb.weight.q"]}) <= target else (mid, hi)
+        p = tg.quantize_state(state, args, {"tokens": counts}, hi)
+        err = (tg.dequantize_state(p)["tok_emb.weight"] - W).square().sum(1)
+        return (counts * err).sum().item() / counts.sum().item()
+
+    target = tg.size_model({"e": tg.quantize_state(state, a0, None, 4.0)["tok_emb.weight.q"]})
+    assert at_bytes(a1, target) < 0.85 * at_bytes(a0, target)
+
+
 def test_role_multipliers_reach_the_clip_search_fallback(make_args):
     """A unit whose Cholesky fails falls back to the clip search on its own role's multipliers: with v=2 and
     failing q/k/v Hessians, the v matrices get the clip search's codes and steps at step multiplier 2."""
@@ -289,7 +350,7 @@ def test_calibration_taps_every_matrix_input_and_every_looped_pass(make_args, ti
     with mock.patch.object(tg, "tap", counting_tap):
         hess, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 3)
     L = a.num_layers
-    assert set(hess) == {f"{k}.{i}" for k in ("qkv", "o", "up", "down") for i in range(L)} | {"emb"}
+    assert set(hess) == {f"{k}.{i}" for k in ("qkv", "o", "up", "down") for i in range(L)} | {"emb", "tokens"}
     passes = [1 + a.num_loops if a.loop_start <= i <= a.loop_end else 1 for i in range(L)]
     assert all(calls[f"{k}.{i}"] == 3 * passes[i] for k in ("qkv", "o", "up", "down") for i in range(L))
     assert calls["emb"] == 3
@@ -299,8 +360,11 @@ def test_calibration_taps_every_matrix_input_and_every_looped_pass(make_args, ti
     # the LM head's Hessian is the Gram matrix of the final-norm output over the batches seen
     loader = tg.train_loader(a, H.DistStub(), tg.shard_files(a.data_path, "train"), 128)
     with torch.no_grad():
-        h = torch.cat([m.hidden(loader.next_batch()[0]).reshape(-1, a.model_dim) for _ in range(3)])
+        xs = [loader.next_batch()[0] for _ in range(3)]
+        h = torch.cat([m.hidden(x).reshape(-1, a.model_dim) for x in xs])
     torch.testing.assert_close(hess["emb"], h.T @ h, rtol=1e-4, atol=1e-3)
+    # and the token counts of the same batches
+    assert torch.equal(hess["tokens"], torch.bincount(torch.cat(xs).flatten(), minlength=a.vocab_size).double())
 
 
 def test_calibration_reads_training_shards_only(make_args, tiny_data):
@@ -318,7 +382,8 @@ def test_calibration_stops_inside_its_time(make_args, tiny_data):
     m = tg.GPT(a)
     logs = []
     hess, n = tg.collect_hessians(m, a, H.DistStub(), logs.append, 50, seconds=0.0)
-    assert n == 0 and hess == {} and logs[0].startswith("gptq_calibration: batches:0/50 ")
+    assert n == 0 and list(hess) == ["tokens"] and hess["tokens"].sum() == 0
+    assert logs[0].startswith("gptq_calibration: batches:0/50 ") and " hessians:0 " in logs[0]
     clock = iter(range(0, 1000, 1))  # every perf_counter read is one second later
     with mock.patch.object(tg.time, "perf_counter", lambda: float(next(clock))):
         _, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 50, seconds=7.5)
@@ -335,7 +400,7 @@ def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
             return torch.zeros_like(t) if op == tg.dist.ReduceOp.MIN else t
 
     hess, n = tg.collect_hessians(m, a, OtherRankHasNoTime(), lambda msg: None, 50, seconds=100.0)
-    assert n == 0 and hess == {}
+    assert n == 0 and list(hess) == ["tokens"]
 
 
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):

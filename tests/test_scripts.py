@@ -72,7 +72,7 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     env = {k: v for k, v in run.env.items() if k not in ("RUN_ID", "ARTIFACT_PATH")}
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "export_table.py"), tg.checkpoint_path(str(run.artifact)),
-                        "--only", "0", "2", "11", "--attribute", "2", "--balance", "3", "--out", str(out)], capture_output=True, text=True,
+                        "--only", "0", "2", "11", "--attribute", "2", "--balance", "3", "--freq-power", "0.3", "--out", str(out)], capture_output=True, text=True,
                        timeout=300,
                        env=dict(env, PYTHONDONTWRITEBYTECODE="1"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -88,6 +88,8 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     assert [ln.split(" | ")[0] for ln in rows] == ["| clip search + step fit (previous export)", "| GPTQ + SDClip fit",
                                                    "| GPTQ + SDClip fit, roles balanced on 4 training batches",
                                                    "| GPTQ + SDClip fit, roles balanced on 3 training batches",
+                                                   "| GPTQ + SDClip fit, roles balanced on 4 training batches, "
+                                                   "EMBED_FREQ_POWER=0.3",
                                                    f"| GPTQ + SDClip fit, SDCLIP_ROLE_MULT={knob}"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
