@@ -2343,11 +2343,13 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
 SIZE_MODEL_RATIO = 1.008
 
 
-def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int) -> float:
+def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts=None) -> float:
     """QAT_GRID_MULT=0: the smallest k multiplier (in [1/2, 8], to 0.5 %) at which `state`, rounded to nearest on
-    the export grid, fits `budget` by the size model; the fit the export will most likely choose. SDClip codes
-    depend on each row's shape, not its scale, so weights some steps before the end estimate it well."""
-    fits = lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, None, m)) <= budget
+    the export grid (with the calibration's token `counts`, if any), fits `budget` by the size model; the fit the
+    export will most likely choose. SDClip codes depend on each row's shape, not its scale, so weights some steps
+    before the end estimate it well."""
+    tokens = None if counts is None else {"tokens": counts}
+    fits = lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, tokens, m)) <= budget
     lo, hi = 0.5, 8.0
     while hi / lo > 1.005:
         mid = math.sqrt(lo * hi)
@@ -2681,17 +2683,18 @@ class Trainer:
         the role balance on the live weights (GPTQ calibrated on 4 x that many batches); then QAT trains from now
         on on the grid qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are
         exported; every rank takes the largest estimate."""
-        t, budget, args = time.perf_counter(), self.fit_budget, self.args
+        t, budget, args, counts = time.perf_counter(), self.fit_budget, self.args, None
         if args.sdclip_balance_batches:
             hessians, calib = collect_hessians(self.model, args, self.dctx, self.log, 4 * args.sdclip_balance_batches)
             balance_roles(self.model, args, self.dctx, self.log, hessians, calib)
             self.model.qat_roles.copy_(role_tensor(args))
+            counts = hessians["tokens"]
             PROGRESS["phase"] = "train"
         with torch.no_grad():
             state = self.model.state_dict()
             if ema is not None and args.export_weights == "ema":
                 state |= {n: e for (n, _), e in zip(self.model.named_parameters(), ema)}
-            m = qat_grid_estimate(state, args, budget)
+            m = qat_grid_estimate(state, args, budget, counts)
             m = self.dctx.all_reduce(torch.tensor(m, device=self.dctx.device), dist.ReduceOp.MAX).item()
             self.model.qat_grid.fill_(m)
         args.qat_grid_mult = m

@@ -611,7 +611,7 @@ def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_ar
                   EXPORT_WEIGHTS=weights)
     model, logs, seen = tg.GPT(a), [], {}
     assert model.qat_grid.item() == 1.0, "until the estimate, the x1 grid"
-    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: seen.update(state) or 1.25)
+    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget, counts=None: seen.update(state) or 1.25)
     ema = [p.detach() + 1.0 for p in model.parameters()]
     trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=logs.append, fit_budget=10**6)
     tg.Trainer.estimate_qat_grid(trainer, ema)
@@ -622,17 +622,21 @@ def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_ar
 
 def test_estimate_qat_grid_balances_first_and_sets_the_role_buffer(make_args, monkeypatch):
     """With SDCLIP_BALANCE_BATCHES, the balance (GPTQ on 4x its batches) runs before the estimate, whose size
-    model then sees the balanced multipliers, and the QAT graph's role buffer holds them."""
+    model then sees the balanced multipliers and the calibration's token counts, and the QAT graph's role buffer
+    holds them."""
     a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="3", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
                   SDCLIP_ROLE_MULT="q=1.2")
     model, calls, seen = tg.GPT(a), [], {}
-    monkeypatch.setattr(tg, "collect_hessians", lambda m, args, dctx, log, n, seconds=None: calls.append(n) or ({}, n))
+    counts = torch.arange(5.0)
+    monkeypatch.setattr(tg, "collect_hessians", lambda m, args, dctx, log, n, seconds=None: calls.append(n) or (
+        {"tokens": counts}, n))
     monkeypatch.setattr(tg, "balance_roles", lambda m, args, dctx, log, hessians, calib: setattr(
         args, "role_mult", {"q": 1.2 * 1.5, "v": 0.5}))
-    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget: seen.update(args.role_mult) or 1.1)
+    monkeypatch.setattr(tg, "qat_grid_estimate", lambda state, args, budget, c=None: seen.update(
+        args.role_mult, counts=c) or 1.1)
     trainer = types.SimpleNamespace(args=a, model=model, dctx=H.DistStub(), log=lambda m: None, fit_budget=10**6)
     tg.Trainer.estimate_qat_grid(trainer, None)
-    assert calls == [12] and seen == pytest.approx({"q": 1.8, "v": 0.5})
+    assert calls == [12] and seen.pop("counts") is counts and seen == pytest.approx({"q": 1.8, "v": 0.5})
     assert torch.equal(model.qat_roles, tg.role_tensor(a)) and model.qat_roles[tg.ROLES.index("v")] == 0.5
     assert tg.PROGRESS["phase"] == "train"
 
