@@ -30,6 +30,7 @@ FRONTIER = dict(
     SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048,
     QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
     SDCLIP_BALANCE_BATCHES=4,  # ours, not the records': the export's per-role steps measured in the reserve
+    EMBED_FREQ_POWER=0.5,  # ours: the tied embedding's row steps by token count
 )
 
 # A tiny frontier model for in-process tests (on top of H.TINY_MODEL): 6 layers, layers 2..3 looped, lanes from
