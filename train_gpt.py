@@ -2294,17 +2294,20 @@ def pack_artifact(packed: dict[str, torch.Tensor], arch: dict, compressor: str) 
 
 def size_model(packed: dict[str, torch.Tensor]) -> float:
     """Order-0 entropy of each tensor's one-byte codes plus the raw bytes of the rest: tracks the compressed
-    size of an artifact to a nearly constant ratio, at a fraction of the compressor's cost. A table's rows (2-D
-    codes) are counted in groups of like mean |code| (32 per octave): their steps need not follow their spread
-    (EMBED_FREQ_POWER), and the compressor codes a row of coarse steps, nearly all zeros, by its own statistics
-    (order 0 over all rows overstated a bench embedding's brotli bytes by 14 %, grouped by 1 %)."""
-    xlogx = lambda n: (n[n > 0] * n[n > 0].log2()).sum().item()
+    size of an artifact to a nearly constant ratio, at a fraction of the compressor's cost. The rows of 2-D codes
+    (tables, LQER factors) are counted in groups of like mean |code| (32 per octave): a table's steps need not
+    follow its rows' spread (EMBED_FREQ_POWER), and the compressor codes a row of coarse steps, nearly all zeros,
+    by its own statistics (order 0 over all rows overstated a bench embedding's brotli bytes by 14 %, grouped by
+    0.8 %). A bank is one group (its rows code alike, and grouping them costs a pass over 32 M codes)."""
+    def xlogx(n: torch.Tensor) -> float:
+        n = n[n > 0]
+        return (n * n.log2()).sum().item()
     total = 0.0
     for t in packed.values():
         if t.dtype == torch.int8 and t.numel():
             rows = t if t.dim() == 2 else t.reshape(1, -1)
-            group = torch.round(32 * torch.log2(rows.abs().float().mean(1) + 0.5)).int() if t.dim() == 2 else \
-                torch.zeros(1, dtype=torch.int32)
+            group = torch.zeros(1, dtype=torch.int32, device=t.device) if t.dim() != 2 else torch.round(
+                32 * torch.log2(rows.abs().float().mean(1) + 0.5)).int()
             group -= group.min()
             joint = torch.bincount((group[:, None] * 256 + rows.int() + 128).flatten()).double()
             total += (xlogx(torch.bincount(group).double() * rows.size(1)) - xlogx(joint)) / 8
@@ -2335,10 +2338,11 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         tokens = {"tokens": hessians["tokens"]} if "tokens" in hessians else None
         rtn = lambda m: size_model(quantize_state(state, args, tokens, m))
 
-        def aim(ratio: float, target: float, at: float) -> float:  # twice: where GPTQ's codes would fit if their
-            for _ in range(2):                                      # size kept its ratio to RTN's at `at`
+        # twice: where GPTQ's codes would fit if their size kept its ratio to the rounded codes' at `at`
+        def aim(ratio: float, target: float, at: float) -> float:
+            for _ in range(2):
                 c = ratio * size_model(quant(at)) / rtn(at)
-                at = smallest_mult(lambda m: c * rtn(m) <= target, 1.002, max(at / 2, 0.5), min(at * 2, 8.0))
+                at = smallest_mult(lambda m: c * rtn(m) <= target, 1.002)
             return at
     found = search_fit(quant, cache, unfitted / size_model(packed), budget, args.prune_ones,
                        lambda p: pack_artifact(p, arch, compressor), aim)
@@ -2362,17 +2366,18 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
 SIZE_MODEL_RATIO = 1.008
 
 
-def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts=None) -> float:
+def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts: torch.Tensor | None = None) -> float:
     """QAT_GRID_MULT=0: the smallest k multiplier (in [1/2, 8], to 0.5 %) at which `state`, rounded to nearest on
-    the export grid (with the calibration's token `counts`, if any), fits `budget` by the size model; the fit the
-    export will most likely choose. SDClip codes depend on each row's shape, not its scale, so weights some steps
-    before the end estimate it well."""
+    the export grid (with the token `counts` of the balance's calibration; without them, EMBED_FREQ_POWER's rows
+    are left out), fits `budget` by the size model; the fit the export will most likely choose. SDClip codes
+    depend on each row's shape, not its scale, so weights some steps before the end estimate it well."""
     tokens = None if counts is None else {"tokens": counts}
     return smallest_mult(lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, tokens, m)) <= budget, 1.005)
 
 
-def smallest_mult(fits, tol: float, lo: float = 0.5, hi: float = 8.0) -> float:
-    """The smallest multiplier in [lo, hi], to a factor `tol`, at which the monotone `fits` holds (hi if none)."""
+def smallest_mult(fits, tol: float) -> float:
+    """The smallest multiplier in [1/2, 8], to a factor `tol`, at which the monotone `fits` holds (8 if none)."""
+    lo, hi = 0.5, 8.0
     while hi / lo > tol:
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)

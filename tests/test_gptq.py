@@ -449,7 +449,7 @@ def _write(blob, tmp_path):
 def test_size_model_counts_a_tables_rows_by_their_width():
     """A table whose rows have very different steps (as EMBED_FREQ_POWER gives) is counted per group of rows of
     like width, which tracks brotli's bytes where the order-0 entropy of all its codes overstates them; a bank
-    (3-D) is one group, its order-0 entropy."""
+    (3-D) is one group, its order-0 entropy; all-zero and empty codes cost nothing, one row its own entropy."""
     import brotli
     g = torch.Generator().manual_seed(0)
     steps = torch.logspace(-1.5, 0.5, 1024)[:, None]
@@ -461,13 +461,19 @@ def test_size_model_counts_a_tables_rows_by_their_width():
     assert grouped < 0.9 * order0 and abs(compressed / grouped - 1) < 0.04 and compressed < 0.9 * order0, (
         order0, grouped, compressed)
     assert tg.size_model({"b": q.view(2, 512, 512)}) == pytest.approx(order0)
+    zeros, one_row = torch.zeros(8, 16, dtype=torch.int8), q[:1]
+    p1 = torch.bincount(one_row.flatten().int() + 128).double() / one_row.numel()
+    assert tg.size_model({"z": zeros, "e": torch.zeros(0, 4, dtype=torch.int8)}) == 0.0
+    assert tg.size_model({"r": one_row}) == pytest.approx(-(p1[p1 > 0] * p1[p1 > 0].log2()).sum().item() * 512 / 8)
 
 
-def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args):
-    """With GPTQ, the fit starts where codes rounded to nearest would fit (their size model scaled to GPTQ's) and
-    steps by 0.2 %: it lands on the multiplier a search bracketed from 1 finds (to the 0.2 % both resolve), in at
-    most 4 GPTQ passes where that search needs 7 or more. The compressor is a stand-in whose bytes keep one ratio
-    to the size model, as brotli's do on the bench (1.006-1.008; the real-miss retry has its own test)."""
+@pytest.mark.parametrize("share", [0.9, 0.96, 1.2])
+def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, share):
+    """With GPTQ, the fit starts where codes rounded to nearest (with the token counts) would fit, their size
+    model scaled to GPTQ's, and steps by 0.2 %: for budgets near the unfitted size, as on the bench (fit k x1.07),
+    it lands on the multiplier a search bracketed from 1 finds (to the 0.2 % both resolve), in at most 4 GPTQ
+    passes where that search needs 7 or more. The compressor is a stand-in whose bytes keep one ratio to the
+    size model, as brotli's do on the bench (1.005-1.008; the real-miss retry has its own test)."""
     a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
                                   BIGRAM_VOCAB_SIZE="0", EMBED_FREQ_POWER="0.5")
     g = torch.Generator().manual_seed(0)
@@ -478,10 +484,13 @@ def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args):
     hess["tokens"] = 1e4 / torch.arange(1, a.vocab_size + 1).double()
     real, passes = tg.quantize_state, []
     pack = lambda packed, arch, compressor: bytes(int(1.007 * tg.size_model(packed)) + 100)
-    budget = int(0.96 * len(pack(real(state, a, hess), arch, "lzma")))  # a fit near k x1.1, as on the bench
+    budget = int(share * len(pack(real(state, a, hess), arch, "lzma")))
 
     def counting(st, args, hessians=None, mult=1.0, log=None):
-        passes.append(mult) if hessians and len(hessians) > 1 else None  # GPTQ, not the token counts alone
+        if len(hessians) > 1:
+            passes.append(mult)  # GPTQ
+        else:
+            assert set(hessians) == {"tokens"}, "rounded to nearest with the frequency rows"
         return real(st, args, hessians, mult, log)
 
     logs = []
@@ -654,6 +663,18 @@ def test_qat_grid_estimate_is_the_smallest_multiplier_that_fits_by_the_size_mode
         assert size(m) <= int(size(target)) < size(m / 1.005) and abs(m / target - 1) < 0.01, (target, m)
         estimates.append(m)
     assert estimates[0] < estimates[1], "a smaller budget needs a coarser grid"
+
+
+def test_qat_grid_estimate_counts_the_frequency_rows(make_args):
+    """With the calibration's token counts the estimate sizes the embedding on EMBED_FREQ_POWER's rows, as the
+    export will: the multiplier it returns fits by the size model of exactly those codes."""
+    a, state, _ = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
+                               BIGRAM_VOCAB_SIZE="0", EMBED_FREQ_POWER="1.0")
+    counts = {"tokens": 1e4 / torch.arange(1, a.vocab_size + 1).double()}
+    budget = int(0.9 * tg.size_model(tg.quantize_state(state, a, counts)))
+    with_counts, without = tg.qat_grid_estimate(state, a, budget, counts["tokens"]), tg.qat_grid_estimate(state, a, budget)
+    size = lambda m: tg.SIZE_MODEL_RATIO * tg.size_model(tg.quantize_state(state, a, counts, m))
+    assert size(with_counts) <= budget < size(with_counts / 1.005) and with_counts != without
 
 
 @pytest.mark.parametrize("weights", ["ema", "live"])
