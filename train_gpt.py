@@ -2320,9 +2320,10 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     """Quantize at k multiplier 1 and pick the compressor (COMPRESSOR=auto: the smallest). With SIZE_FIT=1,
     find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
     0.2 %, and with PRUNE_ONES=1 zero the cheapest +-1 codes of the next finer m until that fits (search_fit).
-    With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass) fit, their size model
-    scaled to GPTQ's at m = 1, and steps by 0.2 %: a few GPTQ passes instead of about eight. Never returns more
-    than `budget` bytes unless it logs that nothing fits. Returns (blob, raw bytes)."""
+    With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass) would fit, their size
+    model scaled to GPTQ's at the last probed multiplier (aim), and steps by 0.2 %: near the unfitted size, a few
+    GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless it logs that nothing
+    fits. Returns (blob, raw bytes)."""
     packed = quantize_state(state, args, hessians, 1.0, log)
     raw = sum(t.numel() * t.element_size() for t in packed.values())
     names = available_compressors() if args.compressor == "auto" else [args.compressor]
@@ -2366,13 +2367,15 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
 SIZE_MODEL_RATIO = 1.008
 
 
-def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts: torch.Tensor | None = None) -> float:
+def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts: torch.Tensor | None = None
+                      ) -> float:
     """QAT_GRID_MULT=0: the smallest k multiplier (in [1/2, 8], to 0.5 %) at which `state`, rounded to nearest on
     the export grid (with the token `counts` of the balance's calibration; without them, EMBED_FREQ_POWER's rows
     are left out), fits `budget` by the size model; the fit the export will most likely choose. SDClip codes
     depend on each row's shape, not its scale, so weights some steps before the end estimate it well."""
     tokens = None if counts is None else {"tokens": counts}
-    return smallest_mult(lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, tokens, m)) <= budget, 1.005)
+    return smallest_mult(lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, tokens, m)) <= budget,
+                         1.005)
 
 
 def smallest_mult(fits, tol: float) -> float:
