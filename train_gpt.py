@@ -2337,7 +2337,7 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     quant = lambda m: cache[m] if m in cache else cache.setdefault(m, quantize_state(state, args, hessians, m))
     if hessians and args.quant_method == "gptq":
         tokens = {"tokens": hessians["tokens"]} if "tokens" in hessians else None
-        rtn = lambda m: size_model(quantize_state(state, args, tokens, m))
+        rtn = functools.cache(lambda m: size_model(quantize_state(state, args, tokens, m)))  # aim re-reads its answer
 
         # twice: where GPTQ's codes would fit if their size kept its ratio to the rounded codes' at `at`
         def aim(ratio: float, target: float, at: float) -> float:
