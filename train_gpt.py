@@ -1955,7 +1955,7 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
 # ----------------------------------------------------------------------------- export
 
 
-ARTIFACT_MAGIC = b"PGOLF4"
+ARTIFACT_MAGIC = b"PGOLF5"
 BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 ROLES = ("q", "k", "v", "o", "up", "down", "embed")
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
@@ -2276,19 +2276,85 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return raw.tobytes() if size == 1 else np.ascontiguousarray(raw.reshape(-1, size).T).tobytes()
 
 
+ANS_PREC = 15  # rANS: probabilities in units of 2^-15
+
+
+def ans_tables(mats: list[np.ndarray]) -> np.ndarray:
+    """Per int8 matrix, its codes' counts (index code + 128) scaled to sum 2^ANS_PREC, every present code >= 1."""
+    counts = np.stack([np.bincount(m.reshape(-1).astype(np.int64) + 128, minlength=256) for m in mats])
+    freq = counts * (1 << ANS_PREC) // counts.sum(1, keepdims=True)
+    freq[(counts > 0) & (freq == 0)] = 1
+    freq[np.arange(len(freq)), counts.argmax(1)] += (1 << ANS_PREC) - freq.sum(1)
+    return freq
+
+
+def ans_matrix_ids(sizes: list[int]) -> np.ndarray:
+    """[steps, lanes]: the matrix of each coded symbol, row by row; the last step padded with the last. Up to
+    1024 interleaved 32-bit states (4 KB to flush), one per 16 K symbols, so steps stay few and states cheap."""
+    ids, lanes = np.repeat(np.arange(len(sizes)), sizes), min(1024, max(1, sum(sizes) >> 14))
+    return np.pad(ids, (0, -ids.size % lanes), constant_values=len(sizes) - 1).reshape(-1, lanes)
+
+
+def ans_encode(mats: list[np.ndarray], freq: np.ndarray) -> bytes:
+    """Interleaved rANS of int8 matrices, each on its own order-0 table `freq` (ans_tables): within a few KB of
+    their entropy, where brotli's prefix codes spend about 1 % more on the banks' codes. The stream: the final
+    states, then the 16-bit words in the order the decoder reads them."""
+    ids = ans_matrix_ids([m.size for m in mats])
+    sym = np.concatenate([m.reshape(-1).astype(np.int64) + 128 for m in mats])
+    sym = np.pad(sym, (0, ids.size - sym.size), constant_values=int(freq[-1].argmax())).reshape(ids.shape)
+    f = freq.astype(np.uint64)[ids, sym]
+    c = (np.cumsum(freq, 1) - freq).astype(np.uint64)[ids, sym]
+    x, words = np.full(ids.shape[1], 1 << 16, np.uint64), []
+    for t in reversed(range(len(ids))):  # the decoder reads forward, so the encoder writes backward
+        out = x >= f[t] << np.uint64(32 - ANS_PREC)  # keeps the state below 2^32 after this symbol
+        words.append(x[out].astype(np.uint16))
+        x = np.where(out, x >> np.uint64(16), x)
+        x = (x // f[t] << np.uint64(ANS_PREC)) + x % f[t] + c[t]
+    return x.astype("<u4").tobytes() + np.concatenate(words[::-1] or [np.empty(0, np.uint16)]).astype("<u2").tobytes()
+
+
+def ans_decode(freq: np.ndarray, data: bytes, sizes: list[int]) -> np.ndarray:
+    """The int8 codes of ans_encode, flattened and concatenated."""
+    ids = ans_matrix_ids(sizes)
+    cum, freq = (np.cumsum(freq, 1) - freq).astype(np.uint64), freq.astype(np.uint64)
+    symbol = np.stack([np.repeat(np.arange(256), f) for f in freq.astype(np.int64)])  # slot -> code + 128
+    x = np.frombuffer(data, "<u4", ids.shape[1]).astype(np.uint64)
+    words = np.frombuffer(data, "<u2", offset=4 * ids.shape[1]).astype(np.uint64)
+    out, read, slots = np.empty(ids.shape, np.int64), 0, np.uint64((1 << ANS_PREC) - 1)
+    for t, m in enumerate(ids):
+        slot = x & slots
+        out[t] = s = symbol[m, slot]
+        x = freq[m, s] * (x >> np.uint64(ANS_PREC)) + slot - cum[m, s]
+        low = x < 1 << 16
+        n = int(low.sum())
+        x[low] = x[low] << np.uint64(16) | words[read:read + n]
+        read += n
+    if read != words.size or not (x == 1 << 16).all():
+        raise ValueError("the rANS stream does not decode to its end state")
+    return (out.reshape(-1)[:sum(sizes)] - 128).astype(np.int8)
+
+
 def pack_artifact(packed: dict[str, torch.Tensor], arch: dict, compressor: str) -> bytes:
-    """Serialize quantized tensors (one-byte codes first, grouped by role; then the byte planes of the rest)
-    and compress them in independent 2 MiB chunks on all CPU cores. Layout: magic, compressor, header length,
-    JSON header (arch, tensor specs, chunk sizes), chunks, and the SHA-256 of everything before it (so a
-    changed digit in the header cannot load as a different model)."""
-    keys = sorted(packed, key=lambda k: (packed[k].element_size(), k))
-    specs = [(k, str(packed[k].dtype).removeprefix("torch."), list(packed[k].shape)) for k in keys]
-    data = b"".join(tensor_bytes(packed[k]) for k in keys)
+    """Serialize quantized tensors and compress them: the banks' int8 codes by rANS (one table per matrix), the
+    rest (one-byte codes first, grouped by role; then the byte planes of the others, with the rANS tables) by
+    `compressor` in independent 2 MiB chunks on all CPU cores. Layout: magic, compressor, header length, JSON
+    header (arch, tensor specs, chunk sizes, rANS tensors), chunks, rANS stream, and the SHA-256 of everything
+    before it (so a changed digit in the header cannot load as a different model)."""
+    banks = sorted(k for k, t in packed.items() if t.dtype == torch.int8 and t.dim() == 3)
+    mats = [m for k in banks for m in packed[k].numpy()]
+    freq = ans_tables(mats) if mats else np.zeros((0, 256), np.int64)
+    rest = {k: t for k, t in packed.items() if k not in banks} | {"ans.freq": torch.from_numpy(freq.astype(np.int32))}
+    keys = sorted(rest, key=lambda k: (rest[k].element_size(), k))
+    specs = [(k, str(rest[k].dtype).removeprefix("torch."), list(rest[k].shape)) for k in keys]
+    data = b"".join(tensor_bytes(rest[k]) for k in keys)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
+        stream = pool.submit(ans_encode, mats, freq) if mats else None
         chunks = list(pool.map(lambda i: _compress(data[i:i + CHUNK_BYTES], compressor), range(0, len(data), CHUNK_BYTES)))
-    header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks]}).encode()
+        stream = stream.result() if mats else b""
+    header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks],
+                         "ans": [[k, list(packed[k].shape)] for k in banks]}).encode()
     blob = ARTIFACT_MAGIC + compressor[:4].encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
-    blob += b"".join(chunks)
+    blob += b"".join(chunks) + stream
     return blob + hashlib.sha256(blob).digest()
 
 
@@ -2298,15 +2364,15 @@ def size_model(packed: dict[str, torch.Tensor]) -> float:
     (tables, LQER factors) are counted in groups of like mean |code| (32 per octave): a table's steps need not
     follow its rows' spread (EMBED_FREQ_POWER), and the compressor codes a row of coarse steps, nearly all zeros,
     by its own statistics (order 0 over all rows overstated a bench embedding's brotli bytes by 14 %, grouped by
-    0.8 %). A bank is one group (its rows code alike, and grouping them costs a pass over 32 M codes)."""
+    0.8 %). Each matrix of a bank is one group, as rANS codes it (pack_artifact)."""
     def xlogx(n: torch.Tensor) -> float:
         n = n[n > 0]
         return (n * n.log2()).sum().item()
     total = 0.0
     for t in packed.values():
         if t.dtype == torch.int8 and t.numel():
-            rows = t if t.dim() == 2 else t.reshape(1, -1)
-            group = torch.zeros(1, dtype=torch.int32, device=t.device) if t.dim() != 2 else torch.round(
+            rows = t if t.dim() == 2 else t.reshape(len(t) if t.dim() == 3 else 1, -1)
+            group = torch.arange(len(rows), dtype=torch.int32, device=t.device) if t.dim() != 2 else torch.round(
                 32 * torch.log2(rows.abs().float().mean(1) + 0.5)).int()
             group -= group.min()
             joint = torch.bincount((group[:, None] * 256 + rows.int() + 128).flatten()).double()
@@ -2361,10 +2427,11 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     return blob, raw
 
 
-# compressed GPTQ artifact / size_model of the same weights rounded to nearest: 1.0058 and 1.0078 (two bench
-# artifacts, brotli over size_model of their GPTQ codes; 1.0051 with frequency rows) x 1.0008-1.0017 (size_model
+# compressed GPTQ artifact / size_model of the same weights rounded to nearest: 0.9976 and 0.9972 (two bench
+# artifacts without frequency rows, re-packed: the banks by rANS, the rest by brotli, over size_model of their
+# GPTQ codes; brotli codes an embedding with frequency rows 1.5 % below its size model) x 1.0008-1.0017 (size_model
 # of GPTQ over RTN codes)
-SIZE_MODEL_RATIO = 1.008
+SIZE_MODEL_RATIO = 0.997
 
 
 def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts: torch.Tensor | None = None
@@ -2469,8 +2536,6 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
         for n in header["chunks"]:
             parts.append(_decompress(data[pos:pos + n], compressor))
             pos += n
-        if pos != len(data):
-            raise ValueError(f"{len(data) - pos} trailing bytes")
         raw, offset, packed = b"".join(parts), 0, {}
         for name, dtype, shape in header["tensors"]:
             dt = getattr(torch, dtype)
@@ -2482,6 +2547,15 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
             offset += n
         if offset != len(raw):
             raise ValueError("payload size does not match the tensor specs")
+        sizes = [math.prod(shape[1:]) for _, shape in header["ans"] for _ in range(shape[0])]
+        freq = packed.pop("ans.freq").numpy()
+        if not sizes and pos != len(data):
+            raise ValueError(f"{len(data) - pos} trailing bytes")
+        codes = torch.from_numpy(ans_decode(freq, data[pos:], sizes)) if sizes else None
+        start = 0
+        for name, shape in header["ans"]:
+            packed[name] = codes[start:start + math.prod(shape)].view(shape)
+            start += math.prod(shape)
         return header["arch"], dequantize_state(packed)
     except Exception as e:
         raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None

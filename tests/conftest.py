@@ -100,7 +100,7 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # when it starts, with a cap that makes the fit coarsen the steps, on 1 and 2 ranks; and a re-export of its
     # checkpoint with the balance off, which must still keep QAT's grid and multipliers
     "frontier_qat_auto": (dict(QAT_AUTO, SIZE_LIMIT=lambda dep: len(
-        tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.8 * dep.artifact.stat().st_size)), 1, "frontier_acc_1p"),
+        tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.7 * dep.artifact.stat().st_size)), 1, "frontier_acc_1p"),
     "frontier_qat_auto_2p": (dict(QAT_AUTO, SIZE_LIMIT=lambda dep: dep.env["SIZE_LIMIT"]), 2, "frontier_qat_auto"),
     "frontier_qat_auto_export_only": ({**FRONTIER_ACC, "SIZE_LIMIT": lambda dep: dep.env["SIZE_LIMIT"],
                                        "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},

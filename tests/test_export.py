@@ -1,6 +1,6 @@
 """Quantization and artifact export of train_gpt.py (SPEC §6-7, §10.3, §10.8): fake-quant/STE on the export grid,
 the per-row clip search and SDClip, full-Hessian GPTQ and its calibration, LQER, +-1 pruning, the size fit,
-byte planes and the three compressors, artifact round trips and corrupted-artifact errors. The end-to-end export
+byte planes, the banks' rANS coder and the three compressors, artifact round trips and corrupted-artifact errors. The end-to-end export
 checks (EMA/SWA/live choice, size accounting, over-the-cap runs) are in test_runs.py."""
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def good_blob(make_args, tmp_path):
 
 
 def _resign(body: bytes) -> bytes:
-    """A PGOLF4 file of `body` (everything before the checksum) with a matching trailing SHA-256: a corruption
+    """A PGOLF5 file of `body` (everything before the checksum) with a matching trailing SHA-256: a corruption
     that the checksum cannot see, so the parser behind it is exercised."""
     return body + hashlib.sha256(body).digest()
 
@@ -241,6 +241,70 @@ def test_flipped_bytes_detected_zstd(good_blob, tmp_path):
 
 def test_flipped_bytes_detected_brotli(good_blob, tmp_path):
     _assert_flips_detected(good_blob[0]["brotli"], tmp_path)
+
+
+def _codes(shape, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.clamp(torch.round(torch.randn(shape, generator=g) * scale), -31, 31).to(torch.int8).numpy()
+
+
+def _order0_bytes(m):
+    import numpy as np
+    p = np.bincount(m.reshape(-1).astype(np.int64) + 128) / m.size
+    return -(p[p > 0] * np.log2(p[p > 0])).sum() * m.size / 8
+
+
+def test_rans_round_trips_any_codes_at_every_lane_count():
+    """Every int8 value, one-code matrices, a rare code, and sizes from one lane to many (the last step
+    padded) decode exactly; a stream one word short or long, or cut inside, is refused."""
+    import numpy as np
+    full = np.arange(-128, 128, dtype=np.int8).repeat(3).reshape(3, 256)
+    rare = np.zeros((4, 100), np.int8)
+    rare[2, 7] = -127
+    for mats in ([full], [np.zeros((5, 7), np.int8)], [rare, full], [_codes((64, 3001), 2.5, 0), _codes((7, 64), 9.0, 1)],
+                 [_codes((400, 1000), 3.0, 2)]):
+        freq = tg.ans_tables(mats)
+        present = np.stack([np.bincount(m.reshape(-1).astype(np.int64) + 128, minlength=256) > 0 for m in mats])
+        assert (freq.sum(1) == 1 << tg.ANS_PREC).all() and ((freq > 0) == present).all()
+        stream = tg.ans_encode(mats, freq)
+        sizes = [m.size for m in mats]
+        got = tg.ans_decode(freq.astype(np.int32), stream, sizes)
+        assert np.array_equal(got, np.concatenate([m.reshape(-1) for m in mats]))
+        lanes = tg.ans_matrix_ids(sizes).shape[1]
+        assert lanes == min(1024, max(1, sum(sizes) >> 14))
+        for bad in (stream[:-2], stream + b"\0\0", stream[:4 * lanes + 2] + stream[4 * lanes + 4:]):
+            if bad != stream:
+                with pytest.raises(ValueError):
+                    tg.ans_decode(freq, bad, sizes)
+
+
+def test_rans_codes_within_a_few_bytes_of_the_entropy_and_below_brotli():
+    """Two matrices of int6-like codes at different widths (as a bank's q and o): the stream is each matrix's
+    order-0 entropy plus its states and the tables' rounding, about 1 % under brotli of the same bytes."""
+    import brotli
+    mats = [_codes((512, 1024), 2.2, 3), _codes((512, 1024), 6.0, 4)]
+    stream = tg.ans_encode(mats, tg.ans_tables(mats))
+    entropy = sum(_order0_bytes(m) for m in mats)
+    lanes = tg.ans_matrix_ids([m.size for m in mats]).shape[1]
+    assert entropy < len(stream) < entropy * 1.0005 + 4 * lanes + 16, (len(stream), entropy)
+    assert len(stream) < 0.993 * len(brotli.compress(b"".join(m.tobytes() for m in mats), quality=11, lgwin=24))
+
+
+def test_packed_banks_go_to_the_rans_stream(make_args):
+    """pack_artifact codes 3-D int8 tensors (the banks) by rANS, listed in the header, and everything else through
+    the compressor's chunks; the size model counts each bank matrix as the stream does."""
+    import json
+    m, a = _trained_like_model(make_args)
+    packed = tg.quantize_state(m.state_dict(), a)
+    banks = sorted(k for k, t in packed.items() if t.dim() == 3 and t.dtype == torch.int8)
+    blob = tg.pack_artifact(packed, {"num_layers": a.num_layers}, "lzma")
+    hlen = struct.unpack("<I", blob[10:14])[0]
+    header = json.loads(blob[14:14 + hlen])
+    assert banks and [k for k, _ in header["ans"]] == banks and not set(banks) & {k for k, *_ in header["tensors"]}
+    mats = [x for k in banks for x in packed[k].numpy()]
+    stream = tg.ans_encode(mats, tg.ans_tables(mats))
+    assert blob[14 + hlen + sum(header["chunks"]):-32] == stream
+    assert tg.size_model({k: packed[k] for k in banks}) == pytest.approx(sum(_order0_bytes(x) for x in mats))
 
 
 # ----------------------------------------------------------------------------- size fitting (SIZE_FIT)

@@ -448,30 +448,35 @@ def _write(blob, tmp_path):
 
 def test_size_model_counts_a_tables_rows_by_their_width():
     """A table whose rows have very different steps (as EMBED_FREQ_POWER gives) is counted per group of rows of
-    like width, which tracks brotli's bytes where the order-0 entropy of all its codes overstates them; a bank
-    (3-D) is one group, its order-0 entropy; all-zero and empty codes cost nothing, one row its own entropy."""
+    like width, which tracks brotli's bytes where the order-0 entropy of all its codes overstates them; each
+    matrix of a bank (3-D) is one group, as rANS codes it; all-zero and empty codes cost nothing, one row its own
+    entropy."""
     import brotli
     g = torch.Generator().manual_seed(0)
     steps = torch.logspace(-1.5, 0.5, 1024)[:, None]
     q = torch.clamp(torch.round(torch.randn(1024, 512, generator=g) / steps), -127, 127).to(torch.int8)
-    p = torch.bincount(q.flatten().int() + 128).double() / q.numel()
-    order0 = -(p[p > 0] * p[p > 0].log2()).sum().item() * q.numel() / 8
-    grouped = tg.size_model({"t": q})
+
+    def order0_bytes(codes):
+        p = torch.bincount(codes.flatten().int() + 128).double() / codes.numel()
+        return -(p[p > 0] * p[p > 0].log2()).sum().item() * codes.numel() / 8
+
+    order0, grouped = order0_bytes(q), tg.size_model({"t": q})
     compressed = len(brotli.compress(q.numpy().tobytes(), quality=11, lgwin=24))
     assert grouped < 0.9 * order0 and abs(compressed / grouped - 1) < 0.04 and compressed < 0.9 * order0, (
         order0, grouped, compressed)
-    assert tg.size_model({"b": q.view(2, 512, 512)}) == pytest.approx(order0)
+    halves = q.view(2, 512, 512)  # fine steps above, coarse below
+    assert tg.size_model({"b": halves}) == pytest.approx(order0_bytes(halves[0]) + order0_bytes(halves[1]))
+    assert tg.size_model({"b": halves}) < 0.95 * order0
     zeros, one_row = torch.zeros(8, 16, dtype=torch.int8), q[:1]
-    p1 = torch.bincount(one_row.flatten().int() + 128).double() / one_row.numel()
     assert tg.size_model({"z": zeros, "e": torch.zeros(0, 4, dtype=torch.int8)}) == 0.0
-    assert tg.size_model({"r": one_row}) == pytest.approx(-(p1[p1 > 0] * p1[p1 > 0].log2()).sum().item() * 512 / 8)
+    assert tg.size_model({"r": one_row}) == pytest.approx(order0_bytes(one_row))
 
 
 @pytest.mark.parametrize("share", [0.9, 0.96, 1.2])
 def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, share):
     """With GPTQ, the fit starts where codes rounded to nearest (with the token counts) would fit, their size
     model scaled to GPTQ's, and steps by 0.2 %: for budgets near the unfitted size, as on the bench (fit k x1.07),
-    it lands on the multiplier a search bracketed from 1 finds (to the 0.2 % both resolve), in at most 4 GPTQ
+    it lands on the multiplier a search bracketed from 1 finds (to the 0.2 % both resolve, or finer), in at most 4 GPTQ
     passes where that search needs 7 or more. The compressor is a stand-in whose bytes keep one ratio to the
     size model, as brotli's do on the bench (1.005-1.008; the real-miss retry has its own test)."""
     a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
@@ -503,7 +508,8 @@ def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, sh
     quant = lambda m: cache[m] if m in cache else cache.setdefault(m, real(state, a, hess, m))
     ratio = len(pack(cache[1.0], arch, "")) / tg.size_model(cache[1.0])
     _, reference, _ = tg.search_fit(quant, cache, ratio, budget, False, lambda p: pack(p, arch, ""))
-    assert len(cache) >= 7 and abs(math.log(used / reference)) <= math.log(1.0021), (used, reference, len(cache))
+    # never coarser than that search's answer beyond their resolution; a little finer (a fit it stepped over) is fine
+    assert len(cache) >= 7 and reference / 1.005 <= used <= reference * 1.0021, (used, reference, len(cache))
 
 
 def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_args):
@@ -729,9 +735,8 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     grid = grid_line.split()[2]
     moved = next(ln for ln in lines if ln.startswith(f"size_fit: QAT trained on the k {grid} grid; the export grid "
                                                       f"moved x")).split("moved x")[1].split()[0]
-    # the cap coarsens the grid, and the estimate lands near the fit: on this tiny model only to about 11 %, since
-    # its artifact compresses to 0.96 of the size model (9 % of it fp16), not to the bench model's 1.008
-    assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.15, (grid, moved)
+    # the cap coarsens the grid, and the estimate lands near the fit (here within 1.1-1.4 %)
+    assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.04, (grid, moved)
     assert f"export_grid: the checkpoint trained with QAT on the k {grid} grid" in again.log
     assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
     assert f"grid, SDCLIP_ROLE_MULT={measured}" in again.log, "with the role multipliers QAT trained on"
