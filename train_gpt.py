@@ -2281,8 +2281,9 @@ ANS_PREC = 15  # rANS: probabilities in units of 2^-15
 
 def ans_tables(mats: list[np.ndarray]) -> np.ndarray:
     """Per int8 matrix, its codes' counts (index code + 128) scaled to sum 2^ANS_PREC, every present code >= 1."""
-    counts = np.stack([np.bincount(m.reshape(-1).astype(np.int64) + 128, minlength=256) for m in mats])
-    freq = counts * (1 << ANS_PREC) // counts.sum(1, keepdims=True)
+    counts = np.array([np.bincount(m.reshape(-1).astype(np.int64) + 128, minlength=256) for m in mats],
+                      np.int64).reshape(-1, 256)
+    freq = counts * (1 << ANS_PREC) // np.maximum(counts.sum(1, keepdims=True), 1)
     freq[(counts > 0) & (freq == 0)] = 1
     freq[np.arange(len(freq)), counts.argmax(1)] += (1 << ANS_PREC) - freq.sum(1)
     return freq
@@ -2291,36 +2292,45 @@ def ans_tables(mats: list[np.ndarray]) -> np.ndarray:
 def ans_matrix_ids(sizes: list[int]) -> np.ndarray:
     """[steps, lanes]: the matrix of each coded symbol, row by row; the last step padded with the last. Up to
     1024 interleaved 32-bit states (4 KB to flush), one per 16 K symbols, so steps stay few and states cheap."""
-    ids, lanes = np.repeat(np.arange(len(sizes)), sizes), min(1024, max(1, sum(sizes) >> 14))
-    return np.pad(ids, (0, -ids.size % lanes), constant_values=len(sizes) - 1).reshape(-1, lanes)
+    ids, lanes = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), min(1024, max(1, sum(sizes) >> 14))
+    return np.pad(ids, (0, -ids.size % lanes), mode="edge").reshape(-1, lanes)
 
 
 def ans_encode(mats: list[np.ndarray], freq: np.ndarray) -> bytes:
     """Interleaved rANS of int8 matrices, each on its own order-0 table `freq` (ans_tables): within a few KB of
-    their entropy, where brotli spends about 1.3 % more on the banks' codes. The stream: the final
-    states, then the 16-bit words in the order the decoder reads them."""
+    their entropy, where brotli spends about 1.3 % more on the banks' codes. The stream: the final states, then
+    the 16-bit words in the order the decoder reads them."""
     ids = ans_matrix_ids([m.size for m in mats])
-    sym = np.concatenate([m.reshape(-1).astype(np.int64) + 128 for m in mats])
-    sym = np.pad(sym, (0, ids.size - sym.size), constant_values=int(freq[-1].argmax())).reshape(ids.shape)
+    sym = np.concatenate([np.zeros(0, np.int32)] + [m.reshape(-1).astype(np.int32) + 128 for m in mats])
+    sym = np.pad(sym, (0, ids.size - sym.size), mode="edge").reshape(ids.shape)
     f = freq.astype(np.uint64)[ids, sym]
     c = (np.cumsum(freq, 1) - freq).astype(np.uint64)[ids, sym]
-    x, words = np.full(ids.shape[1], 1 << 16, np.uint64), []
+    x, words = np.full(ids.shape[1], 1 << 16, np.uint64), [np.zeros(0, np.uint16)]
     for t in reversed(range(len(ids))):  # the decoder reads forward, so the encoder writes backward
         out = x >= f[t] << np.uint64(32 - ANS_PREC)  # keeps the state below 2^32 after this symbol
         words.append(x[out].astype(np.uint16))
         x = np.where(out, x >> np.uint64(16), x)
         x = (x // f[t] << np.uint64(ANS_PREC)) + x % f[t] + c[t]
-    return x.astype("<u4").tobytes() + np.concatenate(words[::-1] or [np.empty(0, np.uint16)]).astype("<u2").tobytes()
+    return x.astype("<u4").tobytes() + np.concatenate(words[::-1]).astype("<u2").tobytes()
+
+
+@functools.lru_cache(maxsize=1)  # COMPRESSOR=auto packs the same codes once per compressor
+def ans_stream(codes: bytes, sizes: tuple[int, ...]) -> bytes:
+    """ans_encode of the int8 matrices of `sizes`, concatenated in `codes`."""
+    mats = np.split(np.frombuffer(codes, np.int8), np.cumsum(sizes, dtype=np.int64)[:-1]) if sizes else []
+    return ans_encode(mats, ans_tables(mats))
 
 
 def ans_decode(freq: np.ndarray, data: bytes, sizes: list[int]) -> np.ndarray:
     """The int8 codes of ans_encode, flattened and concatenated."""
+    if freq.shape != (len(sizes), 256) or (freq < 0).any() or (freq.sum(1) != 1 << ANS_PREC).any():
+        raise ValueError("the rANS tables do not match the coded tensors")
     ids = ans_matrix_ids(sizes)
     cum, freq = (np.cumsum(freq, 1) - freq).astype(np.uint64), freq.astype(np.uint64)
-    symbol = np.stack([np.repeat(np.arange(256), f) for f in freq.astype(np.int64)])  # slot -> code + 128
+    symbol = np.array([np.repeat(np.arange(256), f) for f in freq.astype(np.int64)], np.int64).reshape(-1, 1 << ANS_PREC)
     x = np.frombuffer(data, "<u4", ids.shape[1]).astype(np.uint64)
     words = np.frombuffer(data, "<u2", offset=4 * ids.shape[1]).astype(np.uint64)
-    out, read, slots = np.empty(ids.shape, np.int64), 0, np.uint64((1 << ANS_PREC) - 1)
+    out, read, slots = np.empty(ids.shape, np.int16), 0, np.uint64((1 << ANS_PREC) - 1)
     for t, m in enumerate(ids):
         slot = x & slots
         out[t] = s = symbol[m, slot]
@@ -2342,15 +2352,15 @@ def pack_artifact(packed: dict[str, torch.Tensor], arch: dict, compressor: str) 
     before it (so a changed digit in the header cannot load as a different model)."""
     banks = sorted(k for k, t in packed.items() if t.dtype == torch.int8 and t.dim() == 3)
     mats = [m for k in banks for m in packed[k].numpy()]
-    freq = ans_tables(mats) if mats else np.zeros((0, 256), np.int64)
-    rest = {k: t for k, t in packed.items() if k not in banks} | {"ans.freq": torch.from_numpy(freq.astype(np.int32))}
+    rest = {k: t for k, t in packed.items() if k not in banks} | {"ans.freq": torch.from_numpy(
+        ans_tables(mats).astype(np.int32))}
     keys = sorted(rest, key=lambda k: (rest[k].element_size(), k))
     specs = [(k, str(rest[k].dtype).removeprefix("torch."), list(rest[k].shape)) for k in keys]
     data = b"".join(tensor_bytes(rest[k]) for k in keys)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        stream = pool.submit(ans_encode, mats, freq) if mats else None
+        stream = pool.submit(ans_stream, b"".join(m.tobytes() for m in mats), tuple(m.size for m in mats))
         chunks = list(pool.map(lambda i: _compress(data[i:i + CHUNK_BYTES], compressor), range(0, len(data), CHUNK_BYTES)))
-        stream = stream.result() if mats else b""
+        stream = stream.result()
     header = json.dumps({"arch": arch, "tensors": specs, "chunks": [len(c) for c in chunks],
                          "ans": [[k, list(packed[k].shape)] for k in banks]}).encode()
     blob = ARTIFACT_MAGIC + compressor[:4].encode().ljust(4, b"\0") + struct.pack("<I", len(header)) + header
@@ -2429,8 +2439,8 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
 
 # compressed GPTQ artifact / size_model of the same weights rounded to nearest: 0.9976 and 0.9972 (two bench
 # artifacts without frequency rows, re-packed: the banks by rANS, the rest by brotli, over size_model of their
-# GPTQ codes; brotli codes an embedding with frequency rows 1.5 % below its size model) x 1.0008-1.0017 (size_model
-# of GPTQ over RTN codes)
+# GPTQ codes) x 1.0008-1.0017 (size_model of GPTQ over RTN codes) = 0.998-0.999, less about 0.002 with frequency
+# rows (brotli codes such an embedding 1.5 % below its size model)
 SIZE_MODEL_RATIO = 0.997
 
 
@@ -2548,14 +2558,9 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
         if offset != len(raw):
             raise ValueError("payload size does not match the tensor specs")
         sizes = [math.prod(shape[1:]) for _, shape in header["ans"] for _ in range(shape[0])]
-        freq = packed.pop("ans.freq").numpy()
-        if not sizes and pos != len(data):
-            raise ValueError(f"{len(data) - pos} trailing bytes")
-        codes = torch.from_numpy(ans_decode(freq, data[pos:], sizes)) if sizes else None
-        start = 0
-        for name, shape in header["ans"]:
-            packed[name] = codes[start:start + math.prod(shape)].view(shape)
-            start += math.prod(shape)
+        codes = torch.from_numpy(ans_decode(packed.pop("ans.freq").numpy(), data[pos:], sizes))
+        for (name, shape), t in zip(header["ans"], codes.split([math.prod(shape) for _, shape in header["ans"]])):
+            packed[name] = t.view(shape)
         return header["arch"], dequantize_state(packed)
     except Exception as e:
         raise ValueError(f"artifact {path} is corrupted and cannot be loaded: {e}") from None

@@ -177,7 +177,7 @@ def _resign(body: bytes) -> bytes:
 
 @pytest.mark.parametrize("case", ["truncated_half", "truncated_tail", "wrong_magic", "unknown_compressor",
                                   "empty", "garbage_payload", "signed_unknown_compressor", "signed_garbage_payload",
-                                  "signed_truncated_chunks", "signed_bad_header_json"])
+                                  "signed_truncated_stream", "signed_truncated_chunks", "signed_bad_header_json"])
 @pytest.mark.parametrize("compressor", ["brotli", "zstd", "lzma"])
 def test_corrupted_artifact_fails_with_clear_error(good_blob, tmp_path, case, compressor):
     blob = good_blob[0][compressor]
@@ -192,7 +192,8 @@ def test_corrupted_artifact_fails_with_clear_error(good_blob, tmp_path, case, co
         "garbage_payload": blob[:10] + bytes(range(256)) * 8,
         "signed_unknown_compressor": _resign(body[:6] + b"gzip" + body[10:]),
         "signed_garbage_payload": _resign(body[:14 + hlen] + bytes(range(256)) * 8),
-        "signed_truncated_chunks": _resign(body[:-100]),
+        "signed_truncated_stream": _resign(body[:-100]),
+        "signed_truncated_chunks": _resign(body[:14 + hlen + 10] + body[14 + hlen + 30:]),
         "signed_bad_header_json": _resign(body[:14] + b"{" * hlen + body[14 + hlen:]),
     }[case]
     path = tmp_path / f"bad_{case}.ptz"
@@ -255,14 +256,15 @@ def _order0_bytes(m):
 
 
 def test_rans_round_trips_any_codes_at_every_lane_count():
-    """Every int8 value, one-code matrices, a rare code, and sizes from one lane to many (the last step
-    padded) decode exactly; a stream one word short or long, or cut inside, is refused."""
+    """Every int8 value, one-code matrices, a code seen once in 2^20 (frequency 1, which the most frequent code
+    pays for), one-element matrices, and sizes from one lane to many (the last step padded) decode exactly; a
+    stream one word short or long, or cut inside, and tables that do not fit the tensors are refused."""
     import numpy as np
     full = np.arange(-128, 128, dtype=np.int8).repeat(3).reshape(3, 256)
-    rare = np.zeros((4, 100), np.int8)
-    rare[2, 7] = -127
-    for mats in ([full], [np.zeros((5, 7), np.int8)], [rare, full], [_codes((64, 3001), 2.5, 0), _codes((7, 64), 9.0, 1)],
-                 [_codes((400, 1000), 3.0, 2)]):
+    rare = np.zeros((1, 1 << 20), np.int8)
+    rare[0, 7] = -127
+    for mats in ([full], [np.zeros((5, 7), np.int8)], [rare], [rare[:, :1], full[:1, :1]],
+                 [_codes((64, 3001), 2.5, 0), _codes((7, 64), 9.0, 1)], [_codes((400, 1000), 3.0, 2)]):
         freq = tg.ans_tables(mats)
         present = np.stack([np.bincount(m.reshape(-1).astype(np.int64) + 128, minlength=256) > 0 for m in mats])
         assert (freq.sum(1) == 1 << tg.ANS_PREC).all() and ((freq > 0) == present).all()
@@ -271,11 +273,16 @@ def test_rans_round_trips_any_codes_at_every_lane_count():
         got = tg.ans_decode(freq.astype(np.int32), stream, sizes)
         assert np.array_equal(got, np.concatenate([m.reshape(-1) for m in mats]))
         lanes = tg.ans_matrix_ids(sizes).shape[1]
-        assert lanes == min(1024, max(1, sum(sizes) >> 14))
         for bad in (stream[:-2], stream + b"\0\0", stream[:4 * lanes + 2] + stream[4 * lanes + 4:]):
             if bad != stream:
                 with pytest.raises(ValueError):
                     tg.ans_decode(freq, bad, sizes)
+    assert tg.ans_tables([rare])[0, 1] == 1
+    assert [tg.ans_matrix_ids([n]).shape for n in (5, 3 << 14, 1 << 24)] == [(5, 1), (1 << 14, 3), (1 << 14, 1024)]
+    freq = tg.ans_tables([full])
+    for bad in (np.concatenate([freq, freq]), freq - (np.arange(256) == 0), np.where(np.arange(256) == 5, -1, freq + 0)):
+        with pytest.raises(ValueError, match="tables do not match"):
+            tg.ans_decode(bad, tg.ans_encode([full], freq), [full.size])
 
 
 def test_rans_codes_within_a_few_bytes_of_the_entropy_and_below_brotli():
