@@ -262,6 +262,7 @@ class Hyperparameters:
         self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # export (and QAT) step multipliers: q=1.5,v=0.7
         self.sdclip_balance_batches = env("SDCLIP_BALANCE_BATCHES", 0)  # > 0: measure per-role multipliers (gptq)
         self.embed_freq_power = env("EMBED_FREQ_POWER", 0.0)  # > 0: tied-embedding row steps by token count (gptq)
+        self.column_roles = tuple(r for r in env("SDCLIP_COLUMN_ROLES", "").split(",") if r)  # e.g. o (gptq)
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
@@ -334,6 +335,10 @@ class Hyperparameters:
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
         need(0 <= self.embed_freq_power <= 2 and (self.embed_freq_power == 0 or self.quant_method == "gptq"),
              "EMBED_FREQ_POWER must lie in [0, 2], and be > 0 only with QUANT_METHOD=gptq")
+        need(set(self.column_roles) <= set(ROLES) and not (self.column_roles and (
+            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0)),
+             f"SDCLIP_COLUMN_ROLES: roles among {','.join(ROLES)}, only with QUANT_METHOD=gptq and without QAT "
+             f"(whose grid has no column steps)")
         need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
                   and self.qat_grid_mult > 0),
              "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
@@ -2052,6 +2057,18 @@ def frequency_mults(counts: torch.Tensor, power: float) -> torch.Tensor:
     return (r / r.log().mean().exp()).clamp(0.25, 4.0).float()
 
 
+def column_codes(H: torch.Tensor) -> torch.Tensor:
+    """SDCLIP_COLUMN_ROLES: per input column j of a GPTQ unit, a step multiplier 2^(code/16) ~ imp_j^(-1/4) with
+    imp_j = 1/[H^-1]_jj (damped as GPTQ does), what quantizing column j costs per squared step once the later
+    columns compensate; geometric mean 1, clamped to [1/4, 4]. Columns that matter little (inputs from heads that
+    barely fire) get coarser steps, the others finer ones, at about the same bytes. The rate-distortion optimum
+    would be imp^(-1/2); a CPU check on a bench artifact preferred half of it (docs/cpu_logs)."""
+    d = H.double().diagonal()
+    inv = torch.linalg.inv(H.double() + GPTQ_DAMP * d.mean() * torch.eye(len(d), dtype=torch.float64, device=H.device))
+    log_imp = -inv.diagonal().clamp_min(1e-30).log2()
+    return torch.round(-4 * (log_imp - log_imp.mean())).clamp(-32, 32).to(torch.int8).cpu()
+
+
 def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
     """Step multipliers per role that minimize the summed gap at the same total bits, if each role's gap grows
     as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
@@ -2114,7 +2131,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
     GPTQ on its SDClip steps, the others are rounded to nearest; the Hessians' token counts ("tokens") set the
     tied embedding's row steps under EMBED_FREQ_POWER. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
-    codes, steps = {}, {}
+    codes, steps, columns = {}, {}, {}
     roles = role_tensor(args)
     role_m = {n: role_mults(roles, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
     if args.embed_freq_power > 0 and hessians and "tokens" in hessians and "tok_emb.weight" in mats:
@@ -2128,23 +2145,31 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
         batches = {}  # units of one shape run as one batched GPTQ
         for key, parts in gptq_units(args.num_layers):
             if key in hessians and all(n in mats for n, _ in parts):
-                W = torch.cat([mats[n][i] if mats[n].dim() == 3 else mats[n] for n, i in parts])
-                batches.setdefault((tensor_family(parts[0][0]), *W.shape), []).append((W, hessians[key], parts))
+                W, H = torch.cat([mats[n][i] if mats[n].dim() == 3 else mats[n] for n, i in parts]), hessians[key]
+                cols = column_codes(H) if {matrix_roles(n, len(mats[n]) if mats[n].dim() == 3 else 1)[max(i, 0)]
+                                           for n, i in parts} & set(args.column_roles) else None
+                if cols is not None:  # GPTQ of W / c on c H c: the same as steps s_row * c_col on W
+                    c = torch.exp2(cols.float() / 16).to(W.device)
+                    W, H = W / c, H.to(W.device) * c[:, None] * c
+                batches.setdefault((tensor_family(parts[0][0]), *W.shape), []).append((W, H, parts, cols))
         for (family, *_), units in batches.items():
             qmax, k = export_grid(args, family)
             W = torch.stack([u[0] for u in units])
             m = mult * torch.stack([torch.cat([role_m[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
-                                    for *_, parts in units])
+                                    for _, _, parts, _ in units])
             s = sdclip_steps(W, k * m, qmax).squeeze(-1)
             Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
-            for (w, _, parts), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
-                if not good:  # Cholesky failed: the clip search, rounded to nearest
+            for (w, _, parts, cols), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
+                if not good:  # Cholesky failed: the clip search, rounded to nearest (on the unscaled columns)
+                    w, cols = (w if cols is None else w * torch.exp2(cols.float() / 16).to(w.device)), None
                     q, si = quantize_rows(w, qmax, args.clip_fracs, mi)
                     fallbacks += 1
                 row = 0
                 for n, i in parts:
                     r = mats[n].size(-2)
                     codes[n][max(i, 0)], steps[n][max(i, 0)] = q[row:row + r], si[row:row + r].float()
+                    if cols is not None:
+                        columns.setdefault(n, torch.zeros(len(codes[n]), len(cols), dtype=torch.int8))[max(i, 0)] = cols
                     row += r
     if log and fallbacks:
         log(f"gptq: Cholesky failed for {fallbacks} matrices; they use the clip search instead")
@@ -2153,6 +2178,8 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
         if name in mats:
             out[name + ".q"] = codes[name].reshape(t.shape).cpu()
             out[name + ".qscale"] = steps[name].reshape(-1).half().cpu()
+            if name in columns:
+                out[name + ".qcol"] = columns[name]
         else:
             out[name] = t.detach().half().cpu()
     if args.lqer_rank > 0:
@@ -2183,7 +2210,7 @@ def add_lqer(out: dict, mats: dict, rank: int, top: int):
     errors = []
     for name, W in mats.items():
         W3 = W if W.dim() == 3 else W[None]
-        deq = out[name + ".q"].reshape(W3.shape).float() * out[name + ".qscale"].float().view(*W3.shape[:2], 1)
+        deq = dequantize_codes(out, name).view(W3.shape)
         for i in range(W3.size(0)):
             e = W3[i] - deq[i].to(W3.device)
             errors.append((e.norm().item(), name, i, e))
@@ -2192,13 +2219,20 @@ def add_lqer(out: dict, mats: dict, rank: int, top: int):
             out[f"{name}.lqer.{i}.{part}"] = t
 
 
+def dequantize_codes(packed: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Codes x row steps (x column steps, where SDCLIP_COLUMN_ROLES stored them) of one quantized tensor."""
+    q = packed[name + ".q"]
+    w = (q.reshape(-1, q.size(-1)).float() * packed[name + ".qscale"].float()[:, None]).view(q.shape)
+    cols = packed.get(name + ".qcol")
+    return w if cols is None else w * torch.exp2(cols.float() / 16).view(*q.shape[:-2], 1, q.size(-1))
+
+
 def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = {}
     for key, t in packed.items():
         if key.endswith(".q"):
-            name = key[:-2]
-            state[name] = (t.reshape(-1, t.size(-1)).float() * packed[name + ".qscale"].float()[:, None]).view(t.shape)
-        elif not key.endswith(".qscale") and ".lqer." not in key:
+            state[key[:-2]] = dequantize_codes(packed, key[:-2])
+        elif not key.endswith((".qscale", ".qcol")) and ".lqer." not in key:
             state[key] = t.float()
     for key in packed:
         if ".lqer." in key and key.endswith(".a"):

@@ -795,3 +795,66 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
     per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
     assert a.train_cap_s == 88.0
+
+
+def _skewed_hessians(a, g, dead=0.05):
+    """Hessians of every GPTQ unit; the o units' inputs have half their columns nearly silent (heads that barely
+    fire), as the bench's attention outputs do."""
+    d, hid = a.model_dim, int(a.mlp_mult * a.model_dim)
+    gram = lambda x: x.T @ x
+    hess = {f"{k}.{i}": gram(torch.randn(8 * n, n, generator=g)) for i in range(a.num_layers)
+            for k, n in (("qkv", d), ("o", d), ("up", d), ("down", hid))}
+    scale = torch.where(torch.arange(d) % 2 == 0, 1.0, dead)
+    for i in range(a.num_layers):
+        hess[f"o.{i}"] = gram(torch.randn(8 * d, d, generator=g) * scale)
+    hess["emb"] = gram(torch.randn(8 * d, d, generator=g))
+    return hess
+
+
+def test_column_codes_follow_each_columns_conditional_importance():
+    """Step multiplier 2^(code/16) ~ (1/[H^-1]_jj)^(-1/4): 16x less input energy -> x2 coarser, a silent column
+    as coarse as GPTQ's damping allows, geometric mean 1, clamped to [1/4, 4]."""
+    energy = torch.tensor([1.0, 1.0, 1 / 16, 1 / 16, 0.0, 1.0])
+    codes = tg.column_codes(torch.diag(energy) * 100)
+    c = codes.float() / 16
+    assert codes.dtype == torch.int8 and abs(c.mean()) < 1 / 16 and codes[0] == codes[1] == codes[5] < 0, codes
+    assert torch.isclose(c[2] - c[0], torch.tensor(1.0), atol=1 / 16) and c[4] > c[2] + 0.5
+    one_loud = torch.diag(torch.where(torch.arange(512) == 0, 1e6, 1e-6))
+    assert tg.column_codes(one_loud)[0] == -32 and tg.column_codes(torch.eye(8)).eq(0).all()
+
+
+def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp_path):
+    """SDCLIP_COLUMN_ROLES=o: only the o matrices (the second half of qo_bank) get column codes; their weights
+    dequantize as codes x row step x column step, through the artifact; the knob needs GPTQ and no QAT."""
+    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
+                                  BIGRAM_VOCAB_SIZE="0", LATE_QAT_THRESHOLD="0", SDCLIP_COLUMN_ROLES="o")
+    hess = _skewed_hessians(a, torch.Generator().manual_seed(0))
+    packed = tg.quantize_state(state, a, hess)
+    cols = packed["qo_bank.qcol"]
+    assert [k for k in packed if k.endswith(".qcol")] == ["qo_bank.qcol"] and cols.shape == (4, a.model_dim)
+    assert cols[:2].eq(0).all() and cols[2:].ne(0).any(1).all()
+    assert (cols[2:, 1::2].float().mean() - cols[2:, ::2].float().mean()) > 8, "the silent columns step coarser"
+    q, s = packed["qo_bank.q"].float(), packed["qo_bank.qscale"].float().view(4, -1, 1)
+    want = q * s * torch.exp2(cols.float() / 16)[:, None, :]
+    _, loaded = tg.load_artifact(_write(tg.pack_artifact(packed, arch, "lzma"), tmp_path))
+    assert torch.equal(loaded["qo_bank"], want) and torch.equal(tg.dequantize_state(packed)["qo_bank"], want)
+    for bad in (dict(SDCLIP_COLUMN_ROLES="x"), dict(QUANT_METHOD="search"), dict(LATE_QAT_THRESHOLD="0.5")):
+        with pytest.raises(SystemExit, match="SDCLIP_COLUMN_ROLES"):
+            make_args(**{"QUANT_METHOD": "gptq", "LATE_QAT_THRESHOLD": "0", "SDCLIP_COLUMN_ROLES": "o", **bad})
+
+
+def test_column_steps_lower_the_hessian_error_at_equal_bytes(make_args):
+    """On o units whose inputs are half silent, column steps give a lower output error tr(dW H dW^T) than row
+    steps alone at the same size-model bytes (each found by the size fit's bisection)."""
+    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT_THRESHOLD="0")
+    plain, (a, state, arch) = make_args(**knobs), _model_state(make_args, **knobs, SDCLIP_COLUMN_ROLES="o")
+    hess = _skewed_hessians(a, torch.Generator().manual_seed(1))
+    o = lambda p: {k: p[k] for k in p if k.startswith("qo_bank")}
+    target = tg.size_model(o(tg.quantize_state(state, plain, hess)))
+
+    def error(args):
+        m = tg.smallest_mult(lambda m: tg.size_model(o(tg.quantize_state(state, args, hess, m))) <= target, 1.002)
+        dW = tg.dequantize_state(tg.quantize_state(state, args, hess, m))["qo_bank"] - state["qo_bank"]
+        return sum((dW[2 + i] @ hess[f"o.{i}"] * dW[2 + i]).sum().item() for i in range(2))
+
+    assert error(a) < 0.8 * error(plain)
