@@ -107,7 +107,7 @@ RECIPES: dict[str, dict[str, object]] = {
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
         TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
-        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5),
+        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed"),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -262,7 +262,8 @@ class Hyperparameters:
         self.role_mult = role_pairs(env("SDCLIP_ROLE_MULT", ""))  # export (and QAT) step multipliers: q=1.5,v=0.7
         self.sdclip_balance_batches = env("SDCLIP_BALANCE_BATCHES", 0)  # > 0: measure per-role multipliers (gptq)
         self.embed_freq_power = env("EMBED_FREQ_POWER", 0.0)  # > 0: tied-embedding row steps by token count (gptq)
-        self.column_roles = tuple(r for r in env("SDCLIP_COLUMN_ROLES", "").split(",") if r)  # e.g. o (gptq)
+        self.sdclip_column_roles = env("SDCLIP_COLUMN_ROLES", "none")  # per-input-column steps; q,k,v go together
+        self.column_roles = tuple(r for r in self.sdclip_column_roles.split(",") if r not in ("", "none"))
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
@@ -335,14 +336,15 @@ class Hyperparameters:
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
         need(0 <= self.embed_freq_power <= 2 and (self.embed_freq_power == 0 or self.quant_method == "gptq"),
              "EMBED_FREQ_POWER must lie in [0, 2], and be > 0 only with QUANT_METHOD=gptq")
-        need(set(self.column_roles) <= set(ROLES) and not (self.column_roles and (
-            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0)),
-             f"SDCLIP_COLUMN_ROLES: roles among {','.join(ROLES)}, only with QUANT_METHOD=gptq and without QAT "
-             f"(whose grid has no column steps)")
         need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
                   and self.qat_grid_mult > 0),
              "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
              "set SDCLIP_BALANCE_BATCHES=0, or use late QAT with QAT_GRID_MULT=0 (balance and grid when it starts)")
+        need(set(self.column_roles) <= set(ROLES) and not (self.column_roles and (
+            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0 or self.prune_ones)),
+             f"SDCLIP_COLUMN_ROLES={self.sdclip_column_roles}: roles among {','.join(ROLES)}, or none; column steps "
+             f"need QUANT_METHOD=gptq, and neither QAT (its grid has row steps only) nor PRUNE_ONES (it orders codes "
+             f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
         need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
@@ -2361,7 +2363,8 @@ def ans_decode(freq: np.ndarray, data: bytes, sizes: list[int]) -> np.ndarray:
         raise ValueError("the rANS tables do not match the coded tensors")
     ids = ans_matrix_ids(sizes)
     cum, freq = (np.cumsum(freq, 1) - freq).astype(np.uint64), freq.astype(np.uint64)
-    symbol = np.array([np.repeat(np.arange(256), f) for f in freq.astype(np.int64)], np.int64).reshape(-1, 1 << ANS_PREC)
+    symbol = np.array([np.repeat(np.arange(256), f) for f in freq.astype(np.int64)], np.int64)
+    symbol = symbol.reshape(-1, 1 << ANS_PREC)  # slot -> code + 128, per matrix
     x = np.frombuffer(data, "<u4", ids.shape[1]).astype(np.uint64)
     words = np.frombuffer(data, "<u2", offset=4 * ids.shape[1]).astype(np.uint64)
     out, read, slots = np.empty(ids.shape, np.int16), 0, np.uint64((1 << ANS_PREC) - 1)
@@ -3181,8 +3184,9 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     if args.quant_method == "gptq":
         calib = saved.get("calib_batches", args.gptq_calib_batches)
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
-        if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance to move it)
+        if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance or column steps to move it)
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]
+            args.column_roles = ()
             log(f"export_grid: the checkpoint trained with QAT on the k x{args.qat_grid_mult:.4f} grid, "
                 + role_knob(args.role_mult))
         elif args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--freq-power", type=float, nargs="*", default=[],
                     help="also export balanced on 4 batches with each of these EMBED_FREQ_POWER values")
     ap.add_argument("--column-roles", nargs="*", default=[],
-                    help="also export balanced on 4 batches with each of these SDCLIP_COLUMN_ROLES values (e.g. o)")
+                    help="also export balanced on 4 batches with each of these SDCLIP_COLUMN_ROLES values "
+                         "(e.g. none o,embed)")
     opts = ap.parse_args(argv)
     args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
     saved = torch.load(opts.checkpoint, map_location="cpu")
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                     for p in opts.freq_power] + [
                     (f"GPTQ + SDClip fit, roles balanced on 4 training batches, SDCLIP_COLUMN_ROLES={r}",
                      dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=4,
-                          column_roles=tuple(r.split(","))))
+                          column_roles=tuple(c for c in r.split(",") if c != "none")))
                     for r in opts.column_roles]  # these, and --attribute's balanced variant, always run
     for i, (label, knobs) in enumerate(variants):
         if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:

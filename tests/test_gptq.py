@@ -688,7 +688,7 @@ def test_qat_grid_estimate_counts_the_frequency_rows(make_args):
 def test_estimate_qat_grid_sets_the_model_grid_from_the_exported_weights(make_args, monkeypatch, weights):
     """The estimate sizes the weights the export will quantize (the EMA's, unless EXPORT_WEIGHTS says otherwise)
     and sets the grid buffer the compiled forward reads (test_model: without a recompile) and QAT_GRID_MULT."""
-    a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="0", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
+    a = make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", SDCLIP_BALANCE_BATCHES="0", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
                   EXPORT_WEIGHTS=weights)
     model, logs, seen = tg.GPT(a), [], {}
     assert model.qat_grid.item() == 1.0, "until the estimate, the x1 grid"
@@ -705,7 +705,7 @@ def test_estimate_qat_grid_balances_first_and_sets_the_role_buffer(make_args, mo
     """With SDCLIP_BALANCE_BATCHES, the balance (GPTQ on 4x its batches) runs before the estimate, whose size
     model then sees the balanced multipliers and the calibration's token counts, and the QAT graph's role buffer
     holds them."""
-    a = make_args(**TINY_FRONTIER, SDCLIP_BALANCE_BATCHES="3", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
+    a = make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", SDCLIP_BALANCE_BATCHES="3", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0",
                   SDCLIP_ROLE_MULT="q=1.2")
     model, calls, seen = tg.GPT(a), [], {}
     counts = torch.arange(5.0)
@@ -754,7 +754,7 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     assert saved(tg_runs("smoke"))["qat_grid"] is None, "r549's QAT is on the clip-search grid, not SDClip's"
     for bad in (dict(QAT_ENABLED="1"), dict(LATE_QAT_THRESHOLD="0"), dict(QUANT_METHOD="search"), dict(SIZE_FIT="0")):
         with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0, or 0"):
-            make_args(**{**TINY_FRONTIER, "SDCLIP_BALANCE_BATCHES": "0", "LATE_QAT_THRESHOLD": "0.5",
+            make_args(**{**TINY_FRONTIER, "SDCLIP_COLUMN_ROLES": "none", "SDCLIP_BALANCE_BATCHES": "0", "LATE_QAT_THRESHOLD": "0.5",
                          "QAT_GRID_MULT": "0", **bad})
 
 
@@ -764,7 +764,7 @@ def test_role_balance_refuses_qat_on_a_fixed_grid(make_args):
     for qat in (dict(LATE_QAT_THRESHOLD="0.15"), dict(QAT_ENABLED="1", LATE_QAT_THRESHOLD="0")):
         with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT"):
             make_args(**TINY_FRONTIER, **qat)
-    a = make_args(**TINY_FRONTIER, LATE_QAT_THRESHOLD="0.15", QAT_GRID_MULT="0")
+    a = make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", LATE_QAT_THRESHOLD="0.15", QAT_GRID_MULT="0")
     assert a.sdclip_balance_batches > 0 and a.qat_grid_mult == 0
 
 
@@ -819,6 +819,9 @@ def test_column_codes_follow_each_columns_conditional_importance():
     c = codes.float() / 16
     assert codes.dtype == torch.int8 and abs(c.mean()) < 1 / 16 and codes[0] == codes[1] == codes[5] < 0, codes
     assert torch.isclose(c[2] - c[0], torch.tensor(1.0), atol=1 / 16) and c[4] > c[2] + 0.5
+    x = torch.randn(4096, 3, generator=torch.Generator().manual_seed(0))
+    twins = tg.column_codes((lambda z: z.T @ z)(torch.cat([x, x[:, :1]], 1)))  # columns 0 and 3 carry one input
+    assert twins[0] == twins[3] > twins[1] + 16, twins  # equal energy, but each twin can stand in for the other
     one_loud = torch.diag(torch.where(torch.arange(512) == 0, 1e6, 1e-6))
     assert tg.column_codes(one_loud)[0] == -32 and tg.column_codes(torch.eye(8)).eq(0).all()
 
@@ -838,7 +841,10 @@ def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp
     want = q * s * torch.exp2(cols.float() / 16)[:, None, :]
     _, loaded = tg.load_artifact(_write(tg.pack_artifact(packed, arch, "lzma"), tmp_path))
     assert torch.equal(loaded["qo_bank"], want) and torch.equal(tg.dequantize_state(packed)["qo_bank"], want)
-    for bad in (dict(SDCLIP_COLUMN_ROLES="x"), dict(QUANT_METHOD="search"), dict(LATE_QAT_THRESHOLD="0.5")):
+    assert make_args(**TINY_FRONTIER).column_roles == ("o", "embed")
+    assert make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", LATE_QAT_THRESHOLD="0.5", QAT_GRID_MULT="0").column_roles == ()
+    for bad in (dict(SDCLIP_COLUMN_ROLES="x"), dict(QUANT_METHOD="search"), dict(LATE_QAT_THRESHOLD="0.5"),
+                dict(QAT_ENABLED="1"), dict(PRUNE_ONES="1")):
         with pytest.raises(SystemExit, match="SDCLIP_COLUMN_ROLES"):
             make_args(**{"QUANT_METHOD": "gptq", "LATE_QAT_THRESHOLD": "0", "SDCLIP_COLUMN_ROLES": "o", **bad})
 

@@ -97,7 +97,7 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
     assert rows[4].split(" | ")[1:3] != rows[2].split(" | ")[1:3], "the power (0.3 against the recipe's 0.5) acts"
-    assert rows[5].split(" | ")[1:3] != rows[2].split(" | ")[1:3], "the column steps act"
+    assert rows[5].split(" | ")[1:3] != rows[2].split(" | ")[1:3], "o alone, not the recipe's o,embed, is exported"
     assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
 
 
