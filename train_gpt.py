@@ -2071,6 +2071,11 @@ def column_codes(H: torch.Tensor) -> torch.Tensor:
     return torch.round(-4 * (log_imp - log_imp.mean())).clamp(-32, 32).to(torch.int8).cpu()
 
 
+def column_mults(codes: torch.Tensor) -> torch.Tensor:
+    """The step multipliers 2^(code/16) of column_codes."""
+    return torch.exp2(codes.float() / 16)
+
+
 def balanced_mults(gaps: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
     """Step multipliers per role that minimize the summed gap at the same total bits, if each role's gap grows
     as its step squared (gap_r * s_r^2) and its bits fall by sizes_r * log2 s_r: the optimum gives every weight
@@ -2151,7 +2156,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
                 cols = column_codes(H) if {matrix_roles(n, len(mats[n]) if mats[n].dim() == 3 else 1)[max(i, 0)]
                                            for n, i in parts} & set(args.column_roles) else None
                 if cols is not None:  # GPTQ of W / c on c H c: the same as steps s_row * c_col on W
-                    c = torch.exp2(cols.float() / 16).to(W.device)
+                    c = column_mults(cols).to(W.device)
                     W, H = W / c, H.to(W.device) * c[:, None] * c
                 batches.setdefault((tensor_family(parts[0][0]), *W.shape), []).append((W, H, parts, cols))
         for (family, *_), units in batches.items():
@@ -2163,7 +2168,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
             Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
             for (w, _, parts, cols), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
                 if not good:  # Cholesky failed: the clip search, rounded to nearest (on the unscaled columns)
-                    w, cols = (w if cols is None else w * torch.exp2(cols.float() / 16).to(w.device)), None
+                    w, cols = (w if cols is None else w * column_mults(cols).to(w.device)), None
                     q, si = quantize_rows(w, qmax, args.clip_fracs, mi)
                     fallbacks += 1
                 row = 0
@@ -2226,7 +2231,7 @@ def dequantize_codes(packed: dict[str, torch.Tensor], name: str) -> torch.Tensor
     q = packed[name + ".q"]
     w = (q.reshape(-1, q.size(-1)).float() * packed[name + ".qscale"].float()[:, None]).view(q.shape)
     cols = packed.get(name + ".qcol")
-    return w if cols is None else w * torch.exp2(cols.float() / 16).view(*q.shape[:-2], 1, q.size(-1))
+    return w if cols is None else w * column_mults(cols).view(*q.shape[:-2], 1, q.size(-1))
 
 
 def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
