@@ -107,7 +107,7 @@ RECIPES: dict[str, dict[str, object]] = {
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
         TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
-        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed"),
+        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed", GPTQ_SWEEPS=3),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -266,6 +266,7 @@ class Hyperparameters:
         self.column_roles = tuple(r for r in self.sdclip_column_roles.split(",") if r not in ("", "none"))
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
+        self.gptq_sweeps = env("GPTQ_SWEEPS", 0)  # coordinate-descent passes over the codes after GPTQ
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
         self.lqer_top = env("LQER_TOP", 3)
         self.prune_ones = env("PRUNE_ONES", False)  # size fit: finish by zeroing the cheapest +-1 codes
@@ -345,8 +346,8 @@ class Hyperparameters:
              f"SDCLIP_COLUMN_ROLES={self.sdclip_column_roles}: roles among {','.join(ROLES)}, or none; column steps "
              f"need QUANT_METHOD=gptq, and neither QAT (its grid has row steps only) nor PRUNE_ONES (it orders codes "
              f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
-        need(self.gptq_calib_batches >= 1 and self.lqer_rank >= 0 and self.lqer_top >= 0,
-             "GPTQ_CALIB_BATCHES must be >= 1, LQER_RANK and LQER_TOP >= 0")
+        need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
+             "GPTQ_CALIB_BATCHES must be >= 1, GPTQ_SWEEPS, LQER_RANK and LQER_TOP >= 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
                                                  or self.gptq_reserve_seconds < self.max_wallclock_seconds),
              "GPTQ_RESERVE_SECONDS must be >= 0 and below MAX_WALLCLOCK_SECONDS")
@@ -1969,12 +1970,14 @@ TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"
 GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int,
+         sweeps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-Hessian GPTQ of a batch of matrices W [B, rows, cols] on fixed per-row steps s [B, rows], where
     H [B, cols, cols] is the Gram matrix of each matrix's inputs. Columns go in order of decreasing H_ii
     (act-order); each is rounded and its error spread over the columns not yet quantized through the upper
-    Cholesky factor U of the damped H^-1 (128-column blocks). Returns int8 codes and, per matrix, whether its
-    Cholesky succeeded (where it did not, the codes are meaningless and the caller falls back)."""
+    Cholesky factor U of the damped H^-1 (128-column blocks). Then `sweeps` passes of coordinate descent
+    (GPTQ_SWEEPS, gptq_sweeps). Returns int8 codes and, per matrix, whether its Cholesky succeeded (where it did
+    not, the codes are meaningless and the caller falls back)."""
     W, H = W.float().clone(), H.float().clone()
     B, rows, cols = W.shape
     diag = H.diagonal(dim1=1, dim2=2)
@@ -1992,7 +1995,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[
     ok &= (info == 0) & torch.isfinite(U).flatten(1).all(1)
     U = torch.where(ok[:, None, None], U, eye)
     s = s.float()[:, :, None]
-    Q = torch.empty_like(W)
+    Q, W0 = torch.empty_like(W), W.clone()
     for a in range(0, cols, GPTQ_BLOCK):
         b = min(a + GPTQ_BLOCK, cols)
         Wb, Ub, err = W[:, :, a:b].clone(), U[:, a:b, a:b], torch.empty_like(W[:, :, a:b])
@@ -2004,7 +2007,30 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[
             Wb[:, :, j:] -= e * Ub[:, None, j, j:]
             err[:, :, j:j + 1] = e
         W[:, :, b:] -= err @ U[:, a:b, b:]
+    if sweeps:
+        gptq_sweeps(W0, H, s, Q, qmax, sweeps)
     return Q.gather(2, perm.argsort(-1)[:, None, :].expand(-1, rows, -1)).to(torch.int8), ok
+
+
+def gptq_sweeps(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, Q: torch.Tensor, qmax: int, sweeps: int):
+    """Coordinate descent on GPTQ's objective tr((W - sQ) H (W - sQ)^T), in place on the codes Q: column by
+    column, the integer in [-qmax, qmax] that is best with all other columns fixed, which is the nearest one to
+    Q_j + G_j / (s H_jj) for the gradient G = (W - sQ) H. GPTQ fixes each column before the later ones exist;
+    a sweep revisits it with all of them known, so the error can only fall. G is updated inside a 128-column
+    block per changed column and for the other columns once per block, by one matrix product."""
+    G, s = (W - Q * s) @ H, s[:, :, 0]
+    cols = W.size(-1)
+    for _ in range(sweeps):
+        for a in range(0, cols, GPTQ_BLOCK):
+            b = min(a + GPTQ_BLOCK, cols)
+            D = torch.empty_like(G[:, :, a:b])
+            for j in range(a, b):
+                new = torch.clamp(torch.round(Q[:, :, j] + G[:, :, j] / (s * H[:, None, j, j])), -qmax, qmax)
+                D[:, :, j - a] = (new - Q[:, :, j]) * s
+                Q[:, :, j] = new
+                G[:, :, a:b] -= D[:, :, j - a, None] * H[:, None, j, a:b]
+            G[:, :, :a] -= D @ H[:, a:b, :a]
+            G[:, :, b:] -= D @ H[:, a:b, b:]
 
 
 def gptq_units(num_layers: int) -> list[tuple[str, list[tuple[str, int]]]]:
@@ -2165,7 +2191,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
             m = mult * torch.stack([torch.cat([role_m[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
                                     for _, _, parts, _ in units])
             s = sdclip_steps(W, k * m, qmax).squeeze(-1)
-            Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax)
+            Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax, args.gptq_sweeps)
             for (w, _, parts, cols), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
                 if not good:  # Cholesky failed: the clip search, rounded to nearest (on the unscaled columns)
                     w, cols = (w if cols is None else w * column_mults(cols).to(w.device)), None

@@ -9,6 +9,7 @@ windows of EVAL_SEQ_LEN, the `final_int6_roundtrip` number), against the unquant
 artifact is fitted to SIZE_LIMIT minus the compact code size, exactly as a run would. Prints a Markdown table.
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -58,6 +59,21 @@ def attribution(state: dict, original: dict, model, measure, quantized_bpb: floa
     return rows, gaps
 
 
+def knob_run(pairs: str) -> tg.Hyperparameters:
+    """The run's settings with KNOB=VALUE[,KNOB=VALUE] set in the environment (checked as a run checks them)."""
+    knobs = dict(p.split("=", 1) for p in pairs.split(",") if p)
+    saved = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    try:
+        return tg.Hyperparameters()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="final_model.pt written by a train_gpt.py run")
@@ -71,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--column-roles", nargs="*", default=[],
                     help="also export balanced on 4 batches with each of these SDCLIP_COLUMN_ROLES values "
                          "(e.g. none o,embed)")
+    ap.add_argument("--env", nargs="*", default=[], metavar="KNOB=VALUE[,KNOB=VALUE]",
+                    help="also export as a run of the recipe would (its role balance included) with these knobs "
+                         "set, one variant per argument (e.g. GPTQ_SWEEPS=0 GPTQ_SWEEPS=1)")
     opts = ap.parse_args(argv)
     args, dctx, log = tg.Hyperparameters(), tg.Dist(), print
     saved = torch.load(opts.checkpoint, map_location="cpu")
@@ -98,12 +117,16 @@ def main(argv=None) -> int:
                     (f"GPTQ + SDClip fit, roles balanced on 4 training batches, SDCLIP_COLUMN_ROLES={r}",
                      dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=4,
                           column_roles=tuple(c for c in r.split(",") if c != "none")))
-                    for r in opts.column_roles]  # these, and --attribute's balanced variant, always run
+                    for r in opts.column_roles] + [
+                    (f"as a run, {e}", dict(env=e)) for e in opts.env]  # these, and --attribute's, always run
     for i, (label, knobs) in enumerate(variants):
         if opts.only and i < len(VARIANTS) and i not in opts.only + [opts.attribute]:
             continue
-        run = tg.Hyperparameters()
-        run.sdclip_balance_batches = 0  # unless the variant balances (the frontier recipe does by default)
+        knobs = dict(knobs)
+        as_run = knobs.pop("env", None)
+        run = tg.Hyperparameters() if as_run is None else knob_run(as_run)
+        if as_run is None:
+            run.sdclip_balance_batches = 0  # unless the variant balances (the frontier recipe does by default)
         for k, v in knobs.items():
             setattr(run, k, v)
         lines = []

@@ -48,6 +48,62 @@ def test_gptq_beats_round_to_nearest_on_the_hessian_weighted_error():
     assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
 
 
+def plain_coordinate_descent(W, Hd, s, Q, qmax, order):
+    """The reference: each column's best integer with the others fixed, from the whole error recomputed."""
+    Q = Q.float().clone()
+    for j in order:
+        E = W - Q * s[:, None]
+        t = Q[:, j] + (E @ Hd[:, j]) / (s * Hd[j, j])
+        Q[:, j] = torch.clamp(torch.round(t), -qmax, qmax)
+    return Q
+
+
+def test_gptq_sweeps_are_exact_coordinate_descent_and_lower_the_error():
+    """GPTQ_SWEEPS: the blocked sweep gives the codes of a plain coordinate descent over the columns in act
+    order on the damped Hessian (300 columns: blocks of 128 and a rest), and each sweep lowers GPTQ's objective."""
+    W, Hs = correlated_problem(B=1, rows=24, cols=300, seed=3)
+    d = torch.linspace(0.5, 2.0, 300).sqrt()
+    Hs = d[:, None] * Hs * d  # unequal diagonal: act-order is a real permutation
+    s = sdclip(W)
+    Hd = Hs[0].clone()
+    Hd.diagonal().add_(tg.GPTQ_DAMP * Hd.diagonal().mean())
+    order = Hd.diagonal().argsort(descending=True, stable=True).tolist()
+    Q0, ok = tg.gptq(W, Hs, s, 31)
+    errors = [hessian_error(W, Q0.float() * s[..., None], Hd[None])]
+    for sweeps in (1, 2, 3):
+        Q, ok = tg.gptq(W, Hs, s, 31, sweeps)
+        assert ok.all() and Q.dtype == torch.int8 and Q.abs().max() <= 31
+        ref = Q0[0]
+        for _ in range(sweeps):
+            ref = plain_coordinate_descent(W[0], Hd, s[0], ref, 31, order)
+        assert (Q[0].float() != ref).sum() <= 2, "a rounding tie may differ, nothing more"
+        errors.append(hessian_error(W, Q.float() * s[..., None], Hd[None]))
+    assert errors[1] < 0.97 * errors[0] and errors[3] < errors[2] < errors[1], errors
+
+
+def test_gptq_sweeps_keep_codes_that_are_already_best():
+    """With a diagonal Hessian rounding to nearest is the optimum: the sweeps change no code."""
+    W = torch.randn(2, 16, 200, generator=torch.Generator().manual_seed(4))
+    H = torch.diag_embed(torch.rand(2, 200, generator=torch.Generator().manual_seed(5)) + 0.1)
+    s = sdclip(W)
+    assert torch.equal(tg.gptq(W, H, s, 31, 2)[0], tg.gptq(W, H, s, 31)[0])
+
+
+def test_gptq_sweeps_reach_the_export_and_refuse_negative_counts(make_args):
+    assert make_args(**TINY_FRONTIER).gptq_sweeps == tg.RECIPES["frontier"]["GPTQ_SWEEPS"] > 0
+    with pytest.raises(SystemExit, match="GPTQ_SWEEPS"):
+        make_args(GPTQ_SWEEPS="-1")
+    calls = []
+    real = tg.gptq
+    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", GPTQ_SWEEPS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    torch.manual_seed(0)
+    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
+    hessians = {k: torch.eye(a.model_dim) for k in ("qkv.0", "o.0")}
+    with mock.patch.object(tg, "gptq", lambda *x: calls.append(x[4]) or real(*x)):
+        tg.quantize_state(state, a, hessians)
+    assert calls and set(calls) == {2}
+
+
 def test_act_order_permutation_round_trips():
     """With a diagonal Hessian there is no error feedback, so GPTQ must give round-to-nearest codes in the
     original column order, whatever order act-order visits the columns in."""

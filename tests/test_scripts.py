@@ -72,7 +72,8 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     env = {k: v for k, v in run.env.items() if k not in ("RUN_ID", "ARTIFACT_PATH")}
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "export_table.py"), tg.checkpoint_path(str(run.artifact)),
-                        "--only", "0", "2", "11", "--attribute", "2", "--balance", "3", "--freq-power", "0.3", "--column-roles", "o", "--out", str(out)],
+                        "--only", "0", "2", "11", "--attribute", "2", "--balance", "3", "--freq-power", "0.3", "--column-roles", "o",
+                        "--env", "GPTQ_SWEEPS=0", f"GPTQ_SWEEPS={tg.RECIPES['frontier']['GPTQ_SWEEPS']}", "--out", str(out)],
                        capture_output=True, text=True,
                        timeout=300,
                        env=dict(env, PYTHONDONTWRITEBYTECODE="1"), cwd=tmp_path)
@@ -93,12 +94,15 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
                                                    "EMBED_FREQ_POWER=0.3",
                                                    "| GPTQ + SDClip fit, roles balanced on 4 training batches, "
                                                    "SDCLIP_COLUMN_ROLES=o",
+                                                   "| as a run, GPTQ_SWEEPS=0", "| as a run, GPTQ_SWEEPS=3",
                                                    f"| GPTQ + SDClip fit, SDCLIP_ROLE_MULT={knob}"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
     assert rows[4].split(" | ")[1:3] != rows[2].split(" | ")[1:3], "the power (0.3 against the recipe's 0.5) acts"
     assert rows[5].split(" | ")[1:3] != rows[2].split(" | ")[1:3], "o alone, not the recipe's o,embed, is exported"
     assert sizes[1] == run.artifact.stat().st_size, "same checkpoint, Hessians and knobs as the run's own export"
+    assert rows[7].split(" | ")[1:3] == rows[1].split(" | ")[1:3], "--env with the run's knobs is the run's export"
+    assert rows[6].split(" | ")[1:3] != rows[7].split(" | ")[1:3], "GPTQ_SWEEPS=0 reaches the export"
 
 
 def export_table():
