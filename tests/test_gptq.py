@@ -353,9 +353,12 @@ def test_balance_roles_reads_training_data_leaves_the_weights_and_respects_the_c
         loader.next_batch = lambda: drawn.append(1) or draw()
         return loader
 
+    sweeps, real_gptq = [], tg.gptq
     with mock.patch.object(tg, "load_shard", lambda path: read.append(path) or real(path)), \
-            mock.patch.object(tg, "train_loader", counting_loader):
+            mock.patch.object(tg, "train_loader", counting_loader), \
+            mock.patch.object(tg, "gptq", lambda *x: sweeps.append(x[4]) or real_gptq(*x)):
         tg.balance_roles(m, a, H.DistStub(), logs.append, hess, 2)
+    assert sweeps and set(sweeps) == {0} and a.gptq_sweeps > 0, "the balance's GPTQ runs without the sweeps"
     assert len(drawn) == 2 + 2, "the 2 calibration batches are drawn and left out, then its own 2"
     assert read and all("fineweb_train_" in p for p in read), read
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
