@@ -1996,7 +1996,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int,
     ok &= (info == 0) & torch.isfinite(U).flatten(1).all(1)
     U = torch.where(ok[:, None, None], U, eye)
     s = s.float()[:, :, None]
-    Q, W0 = torch.empty_like(W), W.clone()
+    Q, W0 = torch.empty_like(W), W.clone() if sweeps else None
     for a in range(0, cols, GPTQ_BLOCK):
         b = min(a + GPTQ_BLOCK, cols)
         Wb, Ub, err = W[:, :, a:b].clone(), U[:, a:b, a:b], torch.empty_like(W[:, :, a:b])
