@@ -2134,7 +2134,7 @@ def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: 
     t0 = time.perf_counter()
     state = {k: t.detach().clone() for k, t in model.state_dict().items()}
     plain = copy.copy(args)
-    plain.gptq_sweeps = 0  # their cost is not in the time check; they change the roles' errors alike
+    plain.gptq_sweeps = 0  # the time check above counts data passes, not the sweeps' seconds
     deq = {k: t.to(state[k]) for k, t in dequantize_state(quantize_state(state, plain, hessians)).items()}
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), calibration_tokens(args, dctx))
     data = [loader.next_batch() for _ in range(skip_batches + n)][skip_batches:]

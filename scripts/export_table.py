@@ -10,6 +10,7 @@ artifact is fitted to SIZE_LIMIT minus the compact code size, exactly as a run w
 """
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -60,8 +61,12 @@ def attribution(state: dict, original: dict, model, measure, quantized_bpb: floa
 
 
 def knob_run(pairs: str) -> tg.Hyperparameters:
-    """The run's settings with KNOB=VALUE[,KNOB=VALUE] set in the environment (checked as a run checks them)."""
-    knobs = dict(p.split("=", 1) for p in pairs.split(",") if p)
+    """The run's settings with KNOB=VALUE[,KNOB=VALUE] set in the environment (checked as a run checks them); a
+    comma starts a new knob only before NAME=, so SDCLIP_COLUMN_ROLES=o,embed stays one value."""
+    knobs = dict(p.strip().split("=", 1) for p in re.split(r",(?=\s*[A-Z][A-Z0-9_]*=)", pairs) if p.strip())
+    unknown = sorted(set(knobs) - set(tg.CONFIG))
+    if unknown:
+        raise SystemExit(f"--env {pairs}: {', '.join(unknown)} is not a train_gpt.py knob")
     saved = {k: os.environ.get(k) for k in knobs}
     os.environ.update(knobs)
     try:
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
             sizes = {r: tg.swap_role(original, original, r)[1] for r in tg.ROLES}  # weights of each role
             mults = tg.balanced_mults(gaps, sizes)
             attributed.append(f"\nbalanced from this attribution: {tg.role_knob(mults)}")
-            variants.append((f"{label}, {tg.role_knob(mults)}", dict(knobs, role_mult=mults)))
+            variants.append((f"{label}, {tg.role_knob(mults)}", dict(variants[i][1], role_mult=mults)))
     table = "\n".join([f"budget (SIZE_LIMIT - counted code): {budget} bytes", ""] + rows + [""] + attributed)
     print(table)
     if opts.out:

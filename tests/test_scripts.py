@@ -111,6 +111,20 @@ def export_table():
     return et
 
 
+def test_export_table_env_variants_parse_set_and_restore_knobs(make_args, monkeypatch):
+    et = export_table()
+    make_args(_tiny=False, RECIPE="frontier")
+    monkeypatch.setenv("GPTQ_SWEEPS", "2")
+    run = et.knob_run("GPTQ_SWEEPS=0, SDCLIP_COLUMN_ROLES=o,embed,EMBED_FREQ_POWER=0.25")
+    assert (run.gptq_sweeps, run.column_roles, run.embed_freq_power) == (0, ("o", "embed"), 0.25)
+    assert os.environ["GPTQ_SWEEPS"] == "2" and "SDCLIP_COLUMN_ROLES" not in os.environ
+    with pytest.raises(SystemExit, match="GPTQ_SWEEP is not a train_gpt.py knob"):
+        et.knob_run("GPTQ_SWEEP=1")
+    with pytest.raises(SystemExit, match="GPTQ_SWEEPS"):
+        et.knob_run("GPTQ_SWEEPS=-1")  # checked as a run checks it, and the environment still restored
+    assert os.environ["GPTQ_SWEEPS"] == "2"
+
+
 def test_gap_attribution_restores_exactly_one_part_at_a_time():
     """With a 'loss' that is the summed error of every weight, restoring one part removes exactly that part's
     error: q and o are the two halves of qo_bank, k and v of kv_bank, and the shares add up to the whole gap."""
