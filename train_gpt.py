@@ -6,6 +6,7 @@ and parallel residuals; RECIPE=r549 reproduces the 2026-03-23 record stack.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import copy
@@ -23,6 +24,7 @@ import signal
 import struct
 import sys
 import time
+import tokenize
 import traceback
 import types
 import uuid
@@ -108,7 +110,7 @@ RECIPES: dict[str, dict[str, object]] = {
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
         TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
-        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed", GPTQ_SWEEPS=3),
+        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed", GPTQ_SWEEPS=1),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -2966,11 +2968,39 @@ COMPACT_HEAD = b'import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b
 COMPACT_TAIL = b'")).decode();f=__file__+"#src";C.cache[f]=(0,None,[l+"\\n"for l in s.split("\\n")],f);exec(compile(s,f,"exec"))\n'
 
 
+def strip_source(source: bytes) -> bytes:
+    """The script without comments, docstrings, blank lines and trailing blanks (a body left empty gets `pass`);
+    lines inside multi-line strings stay as they are."""
+    lines = source.decode("utf-8").split("\n")
+    keep = set()  # rows inside a multi-line string
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+        (r0, c0), (r1, _) = tok.start, tok.end
+        if tok.type == tokenize.COMMENT:
+            lines[r0 - 1] = lines[r0 - 1][:c0]
+        elif r1 > r0:
+            keep.update(range(r0, r1 + 1))
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        d = body[0] if isinstance(body, list) and body else None
+        if not (isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str)):
+            continue
+        if lines[d.lineno - 1].encode()[:d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset:].strip():
+            continue  # shares a line with code
+        keep.difference_update(range(d.lineno, d.end_lineno + 1))
+        lines[d.lineno - 1:d.end_lineno] = [""] * (d.end_lineno - d.lineno + 1)
+        if len(body) == 1:
+            lines[d.lineno - 1] = " " * d.col_offset + "pass"
+    out = [l if i + 1 in keep else l.rstrip() for i, l in enumerate(lines)]
+    return "\n".join(l for i, l in enumerate(out) if l or i + 1 in keep).encode() + b"\n"
+
+
 def compact_code(source: bytes) -> bytes:
-    """The two-line self-extracting copy of a script (lzma in the smaller of two containers, base85 in a string
-    literal; deterministic) that records/package.py ships and the size check counts. A compact file is its own."""
+    """The two-line self-extracting copy of a script (stripped, lzma in the smaller of two containers, base85 in a
+    string literal; deterministic) that records/package.py ships and the size check counts. A compact file is its
+    own."""
     if source.startswith(COMPACT_HEAD):
         return source
+    source = strip_source(source)
     blobs = [lzma.compress(source, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME),
              lzma.compress(source, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME)]
     return COMPACT_HEAD + base64.b85encode(min(blobs, key=len)) + COMPACT_TAIL

@@ -15,6 +15,9 @@ import torch
 import tg_helpers as H
 import train_gpt as tg
 
+sys.path.insert(0, str(H.REPO))
+from records import package as pk  # noqa: E402
+
 
 def test_checkpoint_path_sits_beside_the_artifact():
     assert tg.checkpoint_path("final_model.int6.ptz") == "final_model.pt"
@@ -57,11 +60,48 @@ def test_compact_code_is_deterministic_and_runs_the_same_source():
     assert a == b and a.startswith(tg.COMPACT_HEAD) and a.endswith(tg.COMPACT_TAIL)
     assert len(a) < len(src) / 2
     payload = a[len(tg.COMPACT_HEAD):-len(tg.COMPACT_TAIL)]
-    assert lzma.decompress(base64.b85decode(payload)) == src
+    assert lzma.decompress(base64.b85decode(payload)) == tg.strip_source(src)
     assert tg.compact_code(a) == a, "a compact file is its own counted copy"
-    sys.path.insert(0, str(H.REPO))
-    from records import package as pk
     assert pk.make_compact(src) == a, "the packager ships exactly what the run counts"
+
+
+STRIP_CASES = '''"""Module doc."""
+import math  # a comment
+
+
+class Empty:
+    """Only a docstring: the body becomes pass."""
+
+
+def f(x):  # comment after code
+    """Doc
+    on two lines."""
+    s = """keep   
+# not a comment
+
+    blank line above and trailing blanks kept"""
+    t = "# not a comment either"
+    return (x +  # inside brackets
+            1), s, t
+
+
+def g(): """one-line def: the docstring shares the def's line"""; return math.pi
+'''
+
+
+def test_strip_source_keeps_the_program_and_drops_comments_docstrings_blank_lines():
+    out = tg.strip_source(STRIP_CASES.encode()).decode()
+    assert pk.program(out) == pk.program(STRIP_CASES)
+    assert "comment after" not in out and "inside brackets" not in out and "Module doc" not in out
+    assert "on two lines" not in out and "class Empty:\n    pass\n" in out
+    a, b = {}, {}
+    exec(compile(STRIP_CASES, "a", "exec"), a), exec(compile(out, "b", "exec"), b)
+    assert a["f"](1) == b["f"](1) and b["f"](1)[1].count("\n") == 3 and a["g"]() == b["g"]()
+    assert out.count("\n\n") == 1, "the only blank line left is the string's"
+    src = H.TRAIN_GPT.read_bytes()
+    stripped = tg.strip_source(src)
+    assert pk.program(stripped) == pk.program(src), "the run's program"
+    assert len(stripped) < 0.85 * len(src) and tg.strip_source(stripped) == stripped
 
 
 def test_compact_copy_serves_its_source_to_inspect_and_triton(tmp_path):

@@ -32,7 +32,7 @@ FRONTIER = dict(
     SDCLIP_BALANCE_BATCHES=4,  # ours, not the records': the export's per-role steps measured in the reserve
     EMBED_FREQ_POWER=0.5,  # ours: the tied embedding's row steps by token count
     SDCLIP_COLUMN_ROLES="o,embed",  # ours: per-input-column steps of the attention out and embedding matrices
-    GPTQ_SWEEPS=3,  # ours: coordinate-descent passes over the codes after GPTQ
+    GPTQ_SWEEPS=1,  # ours: coordinate-descent passes over the codes after GPTQ
 )
 
 # A tiny frontier model for in-process tests (on top of H.TINY_MODEL): 6 layers, layers 2..3 looped, lanes from

@@ -573,7 +573,7 @@ def test_plot_curves_groups_and_seed_markers(tmp_path):
 # Compact code (pure, no training)
 # ----------------------------------------------------------------------------------------------------------
 
-def test_compact_pure_roundtrip(tmp_path):
+def test_compact_pure_roundtrip(tmp_path, monkeypatch):
     src = ("import hashlib, sys\n"
            "s = open(__file__, 'rb').read()\n"
            "def f(x):\n    return x * 2  # ünïcode comment\n"
@@ -585,7 +585,7 @@ def test_compact_pure_roundtrip(tmp_path):
     n = pk.write_compact(orig, comp)
     data = comp.read_bytes()
     assert n == len(data) < len(src) / 10 and data.count(b"\n") == 2
-    assert pk.unpack_compact(data) == src.encode("utf-8")
+    assert pk.unpack_compact(data) == pk.tg.strip_source(src.encode("utf-8")) and b"# pad" not in pk.unpack_compact(data)
     o1 = subprocess.run([sys.executable, str(orig), "a"], capture_output=True, text=True, check=True).stdout
     o2 = subprocess.run([sys.executable, str(comp), "a"], capture_output=True, text=True, check=True).stdout
     assert o1.split()[:3] == o2.split()[:3] == ["val", "42", "['a']"]
@@ -595,6 +595,9 @@ def test_compact_pure_roundtrip(tmp_path):
         pk.make_compact("def broken(:\n")
     with pytest.raises(ValueError, match="not UTF-8"):
         pk.make_compact(b"# -*- coding: latin-1 -*-\nx = '\xe9'\n")
+    monkeypatch.setattr(pk.tg, "strip_source", lambda b: b.replace(b"x * 2", b"x * 3"))
+    with pytest.raises(RuntimeError, match="same program"):
+        pk.make_compact(src)
 
 
 def test_compact_copy_keeps_line_numbers_past_unusual_line_breaks(tmp_path):

@@ -94,7 +94,7 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
                                                    "EMBED_FREQ_POWER=0.3",
                                                    "| GPTQ + SDClip fit, roles balanced on 4 training batches, "
                                                    "SDCLIP_COLUMN_ROLES=o",
-                                                   "| as a run, GPTQ_SWEEPS=0", "| as a run, GPTQ_SWEEPS=3",
+                                                   "| as a run, GPTQ_SWEEPS=0", f"| as a run, GPTQ_SWEEPS={tg.RECIPES['frontier']['GPTQ_SWEEPS']}",
                                                    f"| GPTQ + SDClip fit, SDCLIP_ROLE_MULT={knob}"]
     sizes = [int(ln.split(" | ")[1]) for ln in rows]
     assert all(s <= budget for s in sizes)
