@@ -1230,7 +1230,7 @@ BANK_FAMILIES = ("attn", "attn", "mlp", "mlp")  # qo, kv, mlp_up, mlp_down
 
 
 class GPT(nn.Module):
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, init: bool = True):
         super().__init__()
         self.args = args
         L, d, V = args.num_layers, args.model_dim, args.vocab_size
@@ -1267,7 +1267,8 @@ class GPT(nn.Module):
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
         self.rope_prefix = min(lengths)
-        self._init_weights()
+        if init:  # loaded weights replace every parameter: no CPU-heavy orthogonal init for them
+            self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self):
@@ -2642,7 +2643,9 @@ def load_artifact(path: str, expected_sha256: str | None = None) -> tuple[dict, 
 def model_from_artifact(path: str, args: Hyperparameters, device, log=lambda msg: None,
                         expected_sha256: str | None = None) -> GPT:
     """A fresh model of the artifact's architecture, which overrides the environment's; the log says where."""
+    t = time.perf_counter()
     arch, state = load_artifact(path, expected_sha256)
+    log(f"artifact_decode: time:{time.perf_counter() - t:.1f}s")
     return model_from_state(arch, state, args, device, log, "artifact")
 
 
@@ -2653,7 +2656,7 @@ def model_from_state(arch: dict, state: dict, args: Hyperparameters, device, log
     log(f"{source}_arch overrides: {', '.join(overridden) or 'none'}")
     for key, value in arch.items():
         setattr(args, key, value)
-    model = GPT(args).to(device)
+    model = GPT(args, init=False).to(device)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -2986,12 +2989,18 @@ def strip_source(source: bytes) -> bytes:
             continue
         if lines[d.lineno - 1].encode()[:d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset:].strip():
             continue  # shares a line with code
+        first = lines[d.lineno - 1]
         keep.difference_update(range(d.lineno, d.end_lineno + 1))
         lines[d.lineno - 1:d.end_lineno] = [""] * (d.end_lineno - d.lineno + 1)
         if len(body) == 1:
-            lines[d.lineno - 1] = " " * d.col_offset + "pass"
-    out = [l if i + 1 in keep else l.rstrip() for i, l in enumerate(lines)]
-    return "\n".join(l for i, l in enumerate(out) if l or i + 1 in keep).encode() + b"\n"
+            lines[d.lineno - 1] = first[:len(first) - len(first.lstrip())] + "pass"
+    out, prev = [], ""
+    for i, line in enumerate(lines):
+        line = line if i + 1 in keep else line.rstrip()
+        if line or i + 1 in keep or prev.endswith("\\"):  # a backslash continues onto the next line, even an empty one
+            out.append(line)
+        prev = line
+    return "\n".join(out).encode() + b"\n"
 
 
 def compact_code(source: bytes) -> bytes:

@@ -708,7 +708,7 @@ def make_compact(source: bytes | str) -> bytes:
 
 
 def unpack_compact(compact: bytes | str) -> bytes:
-    """Inverse of make_compact (for checking what a compact file contains)."""
+    """The (stripped) source that a compact file of make_compact runs."""
     if isinstance(compact, str):
         compact = compact.encode("utf-8")
     if not (compact.startswith(_COMPACT_HEAD) and compact.endswith(_COMPACT_TAIL)):

@@ -133,7 +133,7 @@ def _artifact(m, a, path, compressor):
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "zstd", "lzma"])
-def test_artifact_round_trip_matches_in_memory_dequantization(make_args, tmp_path, compressor):
+def test_artifact_round_trip_matches_in_memory_dequantization(make_args, tmp_path, compressor, monkeypatch):
     m, a = _trained_like_model(make_args)
     path = tmp_path / f"model.{compressor}.ptz"
     blob, raw = _artifact(m, a, path, compressor)
@@ -145,6 +145,7 @@ def test_artifact_round_trip_matches_in_memory_dequantization(make_args, tmp_pat
     ref.load_state_dict(tg.dequantize_state(tg.quantize_state(m.state_dict(), a)))
     # rebuild from the file with a deliberately different architecture in args: the artifact's arch wins
     b = make_args(NUM_LAYERS="5", MODEL_DIM="32", VE_LAYERS="4")
+    monkeypatch.setattr(tg.GPT, "_init_weights", lambda self: pytest.fail("loaded weights need no random init"))
     loaded = tg.model_from_artifact(str(path), b, CPU)
     assert b.num_layers == a.num_layers and b.model_dim == a.model_dim and b.ve_layers == a.ve_layers
     ids = torch.randint(0, a.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))

@@ -98,6 +98,9 @@ def test_strip_source_keeps_the_program_and_drops_comments_docstrings_blank_line
     exec(compile(STRIP_CASES, "a", "exec"), a), exec(compile(out, "b", "exec"), b)
     assert a["f"](1) == b["f"](1) and b["f"](1)[1].count("\n") == 3 and a["g"]() == b["g"]()
     assert out.count("\n\n") == 1, "the only blank line left is the string's"
+    edges = "x = 1 \\\n# a comment line after a backslash\ny = 2\nclass T:\n\tdef f(self):\n\t\t'doc'\n"
+    out = tg.strip_source(edges.encode()).decode()
+    assert pk.program(out) == pk.program(edges) and "\t\tpass" in out and "comment" not in out
     src = H.TRAIN_GPT.read_bytes()
     stripped = tg.strip_source(src)
     assert pk.program(stripped) == pk.program(src), "the run's program"

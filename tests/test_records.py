@@ -602,7 +602,7 @@ def test_compact_pure_roundtrip(tmp_path, monkeypatch):
 
 def test_compact_copy_keeps_line_numbers_past_unusual_line_breaks(tmp_path):
     """The linecache entry splits lines where the compiler does (a form feed is not a line break to it)."""
-    src = "import inspect\n# a form feed \x0c inside a comment\ndef g():\n    return 1\nprint(inspect.getsource(g))\n"
+    src = "import inspect\ns = 'a form feed \x0c inside a string'\ndef g():\n    return 1\nprint(inspect.getsource(g))\n"
     comp = tmp_path / "comp.py"
     comp.write_bytes(pk.make_compact(src))
     out = subprocess.run([sys.executable, str(comp)], capture_output=True, text=True, check=True).stdout

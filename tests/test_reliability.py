@@ -701,14 +701,14 @@ def test_model_from_artifact_logs_the_architecture_it_overrides(make_args, tmp_p
     b = make_args(NUM_LAYERS="11", XSA_LAST_N="2")
     logs = []
     tg.model_from_artifact(str(path), b, CPU, logs.append)
-    assert len(logs) == 2
-    assert logs[0].startswith("artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 ")
-    assert logs[0].count("=") == len(tg.ARCH_KEYS)
-    assert logs[1] == "artifact_arch overrides: NUM_LAYERS=3 (environment/recipe: 11), XSA_LAST_N=1 (environment/recipe: 2)"
+    assert len(logs) == 3 and re.fullmatch(r"artifact_decode: time:\d+\.\ds", logs[0])
+    assert logs[1].startswith("artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 ")
+    assert logs[1].count("=") == len(tg.ARCH_KEYS)
+    assert logs[2] == "artifact_arch overrides: NUM_LAYERS=3 (environment/recipe: 11), XSA_LAST_N=1 (environment/recipe: 2)"
     assert b.num_layers == 3 and b.xsa_last_n == 1
     logs = []
     tg.model_from_artifact(str(path), make_args(), CPU, logs.append)
-    assert logs[1] == "artifact_arch overrides: none"
+    assert logs[2] == "artifact_arch overrides: none"
 
 
 @pytest.mark.tg_runs("smoke", "eval_l11")
