@@ -2971,28 +2971,34 @@ COMPACT_HEAD = b'import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b
 COMPACT_TAIL = b'")).decode();f=__file__+"#src";C.cache[f]=(0,None,[l+"\\n"for l in s.split("\\n")],f);exec(compile(s,f,"exec"))\n'
 
 
+def leading_string(node: ast.AST) -> ast.Expr | None:
+    """The string statement that opens a node's body (a docstring, or a no-op string), if any."""
+    body = getattr(node, "body", None)
+    d = body[0] if isinstance(body, list) and body else None
+    return d if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str) else None
+
+
 def strip_source(source: bytes) -> bytes:
     """The script without comments, docstrings, blank lines and trailing blanks (a body left empty gets `pass`);
     lines inside multi-line strings stay as they are."""
-    lines = source.decode("utf-8").split("\n")
+    text = source.decode("utf-8")
+    lines = text.split("\n")
     keep = set()  # rows inside a multi-line string
-    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         (r0, c0), (r1, _) = tok.start, tok.end
         if tok.type == tokenize.COMMENT:
             lines[r0 - 1] = lines[r0 - 1][:c0]
         elif r1 > r0:
             keep.update(range(r0, r1 + 1))
     for node in ast.walk(ast.parse(source)):
-        body = getattr(node, "body", None)
-        d = body[0] if isinstance(body, list) and body else None
-        if not (isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str)):
+        if (d := leading_string(node)) is None:
             continue
         if lines[d.lineno - 1].encode()[:d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset:].strip():
             continue  # shares a line with code
         first = lines[d.lineno - 1]
         keep.difference_update(range(d.lineno, d.end_lineno + 1))
         lines[d.lineno - 1:d.end_lineno] = [""] * (d.end_lineno - d.lineno + 1)
-        if len(body) == 1:
+        if len(node.body) == 1:
             lines[d.lineno - 1] = first[:len(first) - len(first.lstrip())] + "pass"
     out, prev = [], ""
     for i, line in enumerate(lines):
