@@ -297,7 +297,8 @@ class Hyperparameters:
         self.ttt_lora_rank = env("TTT_LORA_RANK", 80)
         self.ttt_lora_alpha = env("TTT_LORA_ALPHA", 144.0)
         self.ttt_lora_lr = env("TTT_LORA_LR", 1e-4)
-        self.ttt_lora_wd = env("TTT_LORA_WD", 0.5)
+        self.ttt_lora_wd = env("TTT_LORA_WD", 1.0)
+        self.ttt_warm_start_a = env("TTT_WARM_START_A", True)  # a rank's A carries over between its batches
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 48)  # predictions scored per step of a document
         self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
@@ -1730,7 +1731,8 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
 class LoRA(nn.Module):
     """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on q, k, v,
     o and the MLP output (from the MLP input) of every virtual layer, and on the LM head. delta(x) =
-    (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing."""
+    (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing; a warm
+    reset keeps A, the input directions learned on the documents scored before."""
 
     def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int, device=None):
         super().__init__()
@@ -1743,11 +1745,12 @@ class LoRA(nn.Module):
         self.reset(0)
 
     @torch.no_grad()
-    def reset(self, seed: int):
+    def reset(self, seed: int, warm: bool = False):
         g = torch.Generator(self.B["head"].device).manual_seed(seed)
         for A, B in zip(self.A.values(), self.B.values()):
             bound = 1 / math.sqrt(A.size(-1))
-            A.copy_(torch.rand(A.shape, generator=g, device=A.device) * 2 * bound - bound)
+            if not warm:
+                A.copy_(torch.rand(A.shape, generator=g, device=A.device) * 2 * bound - bound)
             B.zero_()
 
     def adapter(self, key: str, rows: int) -> tuple:
@@ -1802,7 +1805,8 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it
     is free (Dist.claim); each batch's LoRA is reset from a seed of its index, so the result does not depend on
-    the number of ranks or on which rank scored a batch, unless the `deadline` (a perf_counter time) passes: a
+    the number of ranks or on which rank scored a batch (TTT_WARM_START_A=1 keeps a rank's A between its
+    batches of a phase: then it does), unless the `deadline` (a perf_counter time) passes: a
     rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep
     the evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those
     documents (`unadapted_docs`)."""
@@ -1831,9 +1835,11 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     scores, t0, done, unadapted = {}, time.perf_counter(), 0, 0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
+        warm = False  # A is drawn afresh after each phase (the base moved), then kept if TTT_WARM_START_A
         with compiled_blocks(model, args.compile):
             for b in dctx.claim(done, end):
-                lora.reset(args.seed * 100_003 + b)
+                lora.reset(args.seed * 100_003 + b, warm)
+                warm = args.ttt_warm_start_a
                 opt.state.clear()
                 batch = docs[b * per:(b + 1) * per]
                 learn = deadline is None or time.perf_counter() < deadline

@@ -46,7 +46,8 @@ QAT_AUTO = dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=0, SDCLIP_RO
 
 PHASED = {"EVAL_ONLY_PATH": "<smoke>", "TTT_MODE": "phased", "TTT_DOC_BATCH": 4, "TTT_LORA_CHUNK": 16,
           "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.01, "TTT_PREFIX_DOCS": 10, "TTT_PHASES": 2, "TTT_PHASE_LR": 0.01,
-          "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16}  # every phase chunk is one SGD step on 1 or 2 ranks
+          "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16,  # every phase chunk is one SGD step on 1 or 2 ranks
+          "TTT_WARM_START_A": 0}  # warm A is kept per rank: 2 ranks equal 1 without it
 
 # name -> (overrides, nproc, run this first). Submitted in this order (slowest first). An override may be
 # "<dep>" (the artifact path of the run it depends on) or a function of that run's RunResult.

@@ -1,7 +1,7 @@
 """Phased score-first TTT (TTT_MODE=phased, SPEC §10.6): per-document LoRA in the one forward, document spans,
 chunked score-then-step order, global SGD phases, and the legality properties: every target scored once, no
-score depends on a later token of its document or on a document scored after it, LoRA reset per batch, and
-2 ranks equal 1."""
+score depends on a later token of its document or on a document scored after it, LoRA reset per batch (A kept
+within a phase with TTT_WARM_START_A), and 2 ranks equal 1."""
 from __future__ import annotations
 
 import re
@@ -143,21 +143,55 @@ def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix
         assert not torch.equal(again[s], base[s])
 
 
-def test_lora_is_reset_between_document_batches(make_args):
-    """Without phases, a batch's scores do not depend on any other batch (the adapters and AdamW state
-    start fresh); with LoRA steps, later chunks of a document do change."""
-    val = stream()
-    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS="0")
+def changed_first_document(val):
+    """The queue's first (longest) document with every token but its BOS tokens changed."""
     order = sorted(tg.document_spans(val), key=lambda d: -d[1])
     s0, n0 = order[0]
     changed = val.clone()
     changed[s0 + 1:s0 + n0] = torch.where(changed[s0 + 1:s0 + n0] == BOS, BOS, 2 + (changed[s0 + 1:s0 + n0] % 120))
-    again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS="0")
+    return order, changed
+
+
+def test_lora_is_reset_between_document_batches(make_args):
+    """Without phases and warm start, a batch's scores do not depend on any other batch (the adapters and
+    AdamW state start fresh); with LoRA steps, later chunks of a document do change."""
+    val = stream()
+    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_WARM_START_A="0")
+    order, changed = changed_first_document(val)
+    s0, n0 = order[0]
+    again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS="0", TTT_WARM_START_A="0")
     for s, n in order[a.ttt_doc_batch:]:
         assert torch.equal(again[s], base[s])
     frozen, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_LORA_LR="0")
     assert torch.equal(frozen[s0][:a.ttt_lora_chunk], base[s0][:a.ttt_lora_chunk]), "first chunk: no step yet"
     assert not torch.equal(frozen[s0], base[s0]), "the LoRA steps change later chunks"
+
+
+def test_warm_start_keeps_a_and_zeroes_b(make_args):
+    a, _ = setup(make_args)
+    lora = tg.LoRA(a, 2, 3)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(1.0)
+    A = {k: v.clone() for k, v in lora.A.items()}
+    lora.reset(7, warm=True)
+    assert all(torch.equal(lora.A[k], A[k]) for k in A) and all(not b.any() for b in lora.B.values())
+    lora.reset(7)
+    assert all(not torch.equal(lora.A[k], A[k]) for k in A)
+
+
+def test_warm_a_carries_over_within_a_phase_only(make_args):
+    """TTT_WARM_START_A=1: a rank's later batches learn from the A its earlier batches trained (so their scores
+    depend on the first batch's document), unless a phase lies between them (A is drawn afresh there)."""
+    val = stream()
+    order, changed = changed_first_document(val)
+    per = int(TINY["TTT_DOC_BATCH"])
+    for prefix, phase_between in (("0", False), (str(per), True)):
+        knobs = dict(TTT_PREFIX_DOCS=prefix, TTT_PHASES="1", TTT_PHASE_LR="0")  # a phase that moves no weight
+        base, _, _ = scores(make_args, val, **knobs)
+        again, _, _ = scores(make_args, changed, **knobs)
+        moved = [not torch.equal(again[s], base[s]) for s, _ in order[per:]]  # the same slot's A: some move
+        assert not any(moved) if phase_between else any(moved), prefix
 
 
 def test_phases_fall_after_the_prefix_parts(make_args):
