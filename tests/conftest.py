@@ -46,8 +46,8 @@ QAT_AUTO = dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=0, SDCLIP_RO
 
 PHASED = {"EVAL_ONLY_PATH": "<smoke>", "TTT_MODE": "phased", "TTT_DOC_BATCH": 4, "TTT_LORA_CHUNK": 16,
           "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.01, "TTT_PREFIX_DOCS": 10, "TTT_PHASES": 2, "TTT_PHASE_LR": 0.01,
-          "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16,  # every phase chunk is one SGD step on 1 or 2 ranks
-          "TTT_WARM_START_A": 0}  # warm A is kept per rank: 2 ranks equal 1 without it
+          "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16}  # every phase chunk is one SGD step on 1 or 2 ranks
+RANK_FREE = {"TTT_WARM_START_A": 0}  # warm A is kept per rank: 2 ranks equal 1 without it
 
 # name -> (overrides, nproc, run this first). Submitted in this order (slowest first). An override may be
 # "<dep>" (the artifact path of the run it depends on) or a function of that run's RunResult.
@@ -74,8 +74,8 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "ttt_uneven_1p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 1, "smoke"),
     "ttt_uneven_2p": ({"EVAL_ONLY_PATH": "<smoke>", "TTT_CHUNK_TOKENS": 192, "TTT_LR": 0.05}, 2, "smoke"),
     # phased TTT of the smoke artifact: 2 ranks must give the 1-process scores (batches alternate between ranks)
-    "phased_1p": (PHASED, 1, "smoke"),
-    "phased_2p": (PHASED, 2, "smoke"),
+    "phased_1p": (PHASED | RANK_FREE, 1, "smoke"),
+    "phased_2p": (PHASED | RANK_FREE, 2, "smoke"),
     # a training run whose final evaluation is phased TTT, and an eval-only run of its artifact
     "phased_train": ({k: v for k, v in PHASED.items() if k != "EVAL_ONLY_PATH"}, 1, None),
     "phased_train_eval": (PHASED | {"EVAL_ONLY_PATH": "<phased_train>"}, 1, "phased_train"),
