@@ -1654,6 +1654,7 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
             secs = time.perf_counter() - t0
             log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={secs:.1f}s "
                 f"eta={secs * (n_chunks - c - 1) / (c + 1):.1f}s")
+    timing["loop_s"] = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(True)
     loss, bpb = bpb_from(dctx.all_reduce(sums))
@@ -1832,7 +1833,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     warm_s = time.perf_counter() - t0
     log(f"ttt_phased:warmup time={warm_s:.1f}s")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    scores, t0, done, unadapted = {}, time.perf_counter(), 0, 0
+    scores, t0, done, unadapted, phase_s = {}, time.perf_counter(), 0, 0, 0.0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
     for end in sorted(set(ends) | {n_batches}):
         warm = False  # A is drawn afresh after each phase (the base moved), then kept if TTT_WARM_START_A
@@ -1852,15 +1853,24 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
                 progress(b + 1, n_batches)
         done = end
         if end < n_batches:
+            t = time.perf_counter()
             ttt_phase(model, val, docs[:end * per], args, dctx, log)
+            phase_s += time.perf_counter() - t
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
+    timing = {"loop_s": time.perf_counter() - t0, "warm_s": warm_s, "unadapted_docs": unadapted, "phase_s": phase_s,
+              "queue": [n for _, n in docs]}
+    if phase_s and dctx.world_size < 8:  # probed after the loop: the weights it runs on no longer matter
+        t = time.perf_counter()
+        timing["phase_chunk8_s"] = rank_shape_phase_chunk_s(model, val, args, dctx.device)
+        timing["warm_s"] += time.perf_counter() - t
+        log(f"ttt_phased:rank_shape_probe phase_chunk_s={timing['phase_chunk8_s']:.4f} (one rank of 8 GPUs)")
     if args.compile:  # each costs a compile of a minute or more on a GPU inside the timed loop
         log(f"ttt_phased:graphs_compiled_in_loop={torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
     if dctx.device.type == "cuda":  # 64 windows of 2048 with their backward: does it fit an 80 GB H100?
         log(f"ttt_phased:peak_memory_allocated_mib={torch.cuda.max_memory_allocated() // 2**20}")
     for p in model.parameters():
         p.requires_grad_(True)
-    return scores, {"warm_s": warm_s, "unadapted_docs": unadapted}
+    return scores, timing
 
 
 @functools.cache
@@ -1969,6 +1979,31 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
         p.requires_grad_(False)
         p.grad = None
     log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
+
+
+def rank_shape_phase_chunk_s(model: GPT, val, args: Hyperparameters, device, reps: int = 3) -> float:
+    """Seconds per global-phase chunk (one SGD step on TTT_CHUNK_TOKENS) at the shape of one rank of 8 GPUs:
+    1/8 of the chunk's sequences (the gradient all-reduce is not in it), with the learning rate at 0. A phase
+    takes the same number of steps however many ranks share them, and at 1/8 of a step the work is
+    latency-bound (on one H200, eager: 0.098 s against 0.138 s for the whole step)."""
+    one_of_8 = types.SimpleNamespace(world_size=8, rank=0, device=device, mean_=lambda grads: None)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=0.0, momentum=args.ttt_momentum)
+    end = min(args.ttt_chunk_tokens, val.numel() - 1)
+    step = lambda: ttt_train_chunk(model, model, opt, params, val, 0, end, 0.0, args, one_of_8, epochs=1)
+    step()  # first-call costs (allocations, kernel selection) stay out of the timing
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(device)
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return (time.perf_counter() - t) / reps
 
 # ----------------------------------------------------------------------------- export
 
@@ -3033,20 +3068,34 @@ def code_info() -> tuple[bytes, bytes, str]:
     return code, compact_code(code), hashlib.sha256(code).hexdigest()
 
 
-FULL_VAL_TOKENS = 62_021_632
+# The full FineWeb validation split (50,000 documents): its targets under the published tokenizers (as their
+# runs log them) and, for any other tokenizer, its bytes (about: 62,021,632 sp1024 targets at 2.4358 bytes each).
+FINEWEB_VAL_TOKENS = {"fineweb_1024_bpe.model": 62_021_632, "fineweb_8192_bpe.model": 40_540_160}
+FINEWEB_VAL_BYTES, FINEWEB_VAL_DOCS = 151_080_000, 50_000
+
+
+def fineweb_val_tokens(args: Hyperparameters, val: torch.Tensor, luts) -> tuple[int, str]:
+    """Targets of the full FineWeb validation split under this run's tokenizer, and where the number comes from:
+    the published tokenizers' logged counts, else FineWeb's bytes at this validation text's bytes per target."""
+    name = Path(args.tokenizer_path).name
+    if name in FINEWEB_VAL_TOKENS:
+        return FINEWEB_VAL_TOKENS[name], f"logged for {name}"
+    nbytes = target_bytes(val[:-1], val[1:], luts).sum().item()
+    return round(FINEWEB_VAL_BYTES * (val.numel() - 1) / nbytes), "estimated from FineWeb's bytes"
 
 
 class EvalBudget:
     """Each evaluation phase's measured seconds (its compile warm-up apart) and their projection to the full
-    validation set on 8 GPUs: per-token work scales with tokens and ranks, warm-ups do not, and a phase that
-    knows its 8-GPU loop time better (latency-bound TTT) passes it. Everything counts in the total."""
+    FineWeb validation split (`full_tokens` targets) on 8 GPUs: per-token work scales with tokens and ranks,
+    warm-ups do not, and a part of a loop that does not (latency-bound TTT) comes with its own projection,
+    `apart` = (measured s, projected 8-GPU s). Everything counts in the total."""
 
-    def __init__(self, log, tokens: int, world_size: int):
+    def __init__(self, log, tokens: int, world_size: int, full_tokens: int):
         self.log, self.tokens, self.world, self.rows = log, tokens, world_size, []
-        self.scale = FULL_VAL_TOKENS / tokens * world_size / 8
+        self.scale = full_tokens / tokens * world_size / 8
 
-    def add(self, phase: str, measured_s: float, warm_s: float = 0.0, loop_8gpu_s: float | None = None):
-        loop = (measured_s - warm_s) * self.scale if loop_8gpu_s is None else loop_8gpu_s
+    def add(self, phase: str, measured_s: float, warm_s: float = 0.0, apart: tuple[float, float] = (0.0, 0.0)):
+        loop = (measured_s - warm_s - apart[0]) * self.scale + apart[1]
         self.rows.append((phase, measured_s, warm_s, warm_s + loop))
         self.log(f"eval_projection phase:{phase} measured_s:{measured_s:.1f} tokens:{self.tokens} "
                  f"world_size:{self.world} projected_8gpu_full_val_s:{warm_s + loop:.1f} warmup_s:{warm_s:.1f}")
@@ -3061,9 +3110,25 @@ class EvalBudget:
         return projected
 
 
-def ttt_loop_8gpu_s(timing: dict, args: Hyperparameters) -> float | None:
-    """8-GPU loop time of SGD TTT from its per-rank-shape chunk time, when probed; else None (linear)."""
-    return timing["chunk8_s"] * math.ceil(FULL_VAL_TOKENS / args.ttt_chunk_tokens) if "chunk8_s" in timing else None
+def ttt_apart(timing: dict, args: Hyperparameters, full_tokens: int) -> tuple[float, float]:
+    """(measured, projected 8-GPU) seconds of the part of a TTT loop that is timed at the shape of one rank of 8
+    GPUs, where it was probed: all of SGD TTT's chunks, or phased TTT's global phases; else nothing (linear)."""
+    if "chunk8_s" in timing:
+        return timing["loop_s"], timing["chunk8_s"] * math.ceil(full_tokens / args.ttt_chunk_tokens)
+    if "phase_chunk8_s" in timing:
+        return timing["phase_s"], timing["phase_chunk8_s"] * fineweb_phase_chunks(timing["queue"], args, full_tokens)
+    return 0.0, 0.0
+
+
+def fineweb_phase_chunks(lengths: list[int], args: Hyperparameters, full_tokens: int) -> int:
+    """SGD steps (TTT_CHUNK_TOKENS each) of phased TTT's global phases on the full FineWeb split, were its
+    documents distributed like these (`lengths` in queue order, longest first): a phase after the first d of
+    its 50,000 queued documents trains on the tokens that the first d/50,000 of this queue hold, scaled up."""
+    per, cum = args.ttt_doc_batch, np.cumsum(lengths)
+    prefix, batches = min(args.ttt_prefix_docs, FINEWEB_VAL_DOCS), math.ceil(FINEWEB_VAL_DOCS / per)
+    ends = {math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0, batches}
+    shares = [cum[min(len(cum), math.ceil(e * per * len(cum) / FINEWEB_VAL_DOCS)) - 1] / cum[-1] for e in ends]
+    return sum(max(1, int(share * full_tokens) // args.ttt_chunk_tokens) for share in shares)
 
 
 def compiled_logits(model: GPT, args: Hyperparameters):
@@ -3342,7 +3407,9 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     model = model_from_artifact(args.eval_only_path, args, device, log, results.get("artifact_sha256"))
     model.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logits_fn = window_scorer(model, args)
-    budget = EvalBudget(log, val.numel() - 1, dctx.world_size)
+    full_tokens, source = fineweb_val_tokens(args, val, luts)
+    log(f"eval_projection fineweb_val_tokens:{full_tokens} ({source})")
+    budget = EvalBudget(log, val.numel() - 1, dctx.world_size, full_tokens)
     if "export_s" in results:  # after the training cap: counted against the evaluation's budget too
         budget.add("export", results["export_s"], results["export_s"])
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
@@ -3380,7 +3447,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        budget.add("legal_ttt", secs, timing["warm_s"], ttt_loop_8gpu_s(timing, args))
+        budget.add("legal_ttt", secs, timing["warm_s"], ttt_apart(timing, args, full_tokens))
     projected = budget.close()
     results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")

@@ -303,23 +303,59 @@ def test_ttt_lowers_loss_on_repetitive_stream(make_args, monkeypatch):
 
 def test_eval_budget_scales_loops_not_warm_ups_and_counts_everything():
     logs = []
-    b = tg.EvalBudget(logs.append, tokens=tg.FULL_VAL_TOKENS // 4, world_size=1)  # a quarter of val, 1 GPU
+    b = tg.EvalBudget(logs.append, tokens=1000, world_size=1, full_tokens=4000)  # a quarter of val, 1 GPU
     assert b.scale == pytest.approx(4 / 8)
     b.add("load", 3.0, 3.0)
     b.add("roundtrip", 12.0, 2.0)  # 10 s of loop -> 5 s on 8 GPUs, the 2 s warm-up stays
-    b.add("legal_ttt", 50.0, 10.0, loop_8gpu_s=300.0)  # a latency-bound loop brings its own projection
+    b.add("legal_ttt", 50.0, 10.0, apart=(30.0, 290.0))  # 10 s scale linearly, a latency-bound 30 s -> 290 s
     total = b.close(budget_s=310.0)
-    assert total == pytest.approx(3.0 + 7.0 + 310.0)
+    assert total == pytest.approx(3.0 + 7.0 + 10.0 + 5.0 + 290.0)
     assert logs[1].endswith("projected_8gpu_full_val_s:7.0 warmup_s:2.0")
-    assert logs[-1] == "eval_projection total_8gpu_full_val_s:320.0 budget_s:310 fits:False"
-    assert logs[-2].split()[1:4] == ["total", "65.0", "320.0"], "the table's total row: measured and projected"
+    assert logs[-1] == "eval_projection total_8gpu_full_val_s:315.0 budget_s:310 fits:False"
+    assert logs[-2].split()[1:4] == ["total", "65.0", "315.0"], "the table's total row: measured and projected"
+
+
+def test_projection_counts_the_full_fineweb_split_of_the_runs_tokenizer(make_args, luts):
+    val = torch.randint(0, 64, (5001,), generator=torch.Generator().manual_seed(0))
+    for name, want in (("fineweb_1024_bpe.model", 62_021_632), ("fineweb_8192_bpe.model", 40_540_160)):
+        assert tg.fineweb_val_tokens(make_args(TOKENIZER_PATH=f"/x/{name}"), val, luts) == (want, f"logged for {name}")
+    tokens, source = tg.fineweb_val_tokens(make_args(TOKENIZER_PATH="/x/own.model"), val, luts)
+    nbytes = tg.target_bytes(val[:-1], val[1:], luts).sum().item()
+    assert source.startswith("estimated") and tokens == round(tg.FINEWEB_VAL_BYTES / (nbytes / 5000))
 
 
 def test_sgd_ttt_projection_counts_chunks_at_the_rank_shape(make_args):
     a = make_args(TTT_CHUNK_TOKENS="32768")
-    chunks = math.ceil(tg.FULL_VAL_TOKENS / 32768)
-    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0, "chunk8_s": 0.1}, a) == pytest.approx(0.1 * chunks)
-    assert tg.ttt_loop_8gpu_s({"warm_s": 5.0}, a) is None  # not probed (8 ranks, or no compile): linear
+    chunks = math.ceil(40_000_000 / 32768)
+    timing = {"warm_s": 5.0, "loop_s": 60.0, "chunk8_s": 0.1}
+    assert tg.ttt_apart(timing, a, 40_000_000) == pytest.approx((60.0, 0.1 * chunks))
+    assert tg.ttt_apart({"warm_s": 5.0, "loop_s": 60.0}, a, 40_000_000) == (0.0, 0.0)  # not probed: linear
+
+
+def test_phase_projection_reads_the_prefix_share_off_the_queue(make_args):
+    """On FineWeb itself (50,000 documents) the phases' steps are the real prefix's; on a smaller set, the
+    prefix's share of documents picks the share of tokens."""
+    a = make_args(TTT_DOC_BATCH="64", TTT_PREFIX_DOCS="2500", TTT_PHASES="3", TTT_CHUNK_TOKENS="32768")
+    fineweb = sorted(torch.randint(100, 3000, (50_000,), generator=torch.Generator().manual_seed(0)).tolist())[::-1]
+    total = sum(fineweb)
+    want = sum(int(sum(fineweb[:end * 64]) / total * total) // 32768 for end in (14, 27, 40))  # ceil(2500 k/3/64)
+    assert tg.fineweb_phase_chunks(fineweb, a, total) == want
+    small = [1000] * 100 + [10] * 900  # a tenth of the documents hold 10,000 / 10,900 of the tokens
+    share = lambda docs: sum(small[:math.ceil(docs * 1000 / 50_000)]) / sum(small)
+    assert tg.fineweb_phase_chunks(small, a, 40_000_000) == sum(
+        int(share(end * 64) * 40_000_000) // 32768 for end in (14, 27, 40))
+    assert tg.fineweb_phase_chunks(small, make_args(TTT_PREFIX_DOCS="0"), 40_000_000) == 0
+
+
+def test_phase_probe_changes_nothing(make_args):
+    a = ttt_args(make_args, TTT_CHUNK_TOKENS="512")
+    model = fresh_model(a)
+    before = copy.deepcopy(model.state_dict())
+    val = torch.randint(0, a.vocab_size, (2000,), generator=torch.Generator().manual_seed(0))
+    secs = tg.rank_shape_phase_chunk_s(model, val, a, CPU, reps=2)
+    assert secs > 0 and all(p.grad is None and not p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_rank_shape_probe_changes_nothing(make_args, luts):

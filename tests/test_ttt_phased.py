@@ -39,7 +39,7 @@ def scores(make_args, val, **knobs):
     a, m = setup(make_args, **knobs)
     logs = []
     out, timing = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append)
-    assert timing["warm_s"] < 0.01  # COMPILE=0: nothing to warm up
+    assert "phase_chunk8_s" in timing or timing["warm_s"] < 0.01  # COMPILE=0: nothing to warm up, unless probed
     return out, logs, a
 
 
@@ -192,6 +192,21 @@ def test_warm_a_carries_over_within_a_phase_only(make_args):
         again, _, _ = scores(make_args, changed, **knobs)
         moved = [not torch.equal(again[s], base[s]) for s, _ in order[per:]]  # the same slot's A: some move
         assert not any(moved) if phase_between else any(moved), prefix
+
+
+def test_phases_are_timed_apart_and_probed_at_one_rank_of_8(make_args):
+    """The global phases' seconds, the queue and the phase step at one rank of 8 GPUs feed the projection
+    (ttt_apart); with no phase there is nothing to probe."""
+    val = stream()
+    for prefix in ("5", "0"):
+        a, m = setup(make_args, TTT_PREFIX_DOCS=prefix)
+        logs = []
+        _, timing = tg.phased_ttt_scores(m, val, a, H.DistStub(), logs.append)
+        assert timing["queue"] == sorted((n for _, n in tg.document_spans(val)), reverse=True)
+        assert timing["loop_s"] >= timing["phase_s"] and (timing["phase_s"] > 0) == (prefix != "0")
+        assert ("phase_chunk8_s" in timing) == (prefix != "0") == any("rank_shape_probe" in x for x in logs)
+        measured, projected = tg.ttt_apart(timing, a, 10 ** 6)
+        assert measured == timing["phase_s"] and (projected > 0) == (prefix != "0")
 
 
 def test_phases_fall_after_the_prefix_parts(make_args):
