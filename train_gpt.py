@@ -548,6 +548,17 @@ def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+def timed_reps(fn, device, reps: int = 3) -> float:
+    """Seconds per call of fn, after one untimed call (allocations, kernel selection, compiles)."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
 # ----------------------------------------------------------------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
@@ -1687,16 +1698,11 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
             opt.zero_grad(set_to_none=False)
 
     params = [p for g in opt.param_groups for p in g["params"]]
-    one_chunk()  # compiles the graphs of this shape
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        one_chunk()
-    sync(device)
+    secs = timed_reps(one_chunk, device, reps)  # the untimed call compiles the graphs of this shape
     for g, lr in zip(opt.param_groups, lrs):
         g["lr"] = lr
     opt.state.clear()
-    return (time.perf_counter() - t) / reps
+    return secs
 
 
 def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist, epochs=None):
@@ -1799,22 +1805,21 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
 
 
 def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, deadline=None) -> tuple[dict, dict]:
-    """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and the compile
-    warm-up time. Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
+    """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and its timing
+    (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
     with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
     in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
     loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it
-    is free (Dist.claim); each batch's LoRA is reset from a seed of its index, so the result does not depend on
-    the number of ranks or on which rank scored a batch (TTT_WARM_START_A=1 keeps a rank's A between its
-    batches of a phase: then it does), unless the `deadline` (a perf_counter time) passes: a
-    rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep
+    is free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next between
+    global phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result
+    does not depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter
+    time) passes, a rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep
     the evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those
     documents (`unadapted_docs`)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
-    prefix = min(args.ttt_prefix_docs, len(docs))
-    ends = sorted({math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0})
+    prefix, ends = min(args.ttt_prefix_docs, len(docs)), phase_ends(len(docs), args)
     for p in model.parameters():
         p.requires_grad_(False)
     lora, opt = lora_with_optimizer(model, args, dctx.device)
@@ -1835,7 +1840,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     scores, t0, done, unadapted, phase_s = {}, time.perf_counter(), 0, 0, 0.0
     progress = ProgressLog(log, "eval_progress phase:ttt_phased", "batches", 20)  # longest first: ETA is high
-    for end in sorted(set(ends) | {n_batches}):
+    for end in ends + [n_batches]:
         warm = False  # A is drawn afresh after each phase (the base moved), then kept if TTT_WARM_START_A
         with compiled_blocks(model, args.compile):
             for b in dctx.claim(done, end):
@@ -1853,17 +1858,14 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
                 progress(b + 1, n_batches)
         done = end
         if end < n_batches:
+            dctx.all_reduce(torch.zeros(1, device=dctx.device))  # a rank's wait for the others is batch time
+            sync(dctx.device)
             t = time.perf_counter()
             ttt_phase(model, val, docs[:end * per], args, dctx, log)
+            sync(dctx.device)
             phase_s += time.perf_counter() - t
         log(f"  ttt_phased [{end}/{n_batches}] time={time.perf_counter() - t0:.1f}s")
-    timing = {"loop_s": time.perf_counter() - t0, "warm_s": warm_s, "unadapted_docs": unadapted, "phase_s": phase_s,
-              "queue": [n for _, n in docs]}
-    if phase_s and dctx.world_size < 8:  # probed after the loop: the weights it runs on no longer matter
-        t = time.perf_counter()
-        timing["phase_chunk8_s"] = rank_shape_phase_chunk_s(model, val, args, dctx.device)
-        timing["warm_s"] += time.perf_counter() - t
-        log(f"ttt_phased:rank_shape_probe phase_chunk_s={timing['phase_chunk8_s']:.4f} (one rank of 8 GPUs)")
+    timing = {"loop_s": time.perf_counter() - t0, "warm_s": warm_s, "unadapted_docs": unadapted, "phase_s": phase_s}
     if args.compile:  # each costs a compile of a minute or more on a GPU inside the timed loop
         log(f"ttt_phased:graphs_compiled_in_loop={torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs}")
     if dctx.device.type == "cuda":  # 64 windows of 2048 with their backward: does it fit an 80 GB H100?
@@ -1871,6 +1873,14 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     for p in model.parameters():
         p.requires_grad_(True)
     return scores, timing
+
+
+def phase_ends(n_docs: int, args: Hyperparameters) -> list[int]:
+    """The document batches after which a global phase runs: the first TTT_PREFIX_DOCS of `n_docs` queued
+    documents in TTT_PHASES equal parts, rounded up to whole batches (none after the last batch)."""
+    per, prefix = args.ttt_doc_batch, min(args.ttt_prefix_docs, n_docs)
+    ends = {math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)}
+    return sorted(ends - {0, math.ceil(n_docs / per)})
 
 
 @functools.cache
@@ -1981,29 +1991,24 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
     log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
 
 
-def rank_shape_phase_chunk_s(model: GPT, val, args: Hyperparameters, device, reps: int = 3) -> float:
+def rank_shape_phase_chunk_s(model: GPT, val, args: Hyperparameters, device) -> float:
     """Seconds per global-phase chunk (one SGD step on TTT_CHUNK_TOKENS) at the shape of one rank of 8 GPUs:
     1/8 of the chunk's sequences (the gradient all-reduce is not in it), with the learning rate at 0. A phase
     takes the same number of steps however many ranks share them, and at 1/8 of a step the work is
-    latency-bound (on one H200, eager: 0.098 s against 0.138 s for the whole step)."""
+    latency-bound (docs/RESULTS.md)."""
     one_of_8 = types.SimpleNamespace(world_size=8, rank=0, device=device, mean_=lambda grads: None)
-    params = list(model.parameters())
+    params, flags = list(model.parameters()), [p.requires_grad for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=0.0, momentum=args.ttt_momentum)
     end = min(args.ttt_chunk_tokens, val.numel() - 1)
-    step = lambda: ttt_train_chunk(model, model, opt, params, val, 0, end, 0.0, args, one_of_8, epochs=1)
-    step()  # first-call costs (allocations, kernel selection) stay out of the timing
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        step()
-    sync(device)
-    for p in params:
-        p.requires_grad_(False)
+    secs = timed_reps(lambda: ttt_train_chunk(model, model, opt, params, val, 0, end, 0.0, args, one_of_8, epochs=1),
+                      device)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
         p.grad = None
-    return (time.perf_counter() - t) / reps
+    return secs
 
 # ----------------------------------------------------------------------------- export
 
@@ -3110,24 +3115,31 @@ class EvalBudget:
         return projected
 
 
-def ttt_apart(timing: dict, args: Hyperparameters, full_tokens: int) -> tuple[float, float]:
-    """(measured, projected 8-GPU) seconds of the part of a TTT loop that is timed at the shape of one rank of 8
-    GPUs, where it was probed: all of SGD TTT's chunks, or phased TTT's global phases; else nothing (linear)."""
+def ttt_apart(model: GPT, val, timing: dict, args: Hyperparameters, dctx: Dist, full_tokens: int,
+              log) -> tuple[float, float]:
+    """(measured, projected 8-GPU) seconds of the part of a TTT loop that is latency-bound at the shape of one
+    rank of 8 GPUs, on fewer ranks: all of SGD TTT's chunks (probed before its loop), or phased TTT's global
+    phases (probed here, after them); else nothing (the loop is projected linearly)."""
     if "chunk8_s" in timing:
-        return timing["loop_s"], timing["chunk8_s"] * math.ceil(full_tokens / args.ttt_chunk_tokens)
-    if "phase_chunk8_s" in timing:
-        return timing["phase_s"], timing["phase_chunk8_s"] * fineweb_phase_chunks(timing["queue"], args, full_tokens)
-    return 0.0, 0.0
+        steps, step_s, measured = math.ceil(full_tokens / args.ttt_chunk_tokens), timing["chunk8_s"], timing["loop_s"]
+    elif timing.get("phase_s") and dctx.world_size < 8:
+        lengths = sorted((n for _, n in document_spans(val.cpu())), reverse=True)
+        steps, measured = fineweb_phase_chunks(lengths, args, full_tokens), timing["phase_s"]
+        step_s = rank_shape_phase_chunk_s(model, val, args, dctx.device)
+    else:
+        return 0.0, 0.0
+    log(f"eval_projection rank_shape steps:{steps} step_s:{step_s:.4f} projected_8gpu_s:{steps * step_s:.1f} "
+        f"in_place_of_measured_s:{measured:.1f}")
+    return measured, steps * step_s
 
 
 def fineweb_phase_chunks(lengths: list[int], args: Hyperparameters, full_tokens: int) -> int:
     """SGD steps (TTT_CHUNK_TOKENS each) of phased TTT's global phases on the full FineWeb split, were its
     documents distributed like these (`lengths` in queue order, longest first): a phase after the first d of
     its 50,000 queued documents trains on the tokens that the first d/50,000 of this queue hold, scaled up."""
-    per, cum = args.ttt_doc_batch, np.cumsum(lengths)
-    prefix, batches = min(args.ttt_prefix_docs, FINEWEB_VAL_DOCS), math.ceil(FINEWEB_VAL_DOCS / per)
-    ends = {math.ceil(prefix * k / args.ttt_phases / per) for k in range(1, args.ttt_phases + 1)} - {0, batches}
-    shares = [cum[min(len(cum), math.ceil(e * per * len(cum) / FINEWEB_VAL_DOCS)) - 1] / cum[-1] for e in ends]
+    cum = np.cumsum(lengths)
+    shares = [cum[min(len(cum), math.ceil(e * args.ttt_doc_batch * len(cum) / FINEWEB_VAL_DOCS)) - 1] / cum[-1]
+              for e in phase_ends(FINEWEB_VAL_DOCS, args)]
     return sum(max(1, int(share * full_tokens) // args.ttt_chunk_tokens) for share in shares)
 
 
@@ -3447,7 +3459,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         results["legal_ttt"] = vb
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-        budget.add("legal_ttt", secs, timing["warm_s"], ttt_apart(timing, args, full_tokens))
+        budget.add("legal_ttt", secs, timing["warm_s"], ttt_apart(model, val, timing, args, dctx, full_tokens, log))
     projected = budget.close()
     results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")

@@ -224,6 +224,7 @@ def run_ttt(model, a, val, luts, monkeypatch, chunk_sums=None, trained=None, pre
     with monkeypatch.context() as mp:
         mp.setattr(tg, "score_windows", score)
         result = tg.ttt_evaluate(model, model.forward_logits, loss_fn, val, luts, a, H.DistStub(), logs.append)
+    assert result[2]["loop_s"] > 0  # what ttt_apart replaces when the chunks were probed
     return tuple(result[:2]), logs  # (val_loss, val_bpb[, compile warm-up seconds])
 
 
@@ -325,11 +326,14 @@ def test_projection_counts_the_full_fineweb_split_of_the_runs_tokenizer(make_arg
 
 
 def test_sgd_ttt_projection_counts_chunks_at_the_rank_shape(make_args):
-    a = make_args(TTT_CHUNK_TOKENS="32768")
-    chunks = math.ceil(40_000_000 / 32768)
+    a, logs = make_args(TTT_CHUNK_TOKENS="32768"), []
+    chunks, val = math.ceil(40_000_000 / 32768), torch.zeros(10)
     timing = {"warm_s": 5.0, "loop_s": 60.0, "chunk8_s": 0.1}
-    assert tg.ttt_apart(timing, a, 40_000_000) == pytest.approx((60.0, 0.1 * chunks))
-    assert tg.ttt_apart({"warm_s": 5.0, "loop_s": 60.0}, a, 40_000_000) == (0.0, 0.0)  # not probed: linear
+    assert tg.ttt_apart(None, val, timing, a, H.DistStub(), 40_000_000, logs.append) == pytest.approx((60.0, 0.1 * chunks))
+    assert logs == [f"eval_projection rank_shape steps:{chunks} step_s:0.1000 projected_8gpu_s:{0.1 * chunks:.1f} "
+                    "in_place_of_measured_s:60.0"]
+    timing = {"warm_s": 5.0, "loop_s": 60.0}  # not probed (8 ranks, or no compile): linear
+    assert tg.ttt_apart(None, val, timing, a, H.DistStub(), 40_000_000, logs.append) == (0.0, 0.0)
 
 
 def test_phase_projection_reads_the_prefix_share_off_the_queue(make_args):
@@ -340,10 +344,10 @@ def test_phase_projection_reads_the_prefix_share_off_the_queue(make_args):
     total = sum(fineweb)
     want = sum(int(sum(fineweb[:end * 64]) / total * total) // 32768 for end in (14, 27, 40))  # ceil(2500 k/3/64)
     assert tg.fineweb_phase_chunks(fineweb, a, total) == want
-    small = [1000] * 100 + [10] * 900  # a tenth of the documents hold 10,000 / 10,900 of the tokens
-    share = lambda docs: sum(small[:math.ceil(docs * 1000 / 50_000)]) / sum(small)
-    assert tg.fineweb_phase_chunks(small, a, 40_000_000) == sum(
-        int(share(end * 64) * 40_000_000) // 32768 for end in (14, 27, 40))
+    small = [1000] * 100 + [10] * 900
+    # 896, 1,728 and 2,560 of 50,000 documents -> the first 18, 35 and 52 of these 1,000: 18,000, 35,000 and
+    # 52,000 of their 109,000 tokens -> 6,605,504, 12,844,036 and 19,082,568 of 40 M -> 201 + 391 + 582 steps
+    assert tg.fineweb_phase_chunks(small, a, 40_000_000) == 1174
     assert tg.fineweb_phase_chunks(small, make_args(TTT_PREFIX_DOCS="0"), 40_000_000) == 0
 
 
@@ -352,8 +356,11 @@ def test_phase_probe_changes_nothing(make_args):
     model = fresh_model(a)
     before = copy.deepcopy(model.state_dict())
     val = torch.randint(0, a.vocab_size, (2000,), generator=torch.Generator().manual_seed(0))
-    secs = tg.rank_shape_phase_chunk_s(model, val, a, CPU, reps=2)
-    assert secs > 0 and all(p.grad is None and not p.requires_grad for p in model.parameters())
+    model.blocks[0].requires_grad_(False)  # the flags it found are restored
+    flags = [p.requires_grad for p in model.parameters()]
+    secs = tg.rank_shape_phase_chunk_s(model, val, a, CPU)
+    assert secs > 0 and all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and not all(flags)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
