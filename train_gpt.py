@@ -1806,17 +1806,17 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
 
 def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, deadline=None) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and its timing
-    (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of TTT_DOC_BATCH, each document
-    with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN tokens of
-    in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its mean
-    loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
-    the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it
-    is free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next between
-    global phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result
-    does not depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter
-    time) passes, a rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep
-    the evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those
-    documents (`unadapted_docs`)."""
+    (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of
+    TTT_DOC_BATCH, each document with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN
+    tokens of in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its
+    mean loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
+    the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it is
+    free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next between global
+    phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result does not
+    depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter time) passes, a
+    rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep the
+    evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those documents
+    (`unadapted_docs`)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
     prefix, ends = min(args.ttt_prefix_docs, len(docs)), phase_ends(len(docs), args)
@@ -1974,20 +1974,13 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
     the phases are little work, and compiling their training graph cost about a minute."""
     t = time.perf_counter()
     stream = torch.cat([val[s:s + n + 1] for s, n in docs])
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=args.ttt_phase_lr, momentum=args.ttt_momentum)
     C = args.ttt_chunk_tokens
     n_chunks = max(1, (stream.numel() - 1) // C)
-    for c in range(n_chunks):
-        lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
-        end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
-        ttt_train_chunk(model, model, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
+    with base_sgd(model, args.ttt_phase_lr, args) as (params, opt):
+        for c in range(n_chunks):
+            lr = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / n_chunks))
+            end = stream.numel() - 1 if c == n_chunks - 1 else (c + 1) * C
+            ttt_train_chunk(model, model, opt, params, stream, c * C, end, lr, args, dctx, epochs=1)
     log(f"ttt_phase: docs={len(docs)} tokens={stream.numel() - 1} chunks={n_chunks} time={time.perf_counter() - t:.1f}s")
 
 
@@ -1997,18 +1990,26 @@ def rank_shape_phase_chunk_s(model: GPT, val, args: Hyperparameters, device) -> 
     takes the same number of steps however many ranks share them, and at 1/8 of a step the work is
     latency-bound (docs/RESULTS.md)."""
     one_of_8 = types.SimpleNamespace(world_size=8, rank=0, device=device, mean_=lambda grads: None)
+    end = min(args.ttt_chunk_tokens, val.numel() - 1)
+    with base_sgd(model, 0.0, args) as (params, opt):
+        return timed_reps(lambda: ttt_train_chunk(model, model, opt, params, val, 0, end, 0.0, args, one_of_8,
+                                                  epochs=1), device)
+
+
+@contextlib.contextmanager
+def base_sgd(model: GPT, lr: float, args: Hyperparameters):
+    """Every base weight trainable, with zeroed gradients, and an SGD (TTT_MOMENTUM) over them; on leaving, the
+    requires_grad flags are as they were and the gradients are freed."""
     params, flags = list(model.parameters()), [p.requires_grad for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=0.0, momentum=args.ttt_momentum)
-    end = min(args.ttt_chunk_tokens, val.numel() - 1)
-    secs = timed_reps(lambda: ttt_train_chunk(model, model, opt, params, val, 0, end, 0.0, args, one_of_8, epochs=1),
-                      device)
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
-        p.grad = None
-    return secs
+    try:
+        yield params, torch.optim.SGD(params, lr=lr, momentum=args.ttt_momentum)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
 
 # ----------------------------------------------------------------------------- export
 
