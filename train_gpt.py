@@ -3106,14 +3106,25 @@ class EvalBudget:
         self.log(f"eval_projection phase:{phase} measured_s:{measured_s:.1f} tokens:{self.tokens} "
                  f"world_size:{self.world} projected_8gpu_full_val_s:{warm_s + loop:.1f} warmup_s:{warm_s:.1f}")
 
-    def close(self, budget_s: float = 600.0) -> float:
+    def close(self, budget_s: float = 600.0, cache: str = "unchecked") -> float:
+        """Log the table and the total; `cache` is compile_cache_state() at the run's start: when warm, the warm-ups
+        measured here understate a fresh machine's."""
         self.log(f"eval_budget {'phase':<16}{'measured_s':>12}{'warmup_s':>10}{'projected_8gpu_s':>18}")
         for phase, measured, warm, projected in self.rows:
             self.log(f"eval_budget {phase:<16}{measured:>12.1f}{warm:>10.1f}{projected:>18.1f}")
         measured, projected = sum(r[1] for r in self.rows), sum(r[3] for r in self.rows)
         self.log(f"eval_budget {'total':<16}{measured:>12.1f}{'':>10}{projected:>18.1f}  budget {budget_s:.0f}")
-        self.log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:{budget_s:.0f} fits:{projected <= budget_s}")
+        self.log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:{budget_s:.0f} fits:{projected <= budget_s} "
+                 f"compile_cache:{cache}")
         return projected
+
+
+def compile_cache_state() -> str:
+    """'warm' when torch's compile cache already holds entries (an earlier run on this machine compiled), else
+    'cold'. Checked before anything compiles."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    with os.scandir(cache_dir()) as entries:
+        return "warm" if any(entries) else "cold"
 
 
 def ttt_apart(model: GPT, val, timing: dict, args: Hyperparameters, dctx: Dist, full_tokens: int,
@@ -3173,7 +3184,7 @@ def main() -> int:
         code = start_run(args, dctx, log)
         lock = preflight(args, dctx, log)
         val, luts = load_eval_data(args, dctx, log)
-        results = {}  # what the closing summary reports, filled in by each phase
+        results = {"compile_cache": compile_cache_state()}  # what the summary reports, filled in by each phase
         if args.eval_only_path:
             log(f"eval_only:{args.eval_only_path}")
             log(f"world_size:{dctx.world_size}")
@@ -3461,7 +3472,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         log(f"legal_ttt val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * secs:.0f}ms")
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
         budget.add("legal_ttt", secs, timing["warm_s"], ttt_apart(model, val, timing, args, dctx, full_tokens, log))
-    projected = budget.close()
+    projected = budget.close(cache=results.get("compile_cache", "unchecked"))
     results["eval_s"], results["projected_s"] = time.perf_counter() - t_all, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")
     log_summary(log, results, args)

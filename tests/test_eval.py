@@ -312,8 +312,17 @@ def test_eval_budget_scales_loops_not_warm_ups_and_counts_everything():
     total = b.close(budget_s=310.0)
     assert total == pytest.approx(3.0 + 7.0 + 10.0 + 5.0 + 290.0)
     assert logs[1].endswith("projected_8gpu_full_val_s:7.0 warmup_s:2.0")
-    assert logs[-1] == "eval_projection total_8gpu_full_val_s:315.0 budget_s:310 fits:False"
+    assert logs[-1] == "eval_projection total_8gpu_full_val_s:315.0 budget_s:310 fits:False compile_cache:unchecked"
     assert logs[-2].split()[1:4] == ["total", "65.0", "315.0"], "the table's total row: measured and projected"
+    b.close(budget_s=400.0, cache="warm")
+    assert logs[-1].endswith("fits:True compile_cache:warm")
+
+
+def test_compile_cache_state_reads_torchs_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert tg.compile_cache_state() == "cold"  # a fresh machine: no cache yet (torch creates the directory empty)
+    (tmp_path / "inductor" / "fxgraph").mkdir()  # what torch.compile leaves there
+    assert tg.compile_cache_state() == "warm"
 
 
 def test_projection_counts_the_full_fineweb_split_of_the_runs_tokenizer(make_args, luts):

@@ -40,7 +40,7 @@ FORMATS = [
     r"warmup_s:\d+\.\d",
     r"eval_budget export +(\d+\.\d) +\1 +\1",  # the export counts in the budget, measured as projected
     r"eval_budget total +\d+\.\d +\d+\.\d  budget 600",
-    r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False)",
+    r"eval_projection total_8gpu_full_val_s:\d+\.\d budget_s:600 fits:(True|False) compile_cache:(cold|warm)",
     r"eval_time_total:\d+ms",
     r"preflight: ok shards:2 token_ids<1024 compressor:auto time:\d+\.\ds",
     r"artifact_arch: VOCAB_SIZE=1024 NUM_LAYERS=3 MODEL_DIM=64 .* PARALLEL_MODE=lanes DOC_MASK=False",
