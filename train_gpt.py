@@ -3114,8 +3114,8 @@ class EvalBudget:
             self.log(f"eval_budget {phase:<16}{measured:>12.1f}{warm:>10.1f}{projected:>18.1f}")
         measured, projected = sum(r[1] for r in self.rows), sum(r[3] for r in self.rows)
         self.log(f"eval_budget {'total':<16}{measured:>12.1f}{'':>10}{projected:>18.1f}  budget {budget_s:.0f}")
-        self.log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:{budget_s:.0f} fits:{projected <= budget_s} "
-                 f"compile_cache:{cache}")
+        self.log(f"eval_projection total_8gpu_full_val_s:{projected:.1f} budget_s:{budget_s:.0f} "
+                 f"fits:{projected <= budget_s} compile_cache:{cache}")
         return projected
 
 
