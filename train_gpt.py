@@ -2000,7 +2000,8 @@ def rank_shape_phase_chunk_s(model: GPT, val, args: Hyperparameters, device) -> 
 def base_sgd(model: GPT, lr: float, args: Hyperparameters):
     """Every base weight trainable, with zeroed gradients, and an SGD (TTT_MOMENTUM) over them; on leaving, the
     requires_grad flags are as they were and the gradients are freed."""
-    params, flags = list(model.parameters()), [p.requires_grad for p in model.parameters()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
