@@ -270,9 +270,6 @@ class Hyperparameters:
         self.gptq_reserve_seconds = env("GPTQ_RESERVE_SECONDS", 0.0)  # of MAX_WALLCLOCK_SECONDS, for calibration
         self.gptq_calib_batches = env("GPTQ_CALIB_BATCHES", 64)  # of TRAIN_BATCH_TOKENS/8 tokens each
         self.gptq_sweeps = env("GPTQ_SWEEPS", 0)  # coordinate-descent passes over the codes after GPTQ
-        # GPTQ damping of the tied embedding (x mean diag H; matrices: 0.01). Its error feedback moves a row's error
-        # between columns to suit the LM head's inputs, which enlarges the row's error as an input embedding.
-        self.gptq_embed_damp = env("GPTQ_EMBED_DAMP", 0.01)
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
         self.lqer_top = env("LQER_TOP", 3)
         self.prune_ones = env("PRUNE_ONES", False)  # size fit: finish by zeroing the cheapest +-1 codes
@@ -355,7 +352,6 @@ class Hyperparameters:
              f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
         need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, GPTQ_SWEEPS, LQER_RANK and LQER_TOP >= 0")
-        need(self.gptq_embed_damp > 0, "GPTQ_EMBED_DAMP must be > 0")
         need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
                                                  or self.gptq_reserve_seconds < self.max_wallclock_seconds),
              "GPTQ_RESERVE_SECONDS must be >= 0 and below MAX_WALLCLOCK_SECONDS")
@@ -2027,11 +2023,11 @@ GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int,
-         sweeps: int = 0, damp: float = GPTQ_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+         sweeps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-Hessian GPTQ of a batch of matrices W [B, rows, cols] on fixed per-row steps s [B, rows], where
     H [B, cols, cols] is the Gram matrix of each matrix's inputs. Columns go in order of decreasing H_ii
     (act-order); each is rounded and its error spread over the columns not yet quantized through the upper
-    Cholesky factor U of H^-1, H damped by `damp` x its mean diagonal (128-column blocks). Then `sweeps` passes of coordinate descent
+    Cholesky factor U of the damped H^-1 (128-column blocks). Then `sweeps` passes of coordinate descent
     (GPTQ_SWEEPS, gptq_sweeps). Returns int8 codes and, per matrix, whether its Cholesky succeeded (where it did
     not, the codes are meaningless and the caller falls back)."""
     W, H = W.float().clone(), H.float().clone()
@@ -2040,7 +2036,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, qmax: int,
     dead = diag == 0  # inputs that never fire: any weight there is free, so it is zeroed
     W.masked_fill_(dead[:, None, :], 0.0)
     diag.add_(dead.float())
-    diag.add_(damp * diag.mean(-1, keepdim=True))
+    diag.add_(GPTQ_DAMP * diag.mean(-1, keepdim=True))
     perm = diag.argsort(dim=-1, descending=True, stable=True)
     W = W.gather(2, perm[:, None, :].expand(-1, rows, -1))
     H = H.gather(1, perm[:, :, None].expand(-1, -1, cols)).gather(2, perm[:, None, :].expand(-1, cols, -1))
@@ -2249,8 +2245,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
             m = mult * torch.stack([torch.cat([role_m[n][max(i, 0)].expand(mats[n].size(-2), 1) for n, i in parts])
                                     for _, _, parts, _ in units])
             s = sdclip_steps(W, k * m, qmax).squeeze(-1)
-            damp = args.gptq_embed_damp if family == "embed" else GPTQ_DAMP
-            Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax, args.gptq_sweeps, damp)
+            Q, ok = gptq(W, torch.stack([u[1] for u in units]).to(W.device), s, qmax, args.gptq_sweeps)
             for (w, _, parts, cols), q, si, good, mi in zip(units, Q, s, ok.tolist(), m):
                 if not good:  # Cholesky failed: the clip search, rounded to nearest (on the unscaled columns)
                     w, cols = (w if cols is None else w * column_mults(cols).to(w.device)), None

@@ -104,24 +104,6 @@ def test_gptq_sweeps_reach_the_export_and_refuse_negative_counts(make_args):
     assert calls and set(calls) == {2}
 
 
-def test_embed_damping_reaches_the_embedding_alone(make_args):
-    """GPTQ_EMBED_DAMP damps the tied embedding's GPTQ only: so large a damping leaves no error feedback (its codes
-    are rounded to nearest, as without a Hessian), while the matrices' codes do not change."""
-    with pytest.raises(SystemExit, match="GPTQ_EMBED_DAMP"):
-        make_args(GPTQ_EMBED_DAMP="0")
-    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
-    a, damped = make_args(**knobs), make_args(**knobs, GPTQ_EMBED_DAMP="1e9")
-    torch.manual_seed(0)
-    state = H.randomize(tg.GPT(a), std=0.05).state_dict()
-    _, Hs = correlated_problem(B=2, cols=a.model_dim)
-    hessians = {"qkv.0": Hs[0], "emb": Hs[1]}
-    plain, heavy = tg.quantize_state(state, a, hessians), tg.quantize_state(state, damped, hessians)
-    rounded = tg.quantize_state(state, a, {"qkv.0": Hs[0]})
-    emb = "tok_emb.weight.q"
-    assert torch.equal(heavy[emb], rounded[emb]) and not torch.equal(plain[emb], rounded[emb])
-    assert all(torch.equal(plain[k], heavy[k]) for k in plain if k.endswith(".q") and k != emb)
-
-
 def test_act_order_permutation_round_trips():
     """With a diagonal Hessian there is no error feedback, so GPTQ must give round-to-nearest codes in the
     original column order, whatever order act-order visits the columns in."""
