@@ -300,6 +300,7 @@ class Hyperparameters:
         self.ttt_lora_wd = env("TTT_LORA_WD", 1.0)
         self.ttt_warm_start_a = env("TTT_WARM_START_A", True)  # a rank's A carries over between its batches
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 48)  # predictions scored per step of a document
+        self.ttt_lora_targets = env_list("TTT_LORA_TARGETS", ",".join(LORA_TARGETS), str.strip)  # the adapted matrices
         self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
         self.ttt_phases = env("TTT_PHASES", 3)
@@ -370,6 +371,8 @@ class Hyperparameters:
              "TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN")
         need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
              and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
+        need(self.ttt_lora_targets and set(self.ttt_lora_targets) <= set(LORA_TARGETS),
+             f"TTT_LORA_TARGETS must name some of {','.join(LORA_TARGETS)}")
         need(self.ttt_deadline_seconds >= 0, "TTT_DEADLINE_SECONDS must be >= 0 (0: no deadline)")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.eval_seq_len,
              "TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN, or TTT would never train")
@@ -1155,7 +1158,7 @@ class Block(nn.Module):
         self.tap("down", h)
         out = F.linear(h, w["down"].to(dt))
         if "lora" in w:
-            out = out + lora_delta(u, w["lora"]["mlp"])
+            out = out + lora_delta(u, w["lora"].get("mlp"))
         return self.mlp_scale.to(dt) * out
 
     def attn_out(self, x, w, ve, cos, sin):
@@ -1168,7 +1171,7 @@ class Block(nn.Module):
         q, k, v = qkv.split((qkv.size(-1) - 2 * kv_dim, kv_dim, kv_dim), dim=-1)
         if "lora" in w:  # TTT: per-document low-rank adapters
             lo = w["lora"]
-            q, k, v = q + lora_delta(u, lo["q"]), k + lora_delta(u, lo["k"]), v + lora_delta(u, lo["v"])
+            q, k, v = q + lora_delta(u, lo.get("q")), k + lora_delta(u, lo.get("k")), v + lora_delta(u, lo.get("v"))
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if ve is not None:
@@ -1186,7 +1189,7 @@ class Block(nn.Module):
         self.tap("o", y)
         out = F.linear(y, w["o"].to(dt))
         if "lora" in w:
-            out = out + lora_delta(y, w["lora"]["o"])
+            out = out + lora_delta(y, w["lora"].get("o"))
         return self.attn_scale.to(dt) * out
 
 
@@ -1735,17 +1738,24 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
                 torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
             opt.step()
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+
+
 class LoRA(nn.Module):
-    """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on q, k, v,
-    o and the MLP output (from the MLP input) of every virtual layer, and on the LM head. delta(x) =
+    """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on those of
+    q, k, v, o, the MLP output (from the MLP input) of every virtual layer and the LM head that TTT_LORA_TARGETS
+    names. delta(x) =
     (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing; a warm
     reset keeps A, the input directions learned on the documents scored before."""
 
     def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int, device=None):
         super().__init__()
         d, kv, r = args.model_dim, args.num_kv_heads * (args.model_dim // args.num_heads), args.ttt_lora_rank
-        shapes = {f"{n}{j}": (o, d) for j in range(virtual_layers) for n, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))}
-        shapes["head"] = (args.vocab_size, d)
+        outs = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}
+        self.targets = [n for n in outs if n in args.ttt_lora_targets]
+        shapes = {f"{n}{j}": (outs[n], d) for j in range(virtual_layers) for n in self.targets}
+        if "head" in args.ttt_lora_targets:
+            shapes["head"] = (args.vocab_size, d)
         self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(docs, r, i, device=device)) for k, (o, i) in shapes.items()})
         self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(docs, o, r, device=device)) for k, (o, i) in shapes.items()})
         self.scale = args.ttt_lora_alpha / r
@@ -1753,19 +1763,20 @@ class LoRA(nn.Module):
 
     @torch.no_grad()
     def reset(self, seed: int, warm: bool = False):
-        g = torch.Generator(self.B["head"].device).manual_seed(seed)
+        g = torch.Generator(next(iter(self.B.values())).device).manual_seed(seed)
         for A, B in zip(self.A.values(), self.B.values()):
             bound = 1 / math.sqrt(A.size(-1))
             if not warm:
                 A.copy_(torch.rand(A.shape, generator=g, device=A.device) * 2 * bound - bound)
             B.zero_()
 
-    def adapter(self, key: str, rows: int) -> tuple:
-        """(A, B, scale) of the first `rows` documents (a batch may drop its finished documents)."""
-        return self.A[key][:rows], self.B[key][:rows], self.scale
+    def adapter(self, key: str, rows: int) -> tuple | None:
+        """(A, B, scale) of the first `rows` documents (a batch may drop its finished documents); None for a
+        matrix without adapters."""
+        return (self.A[key][:rows], self.B[key][:rows], self.scale) if key in self.A else None
 
     def layer(self, pos: int, rows: int) -> dict:
-        return {n: self.adapter(f"{n}{pos}", rows) for n in ("q", "k", "v", "o", "mlp")}
+        return {n: self.adapter(f"{n}{pos}", rows) for n in self.targets}
 
 
 def lora_with_optimizer(model: GPT, args: Hyperparameters, device) -> tuple[LoRA, torch.optim.Optimizer]:
@@ -1775,7 +1786,9 @@ def lora_with_optimizer(model: GPT, args: Hyperparameters, device) -> tuple[LoRA
                                    weight_decay=args.ttt_lora_wd, fused=device.type == "cuda")  # one pass per step
 
 
-def lora_delta(x: torch.Tensor, adapter: tuple) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, adapter: tuple | None) -> torch.Tensor | int:
+    if adapter is None:
+        return 0
     A, B, scale = adapter
     return scale * (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
 

@@ -266,6 +266,32 @@ def test_lora_delta_is_per_document_and_starts_at_zero(make_args):
         assert torch.equal(m.forward_logits(ids, lora=fresh), m.forward_logits(ids)), "B = 0: no change"
 
 
+def test_lora_targets_choose_the_adapted_matrices(make_args):
+    """TTT_LORA_TARGETS=k,o: adapters on k and o only, each of them changes the forward once B is nonzero, and
+    TTT with them adapts (scores differ from no steps and from all targets); a wrong name is refused."""
+    a, m = setup(make_args, TTT_LORA_TARGETS="k,o")
+    layers = len(sum(m.schedules[True], []))
+    lora = tg.LoRA(a, 2, layers)
+    assert sorted(lora.A) == sorted(f"{n}{j}" for n in "ko" for j in range(layers))
+    assert lora.adapter("head", 2) is None and set(lora.layer(0, 2)) == {"k", "o"}
+    ids = torch.randint(2, 128, (2, 16))
+    with torch.no_grad():
+        base = m.forward_logits(ids, lora=lora)
+        assert torch.equal(base, m.forward_logits(ids))
+        for key in ("k1", "o1"):
+            lora.B[key].normal_()
+            assert not torch.equal(m.forward_logits(ids, lora=lora), base), key
+            lora.B[key].zero_()
+    val = stream()
+    pick = lambda out: torch.cat([out[k] for k in sorted(out)])
+    ko = pick(scores(make_args, val, TTT_LORA_TARGETS="k,o", TTT_PREFIX_DOCS="0")[0])
+    frozen = pick(scores(make_args, val, TTT_LORA_TARGETS="k,o", TTT_PREFIX_DOCS="0", TTT_LORA_LR="0")[0])
+    every = pick(scores(make_args, val, TTT_PREFIX_DOCS="0")[0])
+    assert not torch.equal(ko, frozen) and not torch.equal(ko, every)
+    with pytest.raises(SystemExit, match="TTT_LORA_TARGETS must name some of q,k,v,o,mlp,head"):
+        make_args(**{**TINY, "TTT_LORA_TARGETS": "k,up"})
+
+
 @pytest.mark.tg_runs("phased_1p", "phased_2p")
 def _claim_worker(rank, port, out):
     import os
