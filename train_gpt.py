@@ -299,7 +299,7 @@ class Hyperparameters:
         self.ttt_lora_lr = env("TTT_LORA_LR", 1e-4)
         self.ttt_lora_wd = env("TTT_LORA_WD", 1.0)
         self.ttt_warm_start_a = env("TTT_WARM_START_A", True)  # a rank's A carries over between its batches
-        self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 48)  # predictions scored per step of a document
+        self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 36)  # predictions scored per step of a document
         self.ttt_lora_targets = env_list("TTT_LORA_TARGETS", ",".join(LORA_TARGETS), str.strip)  # the adapted matrices
         self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
@@ -1820,7 +1820,7 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
 def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, deadline=None) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and its timing
     (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of
-    TTT_DOC_BATCH, each document with its own LoRA adapters, 48-prediction chunks at a time with up to EVAL_SEQ_LEN
+    TTT_DOC_BATCH, each document with its own LoRA adapters, TTT_LORA_CHUNK predictions at a time with up to EVAL_SEQ_LEN
     tokens of in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its
     mean loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
     the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it is
