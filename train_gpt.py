@@ -300,7 +300,7 @@ class Hyperparameters:
         self.ttt_lora_wd = env("TTT_LORA_WD", 1.0)
         self.ttt_warm_start_a = env("TTT_WARM_START_A", True)  # a rank's A carries over between its batches
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 36)  # predictions scored per step of a document
-        self.ttt_lora_targets = env_list("TTT_LORA_TARGETS", ",".join(LORA_TARGETS), str.strip)  # the adapted matrices
+        self.ttt_lora_targets = env_list("TTT_LORA_TARGETS", ",".join(LORA_TARGETS), str.strip)  # adapted matrices
         self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
         self.ttt_phases = env("TTT_PHASES", 3)
@@ -1171,7 +1171,8 @@ class Block(nn.Module):
         q, k, v = qkv.split((qkv.size(-1) - 2 * kv_dim, kv_dim, kv_dim), dim=-1)
         if "lora" in w:  # TTT: per-document low-rank adapters
             lo = w["lora"]
-            q, k, v = q + lora_delta(u, lo.get("q")), k + lora_delta(u, lo.get("k")), v + lora_delta(u, lo.get("v"))
+            q, k = q + lora_delta(u, lo.get("q")), k + lora_delta(u, lo.get("k"))
+            v = v + lora_delta(u, lo.get("v"))
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         if ve is not None:
@@ -1742,11 +1743,11 @@ LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on those of
-    q, k, v, o, the MLP output (from the MLP input) of every virtual layer and the LM head that TTT_LORA_TARGETS
-    names. delta(x) =
-    (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a reset set changes nothing; a warm
-    reset keeps A, the input directions learned on the documents scored before."""
+    """Per-document low-rank adapters for phased TTT: one independent set per document of a batch, on the
+    matrices TTT_LORA_TARGETS names among q, k, v, o and the MLP output (from the MLP input) of every virtual
+    layer and the LM head. delta(x) = (alpha / rank) * (x A^T) B^T with A ~ U(+-1/sqrt(in)) and B = 0, so a
+    reset set changes nothing; a warm reset keeps A, the input directions learned on the documents scored
+    before."""
 
     def __init__(self, args: Hyperparameters, docs: int, virtual_layers: int, device=None):
         super().__init__()
@@ -1820,16 +1821,16 @@ def phased_ttt_evaluate(model: GPT, val, luts, args: Hyperparameters, dctx: Dist
 def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, deadline=None) -> tuple[dict, dict]:
     """Phased score-first TTT: this rank's per-token NLL of each of its documents (by start), and its timing
     (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of
-    TTT_DOC_BATCH, each document with its own LoRA adapters, TTT_LORA_CHUNK predictions at a time with up to EVAL_SEQ_LEN
-    tokens of in-document context: a chunk is scored, then (unless it is the document's last) one AdamW step on its
-    mean loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train
-    the base weights with SGD on every document scored so far. A rank takes the next unscored batch whenever it is
-    free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next between global
-    phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result does not
-    depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter time) passes, a
-    rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step, to keep the
-    evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts those documents
-    (`unadapted_docs`)."""
+    TTT_DOC_BATCH, each document with its own LoRA adapters, TTT_LORA_CHUNK predictions at a time with up to
+    EVAL_SEQ_LEN tokens of in-document context: a chunk is scored, then (unless it is the document's last) one AdamW
+    step on its mean loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all
+    ranks train the base weights with SGD on every document scored so far. A rank takes the next unscored batch
+    whenever it is free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next
+    between global phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result
+    does not depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter time)
+    passes, a rank then scores the batches it starts after it without adapting, EVAL_SEQ_LEN predictions per step,
+    to keep the evaluation inside its budget (the phases still run: all ranks join them). The timing dict counts
+    those documents (`unadapted_docs`)."""
     docs = sorted(document_spans(val.cpu()), key=lambda d: -d[1])
     per, n_batches = args.ttt_doc_batch, math.ceil(len(docs) / args.ttt_doc_batch)
     prefix, ends = min(args.ttt_prefix_docs, len(docs)), phase_ends(len(docs), args)
