@@ -300,7 +300,6 @@ class Hyperparameters:
         self.ttt_lora_wd = env("TTT_LORA_WD", 1.0)
         self.ttt_warm_start_a = env("TTT_WARM_START_A", True)  # a rank's A carries over between its batches
         self.ttt_lora_chunk = env("TTT_LORA_CHUNK", 36)  # predictions scored per step of a document
-        self.ttt_lora_span = env("TTT_LORA_SPAN", 0)  # predictions a step learns from (at least the chunk)
         self.ttt_lora_targets = env_list("TTT_LORA_TARGETS", ",".join(LORA_TARGETS), str.strip)  # adapted matrices
         self.ttt_doc_batch = env("TTT_DOC_BATCH", 64)  # documents per LoRA batch
         self.ttt_prefix_docs = env("TTT_PREFIX_DOCS", 2500)  # documents scored before the global SGD phases end
@@ -368,8 +367,8 @@ class Hyperparameters:
              "TTT_MODE=sgd scores sliding windows: EVAL_STRIDE must be <= EVAL_SEQ_LEN")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = 8 // WORLD_SIZE)")
         need(self.ttt_mode in ("sgd", "phased"), "TTT_MODE must be sgd|phased")
-        need(self.ttt_mode != "phased" or max(self.ttt_lora_chunk, self.ttt_lora_span) <= self.eval_seq_len,
-             "TTT_LORA_CHUNK and TTT_LORA_SPAN must be <= EVAL_SEQ_LEN")
+        need(self.ttt_mode != "phased" or self.ttt_lora_chunk <= self.eval_seq_len,
+             "TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN")
         need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
              and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
         need(self.ttt_lora_targets and set(self.ttt_lora_targets) <= set(LORA_TARGETS),
@@ -1824,9 +1823,8 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     (compile warm-up, loop, global phases). Documents are queued longest first and scored in batches of
     TTT_DOC_BATCH, each document with its own LoRA adapters, TTT_LORA_CHUNK predictions at a time with up to
     EVAL_SEQ_LEN tokens of in-document context: a chunk is scored, then (unless it is the document's last) one AdamW
-    step on the mean loss of its span: the chunk and the predictions before it, TTT_LORA_SPAN in all. After the
-    first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all ranks train the base weights
-    with SGD on every document scored so far. A rank takes the next unscored batch
+    step on its mean loss. After the first TTT_PREFIX_DOCS queued documents, split into TTT_PHASES equal parts, all
+    ranks train the base weights with SGD on every document scored so far. A rank takes the next unscored batch
     whenever it is free (Dist.claim). TTT_WARM_START_A=1 keeps a rank's LoRA A from one of its batches to the next
     between global phases (B is reset); otherwise each batch's LoRA is reset from a seed of its index, so the result
     does not depend on the number of ranks or on which rank scored a batch. If the `deadline` (a perf_counter time)
@@ -1842,8 +1840,7 @@ def phased_ttt_scores(model: GPT, val, args: Hyperparameters, dctx: Dist, log, d
     if dctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     log(f"ttt_phased:start docs={len(docs)} batches={n_batches} doc_batch={per} prefix_docs={prefix} "
-        f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} span={max(args.ttt_lora_chunk, args.ttt_lora_span)} "
-        f"lora_rank={args.ttt_lora_rank}")
+        f"phase_ends_batches={ends} chunk={args.ttt_lora_chunk} lora_rank={args.ttt_lora_rank}")
     t0 = time.perf_counter()
     if args.compile:  # the block graphs, dynamic in rows and window length; a second shape checks it; no step
         for rows, T in ((per, args.eval_seq_len), (min(per, 2), min(args.eval_seq_len, 64))):
@@ -1947,13 +1944,11 @@ def window_bucket(n: int, limit: int) -> int:
 def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameters, device,
                     learn: bool = True) -> list[torch.Tensor]:
     """Per-token NLL of a batch of documents (longest first), scored chunk by chunk, each chunk before the LoRA
-    step that learns from it (in the same forward: the step follows the scores it was computed with; its loss
-    also takes in the span's earlier predictions, scored by earlier chunks, recomputed here). A chunk
+    step that learns from it (in the same forward: the step follows the scores it was computed with). A chunk
     runs only the rows of documents not yet finished (at least 2), a prefix of the batch, and the LM head only
     the predictions the longest of them has left. learn=False: no steps, and chunks of EVAL_SEQ_LEN predictions
     (a document of up to that length in one forward)."""
     L, C, B = args.eval_seq_len, args.ttt_lora_chunk if learn else args.eval_seq_len, args.ttt_doc_batch
-    S = max(C, args.ttt_lora_span if learn else 0)  # a step learns from the chunk and the S - C predictions before
     lens = [n for _, n in docs] + [0] * (B - len(docs))  # rows past the last document stay empty
     assert all(a >= b for a, b in zip(lens, lens[1:])), "a document batch is ordered longest first"
     starts = torch.tensor([s for s, _ in docs] + [0] * (B - len(docs)), device=device)[:, None]
@@ -1961,8 +1956,7 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
     offsets = torch.tensor([0] + lens[:-1], device=device).cumsum(0)[:, None]  # each document's slot in `flat`
     flat = torch.zeros(sum(lens) + 1, dtype=torch.float64, device=device)  # + a sink for unscored positions
     for c0 in range(0, max(lens), C):
-        e = min(S - C, c0)  # earlier predictions, scored already, in the step's span
-        k = torch.arange(c0 - e, c0 + min(C, lens[0] - c0), device=device)  # span predictions in its longest row
+        k = torch.arange(min(C, lens[0] - c0), device=device)  # the chunk's predictions in its longest row
         rows = min(B, max(2, sum(m > c0 for m in lens)))
         start, n, offset = starts[:rows], ns[:rows], offsets[:rows]
         T = window_bucket(max(min(c0 + C, m) - max(0, min(c0 + C, m) - L) for m in lens[:rows]), L)
@@ -1972,16 +1966,15 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
         valid = pos < end
         idx = torch.where(valid, start + pos, 0)
         x = torch.where(valid, val[idx], 0).long()
-        known = k < end  # predictions k at window positions k - first (>= 0: S <= L)
-        scored = known & (k >= c0)  # the chunk's
-        sel = (k - first).clamp(max=T - 1)
-        y = torch.where(known, val[(start + k + 1).clamp(max=val.numel() - 1)], 0).long()
+        scored = c0 + k < end  # the chunk's predictions c0 + k, at window positions c0 + k - first
+        sel = (c0 - first + k).clamp(max=T - 1)
+        y = torch.where(scored, val[(start + c0 + k + 1).clamp(max=val.numel() - 1)], 0).long()
         with autocast(device):
             logits = model.forward_logits(x, lora=lora, select=sel)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-        flat[torch.where(scored, offset + k, flat.numel() - 1)] = nll.detach().double()  # no host sync
-        if learn and any(c0 + C < m for m in lens):  # a step per document on the mean loss of its span
-            learned = known & (c0 + C < n)
+        flat[torch.where(scored, offset + c0 + k, flat.numel() - 1)] = nll.detach().double()  # no host sync
+        if learn and any(c0 + C < m for m in lens):  # a step per document on the mean loss of the chunk it scored
+            learned = scored & (c0 + C < n)
             per_doc = (nll * learned).sum(1) / learned.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()

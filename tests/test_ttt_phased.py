@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-import types
 
 import pytest
 import torch
@@ -121,13 +120,12 @@ def test_the_deadline_applies_on_eight_gpus_only(make_args):
         assert tg.ttt_deadline(make_args(**TINY, TTT_DEADLINE_SECONDS=seconds), dctx, 1000.0) == want
 
 
-@pytest.mark.parametrize("prefix,span", [("0", "0"), ("5", "0"), ("0", "24")])
-def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix, span):
+@pytest.mark.parametrize("prefix", ["0", "5"])
+def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix):
     """Change one token: scores of every document processed before its document are unchanged, and so are the
-    scores of its own document's earlier targets (across LoRA steps, with a prefix global phases, with a span
-    steps that learn from earlier predictions too)."""
+    scores of its own document's earlier targets (across LoRA steps and, with a prefix, global phases)."""
     val = stream()
-    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS=prefix, TTT_LORA_SPAN=span)
+    base, _, a = scores(make_args, val, TTT_PREFIX_DOCS=prefix)
     order = sorted(tg.document_spans(val), key=lambda d: -d[1])  # the queue: longest first
     per = a.ttt_doc_batch
     for k in (1, 4, len(order) - 2):
@@ -137,7 +135,7 @@ def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix
         changed[t] = 2 + (changed[t] - 1) % 126
         if changed[t] == BOS or val[t] == BOS:
             continue
-        again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS=prefix, TTT_LORA_SPAN=span)
+        again, _, _ = scores(make_args, changed, TTT_PREFIX_DOCS=prefix)
         for j, (s2, n2) in enumerate(order):
             if j // per < k // per or (j // per == k // per and j != k):  # before it, or in its batch (independent)
                 assert torch.equal(again[s2], base[s2]), (k, j)
@@ -400,41 +398,6 @@ def test_a_chunk_runs_only_the_rows_of_unfinished_documents(make_args):
     assert sum(v.numel() for v in out.values()) == val.numel() - 1
 
 
-def test_lora_span_adds_the_scored_predictions_before_the_chunk_to_each_step(make_args, monkeypatch):
-    """TTT_LORA_SPAN=24 with chunks of 8: each forward's LM head runs the chunk and up to 16 predictions before it
-    (as many as the document has), each aimed at the next input token; scores are those of span 0 while nothing
-    learns, the first chunk's in any case, and the steps learn differently from span 0."""
-    val = stream()
-    lens = sorted((n for _, n in tg.document_spans(val)), reverse=True)
-    frozen, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_LORA_LR="0")
-    plain, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0")
-    a, m = setup(make_args, TTT_PREFIX_DOCS="0", TTT_LORA_SPAN="24")
-    calls, forward, ce = [], m.forward_logits, tg.F.cross_entropy
-    m.forward_logits = lambda ids, **kw: calls.append([ids, kw["select"]]) or forward(ids, **kw)
-    functional = types.SimpleNamespace(**{**vars(tg.F), "cross_entropy": lambda z, y, **kw: calls[-1].append(y)
-                                          or ce(z, y, **kw)})
-    monkeypatch.setattr(tg, "F", functional)
-    spanned, _ = tg.phased_ttt_scores(m, val, a, H.DistStub(), lambda msg: None)
-    widths = [min(16, c) + min(8, lens[b] - c) for b in range(0, len(lens), 3) for c in range(0, lens[b], 8)]
-    assert [sel.size(1) for _, sel, _ in calls] == widths and max(widths) == 24
-    checked = 0
-    for ids, sel, y in calls:
-        after = ids.gather(1, (sel + 1).clamp(max=ids.size(1) - 1))
-        inside = (sel + 1 < ids.size(1)) & (after > 0)  # the next input is in the window (0: padding)
-        assert torch.equal(y[inside], after[inside]), "each selected position predicts its next token"
-        checked += int(inside.sum())
-    assert checked > val.numel(), "earlier predictions are checked again in later spans"
-    monkeypatch.undo()
-    m.__dict__.pop("forward_logits")
-    still, _, _ = scores(make_args, val, TTT_PREFIX_DOCS="0", TTT_LORA_LR="0", TTT_LORA_SPAN="24")
-    for k in frozen:  # equal up to the LM head's summation order over more rows
-        torch.testing.assert_close(still[k], frozen[k], rtol=0, atol=1e-5)
-        torch.testing.assert_close(spanned[k][:8], plain[k][:8], rtol=0, atol=1e-5)
-    assert any(not torch.equal(spanned[k], plain[k]) for k in plain)
-    with pytest.raises(SystemExit, match="TTT_LORA_CHUNK and TTT_LORA_SPAN must be <= EVAL_SEQ_LEN"):
-        make_args(**{**TINY, "TTT_MODE": "phased", "TTT_LORA_SPAN": "40"})
-
-
 def test_logits_of_selected_positions_equal_the_full_logits_there(make_args):
     a, m = setup(make_args)
     x = torch.randint(2, 128, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -470,7 +433,7 @@ def test_compiled_lora_forward_matches_eager(make_args):
 
 
 def test_lora_chunk_longer_than_the_window_is_refused(make_args):
-    with pytest.raises(SystemExit, match="TTT_LORA_CHUNK and TTT_LORA_SPAN must be <= EVAL_SEQ_LEN"):
+    with pytest.raises(SystemExit, match="TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN"):
         make_args(**{**TINY, "TTT_MODE": "phased", "TTT_LORA_CHUNK": "40"})
 
 
