@@ -144,7 +144,7 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
     assert logs == ["gptq: Cholesky failed for 1 matrices; they use the clip search instead"]
     q, s = tg.quantize_rows(state["mlp_up_bank"][1].float(), 31, a.clip_fracs)
     assert torch.equal(packed["mlp_up_bank.q"][1], q)
-    assert torch.equal(packed["mlp_up_bank.qscale"].view(2, -1)[1], s)
+    assert torch.equal(tg.log_grid(packed["mlp_up_bank.qscale"].view(2, -1)[1]), s)
 
 
 @pytest.mark.parametrize("mult, roles", [("1.0", ""), ("1.25", ""), ("1.08", "q=1.7,v=0.67,up=1.1,embed=0.8")])
@@ -184,7 +184,7 @@ def test_role_multipliers_scale_exactly_their_roles_steps(make_args, with_hessia
         hess["emb"] = (lambda x: x.T @ x)(torch.randn(4 * d, d, generator=g))
     base, moved = tg.quantize_state(state, plain, hess), tg.quantize_state(state, a, hess)
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
-        s0, s1 = base[name + ".qscale"].float(), moved[name + ".qscale"].float()
+        s0, s1 = tg.log_grid(base[name + ".qscale"]), tg.log_grid(moved[name + ".qscale"])
         ratio = (s1 / s0).view(len(state[name]) if name.endswith("bank") else 1, -1)
         want = torch.ones(ratio.size(0))
         if name == "kv_bank":
@@ -223,8 +223,8 @@ def test_embed_freq_power_sets_the_embedding_row_steps_and_nothing_else(make_arg
     if with_hessians:
         hess["emb"] = (lambda x: x.T @ x)(torch.randn(4 * a.model_dim, a.model_dim, generator=g))
     base, moved = tg.quantize_state(state, plain, hess), tg.quantize_state(state, a, hess)
-    ratio = moved["tok_emb.weight.qscale"].float() / base["tok_emb.weight.qscale"].float()
-    assert torch.allclose(ratio, tg.frequency_mults(hess["tokens"], 0.3), rtol=2e-3)
+    ratio = tg.log_grid(moved["tok_emb.weight.qscale"]) / tg.log_grid(base["tok_emb.weight.qscale"])
+    assert torch.allclose(ratio, tg.frequency_mults(hess["tokens"], 0.3), rtol=0.045)  # both on the log grid
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
         assert torch.equal(base[name + ".q"], moved[name + ".q"]) and torch.equal(base[name + ".qscale"],
                                                                                    moved[name + ".qscale"])
@@ -271,7 +271,7 @@ def test_role_multipliers_reach_the_clip_search_fallback(make_args):
     for i, mult in ((0, 1.0), (2, 2.0)):  # k of layer 0, v of layer 0
         q, s = tg.quantize_rows(state["kv_bank"][i].float(), 31, a.clip_fracs, mult)
         assert torch.equal(packed["kv_bank.q"][i], q)
-        assert torch.equal(packed["kv_bank.qscale"].view(4, -1)[i], s)
+        assert torch.equal(tg.log_grid(packed["kv_bank.qscale"].view(4, -1)[i]), s)
 
 
 def test_balanced_multipliers_equalize_the_gap_per_weight_at_equal_bits():
@@ -611,7 +611,7 @@ def test_size_fit_falls_back_to_the_coarsest_grid_when_the_size_model_is_useless
 
 def test_prune_ones_zeroes_the_cheapest_ones_first():
     q = torch.tensor([[1, -1, 2, 1], [1, 0, -1, 3], [-1, 1, 1, 1]], dtype=torch.int8)
-    packed = {"a.q": q, "a.qscale": torch.tensor([0.3, 0.1, 0.2], dtype=torch.float16), "b": torch.ones(2).half()}
+    packed = {"a.q": q, "a.qscale": tg.log_code(torch.tensor([0.3, 0.1, 0.2])), "b": torch.ones(2).half()}
     out = tg.prune_ones(packed, 3)  # row 1 (step 0.1) has two +-1 codes, then row 2 (0.2) gives its first
     assert out["a.q"].tolist() == [[1, -1, 2, 1], [0, 0, 0, 3], [0, 1, 1, 1]]
     assert torch.equal(packed["a.q"], q), "the input is not modified"
@@ -795,8 +795,9 @@ def test_qat_grid_zero_estimates_the_grid_when_late_qat_starts(make_args, tg_run
     grid = grid_line.split()[2]
     moved = next(ln for ln in lines if ln.startswith(f"size_fit: QAT trained on the k {grid} grid; the export grid "
                                                       f"moved x")).split("moved x")[1].split()[0]
-    # the cap coarsens the grid, and the estimate lands near the fit (here within 1.1-1.4 %)
-    assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.04, (grid, moved)
+    # the cap coarsens the grid, and the estimate lands near the fit (here within 4.5 %: in a model this small the
+    # compressor's overhead on the row steps' few codes is a visible share of the bytes, which the size model omits)
+    assert float(grid[1:]) > 1.05 and abs(float(moved) - 1) < 0.05, (grid, moved)
     assert f"export_grid: the checkpoint trained with QAT on the k {grid} grid" in again.log
     assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
     assert f"grid, SDCLIP_ROLE_MULT={measured}" in again.log, "with the role multipliers QAT trained on"
@@ -896,7 +897,7 @@ def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp
     assert [k for k in packed if k.endswith(".qcol")] == ["qo_bank.qcol"] and cols.shape == (4, a.model_dim)
     assert cols[:2].eq(0).all() and cols[2:].ne(0).any(1).all()
     assert (cols[2:, 1::2].float().mean() - cols[2:, ::2].float().mean()) > 8, "the silent columns step coarser"
-    q, s = packed["qo_bank.q"].float(), packed["qo_bank.qscale"].float().view(4, -1, 1)
+    q, s = packed["qo_bank.q"].float(), tg.log_grid(packed["qo_bank.qscale"]).view(4, -1, 1)
     want = q * s * torch.exp2(cols.float() / 16)[:, None, :]
     _, loaded = tg.load_artifact(_write(tg.pack_artifact(packed, arch, "lzma"), tmp_path))
     assert torch.equal(loaded["qo_bank"], want) and torch.equal(tg.dequantize_state(packed)["qo_bank"], want)

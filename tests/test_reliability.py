@@ -2,7 +2,7 @@
 and token ids, the artifact path, the compressor), finite-or-stop (a diverged loss, non-finite knobs, non-finite
 export weights), errors written to logs/<RUN_ID>.txt (exceptions, config errors, SIGTERM), knob hygiene (stray
 knob-like variables, STRICT_ENV, range checks), one run / one log / one artifact (RUN_ID refusal, RESUME_LOG, the
-artifact lock, the SHA-256 pin of the final evaluation), the PGOLF5 checksum, eval-only honesty, and a 2-process
+artifact lock, the SHA-256 pin of the final evaluation), the PGOLF6 checksum, eval-only honesty, and a 2-process
 run with a parameter that gets no gradient.
 
 Runs that must stop before training are single train_gpt.py processes started here (no torchrun), each a few
@@ -637,9 +637,9 @@ def test_final_evaluation_loads_only_the_artifact_it_wrote(make_args, tmp_path, 
 # ----------------------------------------------------------------------------- 6. artifact integrity
 
 
-def test_artifact_is_pgolf5_with_a_trailing_sha256(make_args, tmp_path):
+def test_artifact_is_pgolf6_with_a_trailing_sha256(make_args, tmp_path):
     blob, _ = _tiny_artifact(make_args, tmp_path / "m.ptz")
-    assert tg.ARTIFACT_MAGIC == b"PGOLF5" and blob.startswith(b"PGOLF5lzma")
+    assert tg.ARTIFACT_MAGIC == b"PGOLF6" and blob.startswith(b"PGOLF6lzma")
     assert blob[-32:] == hashlib.sha256(blob[:-32]).digest()
 
 
@@ -655,15 +655,15 @@ def test_changed_header_digit_fails_the_checksum(make_args, tmp_path, key, old, 
     assert str(ei.value) == f"artifact {path} is corrupted: its checksum does not match its contents"
 
 
-@pytest.mark.parametrize("older", [b"PGOLF2", b"PGOLF4"])
+@pytest.mark.parametrize("older", [b"PGOLF2", b"PGOLF4", b"PGOLF5"])
 def test_older_artifact_formats_are_named(make_args, tmp_path, older):
     path = tmp_path / "m.ptz"
     blob, _ = _tiny_artifact(make_args, path)
-    path.write_bytes(older + blob[6:])  # PGOLF2: no checksum, no byte planes; PGOLF4: banks in the chunks
+    path.write_bytes(older + blob[6:])  # PGOLF2: no checksum, no byte planes; PGOLF4: banks in the chunks; PGOLF5: fp16 steps
     with pytest.raises(ValueError) as ei:
         tg.load_artifact(str(path))
     msg = str(ei.value)
-    assert str(path) in msg and older.decode() in msg and "(older) train_gpt.py" in msg and "PGOLF5" in msg
+    assert str(path) in msg and older.decode() in msg and "(older) train_gpt.py" in msg and "PGOLF6" in msg
 
 
 @pytest.mark.parametrize("fail", ["replace", "write"])
