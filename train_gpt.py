@@ -783,7 +783,7 @@ def log_grid(codes: torch.Tensor) -> torch.Tensor:
 
 def log_code(x: torch.Tensor) -> torch.Tensor:
     """The nearest log_grid code of each x > 0. Sixteen steps per octave keep a row step within 2.2 % of its
-    aim, which costs nothing measurable, and its code compresses to about 3 bits instead of 11 as fp16."""
+    aim, and its code compresses to about 3 bits where an fp16 step took 9 (docs/cpu_logs/log_steps_4c9875b.txt)."""
     return torch.round(16 * torch.log2(x.float().clamp_min(1e-7))).to(torch.int16)
 
 
@@ -2511,19 +2511,20 @@ def pack_artifact(packed: dict[str, torch.Tensor], arch: dict, compressor: str) 
 
 
 def size_model(packed: dict[str, torch.Tensor]) -> float:
-    """Order-0 entropy of each tensor's codes (int8 weights, int16 row steps) plus the raw bytes of the rest: tracks
-    the compressed size of an artifact to a nearly constant ratio, at a fraction of the compressor's cost. The rows of 2-D codes
-    (tables, LQER factors) are counted in groups of like mean |code| (32 per octave): a table's steps need not
-    follow its rows' spread (EMBED_FREQ_POWER), and the compressor codes a row of coarse steps, nearly all zeros,
-    by its own statistics (order 0 over all rows overstated a bench embedding's brotli bytes by 14 %, grouped by
-    0.8 %). Each matrix of a bank is one group, as rANS codes it (pack_artifact)."""
+    """Order-0 entropy of each tensor's codes (int8 weights, int16 row steps) plus the raw bytes of the rest:
+    tracks the compressed size of an artifact to a nearly constant ratio, at a fraction of the compressor's cost.
+    The rows of 2-D codes (tables, LQER factors) are counted in groups of like mean |code| (32 per octave): a
+    table's steps need not follow its rows' spread (EMBED_FREQ_POWER), and the compressor codes a row of coarse
+    steps, nearly all zeros, by its own statistics (order 0 over all rows overstated a bench embedding's brotli
+    bytes by 14 %, grouped by 0.8 %). Each matrix of a bank is one group, as rANS codes it (pack_artifact)."""
     def xlogx(n: torch.Tensor) -> float:
         n = n[n > 0]
         return (n * n.log2()).sum().item()
     total = 0.0
     for t in packed.values():
         if t.dtype == torch.int16:  # log_code row steps: order 0 over the tensor
-            total += (xlogx(torch.tensor([float(t.numel())])) - xlogx(torch.bincount((t - t.min()).int()).double())) / 8
+            counts = torch.bincount((t - t.min()).int()).double()
+            total += (xlogx(counts.sum().view(1)) - xlogx(counts)) / 8
         elif t.dtype == torch.int8 and t.numel():
             rows = t if t.dim() == 2 else t.reshape(len(t) if t.dim() == 3 else 1, -1)
             group = torch.arange(len(rows), dtype=torch.int32, device=t.device) if t.dim() != 2 else torch.round(
@@ -2584,8 +2585,8 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
 # compressed GPTQ artifact / size_model of the same weights rounded to nearest: 0.9976 and 0.9972 (two bench
 # artifacts without frequency rows, re-packed: the banks by rANS, the rest by brotli, over size_model of their
 # GPTQ codes) x 1.0008-1.0017 (size_model of GPTQ over RTN codes) = 0.998-0.999, less about 0.002 with frequency
-# rows (brotli codes such an embedding 1.5 % below its size model); x 1.0027 since row steps are log codes counted
-# by their entropy (the same two artifacts re-packed: compressed / size_model 0.9987 -> 1.0014)
+# rows (brotli codes such an embedding 1.5 % below its size model); x 1.0027 since the row steps are log codes
+# counted by their entropy (two later bench artifacts re-packed: 0.9987 -> 1.0014; docs/cpu_logs/log_steps_4c9875b.txt)
 SIZE_MODEL_RATIO = 0.9997
 
 

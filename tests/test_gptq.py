@@ -548,7 +548,7 @@ def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, sh
                                                             for k in ("qkv", "o", "up", "down")] + [("emb", d)]}
     hess["tokens"] = 1e4 / torch.arange(1, a.vocab_size + 1).double()
     real, passes = tg.quantize_state, []
-    pack = lambda packed, arch, compressor: bytes(int(1.007 * tg.size_model(packed)) + 100)
+    pack = lambda packed, arch, compressor: bytes(int(1.007 * tg.size_model(packed)))
     budget = int(share * len(pack(real(state, a, hess), arch, "lzma")))
 
     def counting(st, args, hessians=None, mult=1.0, log=None):
