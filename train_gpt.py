@@ -1077,16 +1077,17 @@ def exclusive_self_attention(y, v):
 
 ATTENTION_BACKEND = "sdpa"
 _fa4_func = None
-flex_compiled = torch.compile(flex_attention)  # eager callers (calibration, eager scoring) get the fused kernel too
+flex_compiled = torch.compile(flex_attention)  # eager callers (the TTT phases) get the fused kernel too
 BOS_ID = 1
 
 
 def document_mask(ids: torch.Tensor, flex: bool | None = None):
-    """Attention mask that keeps every position causal and inside its own document (BOS to BOS): on CUDA a
-    FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU), elsewhere a
-    dense [B, 1, T, T] mask."""
+    """Attention mask that keeps every position causal and inside its own document (BOS to BOS): on CUDA with
+    autograd on a FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU),
+    elsewhere a dense [B, 1, T, T] mask. Scoring and calibration (no autograd) get the dense mask: on torch 2.11
+    the compiled flex forward without autograd gave wrong attention on an H200 (docs/RESULTS.md)."""
     docs = torch.cumsum(ids == BOS_ID, dim=1)
-    if ids.is_cuda if flex is None else flex:
+    if ids.is_cuda and torch.is_grad_enabled() if flex is None else flex:
         B, T = ids.shape
         return create_block_mask(lambda b, h, i, j: (docs[b, i] == docs[b, j]) & (i >= j), B, None, T, T, device=ids.device)
     return (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
