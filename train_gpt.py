@@ -109,8 +109,9 @@ RECIPES: dict[str, dict[str, object]] = {
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
         WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
-        TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
-        SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed", GPTQ_SWEEPS=1),
+        DOC_MASK=True, TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq",
+        GPTQ_RESERVE_SECONDS=12.0, SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed",
+        GPTQ_SWEEPS=1),
 }
 DEFAULT_RECIPE = "frontier"
 _recipe_defaults: dict[str, object] = {}
@@ -221,7 +222,7 @@ class Hyperparameters:
         self.enable_looping_at = env("ENABLE_LOOPING_AT", 0.0)  # fraction of the run (wall clock) before looping
         self.parallel_start = env("PARALLEL_START", 0)  # parallel residuals from this layer on (0 = off)
         self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
-        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex attention on CUDA
+        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex when training on CUDA
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
         self.fused_ce = env("FUSED_CE", True)  # training loss: softcap + cross-entropy in one Triton kernel
         self.fused_mlp = env("FUSED_MLP", False)  # training MLP: Triton GEMMs with the activation in their epilogue
@@ -3259,7 +3260,7 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
     choose_attention_backend(args, device)
-    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
+    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention in training, dense SDPA in scoring' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
     fused = [name for name, on in (("ce", args.fused_ce), ("mlp", args.fused_mlp)) if on]
     if fused:
         how = "triton" if triton is not None and device.type == "cuda" else "torch ops (no Triton on a GPU here)"

@@ -27,7 +27,9 @@ FRONTIER = dict(
     LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, PARALLEL_START=8, TRAIN_LOADER="shuffled", MATRIX_LR=0.026,
     SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085,
     BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar", WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965,
-    SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0, TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048,
+    SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
+    DOC_MASK=True,  # the records' varlen attention: within BOS-to-BOS documents
+    TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048,
     QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
     SDCLIP_BALANCE_BATCHES=4,  # ours, not the records': the export's per-role steps measured in the reserve
     EMBED_FREQ_POWER=0.5,  # ours: the tied embedding's row steps by token count

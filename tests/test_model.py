@@ -491,7 +491,7 @@ def test_document_mask_makes_packed_documents_independent(make_args, recipe):
     knobs = dict(RECIPE=recipe, BIGRAM_VOCAB_SIZE="0", VE_ENABLED="0", NUM_LAYERS="4", XSA_LAST_N="2")
     if recipe == "frontier":
         knobs.update(LOOP_START="1", LOOP_END="2", PARALLEL_START="3")
-    a, plain = make_args(**knobs, DOC_MASK="1"), make_args(**knobs)
+    a, plain = make_args(**knobs, DOC_MASK="1"), make_args(**knobs, DOC_MASK="0")
     torch.manual_seed(0)
     m = H.randomize(tg.GPT(a), std=0.05)
     m_plain = tg.GPT(plain)
