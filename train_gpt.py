@@ -1083,10 +1083,10 @@ BOS_ID = 1
 
 
 def document_mask(ids: torch.Tensor, flex: bool | None = None):
-    """Attention mask that keeps every position causal and inside its own document (BOS to BOS): on CUDA with
-    autograd on a FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU),
-    elsewhere a dense [B, 1, T, T] mask. Scoring and calibration (no autograd) get the dense mask: on torch 2.11
-    the compiled flex forward without autograd gave wrong attention on an H200 (docs/RESULTS.md)."""
+    """Attention mask that keeps every position causal and inside its own document (BOS to BOS). Training on
+    CUDA gets a FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU); the
+    CPU, and scoring and calibration (no autograd), get a dense [B, 1, T, T] mask: on torch 2.11 the compiled
+    flex forward without autograd gave wrong attention on an H200 (docs/RESULTS.md)."""
     docs = torch.cumsum(ids == BOS_ID, dim=1)
     if ids.is_cuda and torch.is_grad_enabled() if flex is None else flex:
         B, T = ids.shape
