@@ -1078,17 +1078,18 @@ def exclusive_self_attention(y, v):
 
 ATTENTION_BACKEND = "sdpa"
 _fa4_func = None
-flex_compiled = torch.compile(flex_attention)  # eager callers (the TTT phases) get the fused kernel too
+flex_compiled = torch.compile(flex_attention)  # the fused kernel, also for an eager caller
 BOS_ID = 1
 
 
 def document_mask(ids: torch.Tensor, flex: bool | None = None):
-    """Attention mask that keeps every position causal and inside its own document (BOS to BOS). Training on
-    CUDA gets a FlexAttention block mask (blocks across documents are skipped; its backward needs a GPU); the
-    CPU, and scoring and calibration (no autograd), get a dense [B, 1, T, T] mask: on torch 2.11 the compiled
-    flex forward without autograd gave wrong attention on an H200 (docs/RESULTS.md)."""
+    """Attention mask that keeps every position causal and inside its own document (BOS to BOS). Compiled
+    training on CUDA gets a FlexAttention block mask (blocks across documents are skipped; its backward needs a
+    GPU). Everything else gets a dense [B, 1, T, T] mask for SDPA: the CPU; scoring and calibration (no
+    autograd), since on torch 2.11 the compiled flex forward without autograd gave wrong attention on an H200;
+    and the eager TTT phases, where at one rank's shape SDPA steps 30 % faster than flex (docs/RESULTS.md)."""
     docs = torch.cumsum(ids == BOS_ID, dim=1)
-    if ids.is_cuda and torch.is_grad_enabled() if flex is None else flex:
+    if ids.is_cuda and torch.is_grad_enabled() and torch.compiler.is_compiling() if flex is None else flex:
         B, T = ids.shape
         return create_block_mask(lambda b, h, i, j: (docs[b, i] == docs[b, j]) & (i >= j), B, None, T, T, device=ids.device)
     return (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
@@ -3260,7 +3261,7 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
     choose_attention_backend(args, device)
-    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention in training, dense SDPA in scoring' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
+    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention in compiled training, dense SDPA elsewhere' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
     fused = [name for name, on in (("ce", args.fused_ce), ("mlp", args.fused_mlp)) if on]
     if fused:
         how = "triton" if triton is not None and device.type == "cuda" else "torch ops (no Triton on a GPU here)"

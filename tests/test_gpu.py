@@ -28,8 +28,9 @@ def test_flex_attention_matches_dense_mask_forward_and_backward():
     g = torch.Generator(device=CUDA).manual_seed(0)
     q, k, v = (torch.randn(2, 256, h, 64, generator=g, device=CUDA, dtype=torch.bfloat16).requires_grad_()
                for h in (8, 4, 4))
+    assert not isinstance(tg.document_mask(ids), tg.BlockMask), "an eager caller gets the dense mask"
     outs = {}
-    for name, mask, fn in (("flex", tg.document_mask(ids), torch.compile(tg.attention)),
+    for name, mask, fn in (("flex", tg.document_mask(ids, flex=True), torch.compile(tg.attention)),
                            ("dense", tg.document_mask(ids, flex=False), tg.attention)):
         y = fn(q, k, v, mask)
         y.float().square().sum().backward()
