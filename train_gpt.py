@@ -1087,7 +1087,7 @@ def document_mask(ids: torch.Tensor, flex: bool | None = None):
     training on CUDA gets a FlexAttention block mask (blocks across documents are skipped; its backward needs a
     GPU). Everything else gets a dense [B, 1, T, T] mask for SDPA: the CPU; scoring and calibration (no
     autograd), since on torch 2.11 the compiled flex forward without autograd gave wrong attention on an H200;
-    and the eager TTT phases, where at one rank's shape SDPA steps 30 % faster than flex (docs/RESULTS.md)."""
+    and the eager TTT phases, where SDPA stepped faster than flex at one rank's shape (docs/RESULTS.md)."""
     docs = torch.cumsum(ids == BOS_ID, dim=1)
     if ids.is_cuda and torch.is_grad_enabled() and torch.compiler.is_compiling() if flex is None else flex:
         B, T = ids.shape
