@@ -222,7 +222,7 @@ class Hyperparameters:
         self.enable_looping_at = env("ENABLE_LOOPING_AT", 0.0)  # fraction of the run (wall clock) before looping
         self.parallel_start = env("PARALLEL_START", 0)  # parallel residuals from this layer on (0 = off)
         self.parallel_mode = env("PARALLEL_MODE", "lanes")  # lanes (two residual lanes) | gptj
-        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex when training on CUDA
+        self.doc_mask = env("DOC_MASK", False)  # attention only within a document (BOS to BOS): flex in compiled training
         self.logit_softcap = env("LOGIT_SOFTCAP", 30.0)
         self.fused_ce = env("FUSED_CE", True)  # training loss: softcap + cross-entropy in one Triton kernel
         self.fused_mlp = env("FUSED_MLP", False)  # training MLP: Triton GEMMs with the activation in their epilogue
