@@ -1089,7 +1089,9 @@ def document_mask(ids: torch.Tensor, flex: bool | None = None):
     autograd), since on torch 2.11 the compiled flex forward without autograd gave wrong attention on an H200;
     and the eager TTT phases, where SDPA stepped faster than flex at one rank's shape (docs/RESULTS.md)."""
     docs = torch.cumsum(ids == BOS_ID, dim=1)
-    if ids.is_cuda and torch.is_grad_enabled() and torch.compiler.is_compiling() if flex is None else flex:
+    if flex is None:
+        flex = ids.is_cuda and torch.is_grad_enabled() and torch.compiler.is_compiling()
+    if flex:
         B, T = ids.shape
         return create_block_mask(lambda b, h, i, j: (docs[b, i] == docs[b, j]) & (i >= j), B, None, T, T, device=ids.device)
     return (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
@@ -3261,7 +3263,8 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
     choose_attention_backend(args, device)
-    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {'flex attention in compiled training, dense SDPA elsewhere' if device.type == 'cuda' else 'dense SDPA'})" if args.doc_mask else ""))
+    masked = "flex attention in compiled training, dense SDPA elsewhere" if device.type == "cuda" else "dense SDPA"
+    log(f"attention_backend:{ATTENTION_BACKEND}" + (f" (DOC_MASK=1: document-masked {masked})" if args.doc_mask else ""))
     fused = [name for name, on in (("ce", args.fused_ce), ("mlp", args.fused_mlp)) if on]
     if fused:
         how = "triton" if triton is not None and device.type == "cuda" else "torch ops (no Triton on a GPU here)"
