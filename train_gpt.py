@@ -292,7 +292,7 @@ class Hyperparameters:
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
-        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)
+        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # sequences per TTT SGD step, over all ranks
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
         self.ttt_mode = env("TTT_MODE", "sgd")  # sgd: chunked score-first SGD | phased: per-document LoRA + phases
         self.ttt_lora_rank = env("TTT_LORA_RANK", 80)
@@ -322,6 +322,8 @@ class Hyperparameters:
                      "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_BATCH_SEQS", "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS",
                      "SWA_EVERY", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name} must be >= 1")
+        need(self.val_tokens == 0 or self.val_tokens >= max(self.train_seq_len, self.eval_seq_len),
+             "VAL_TOKENS must be 0 (the full split) or >= max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS")
         head_dim = self.model_dim // self.num_heads
@@ -354,9 +356,11 @@ class Hyperparameters:
              f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
         need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, GPTQ_SWEEPS, LQER_RANK and LQER_TOP >= 0")
-        need(0 <= self.gptq_reserve_seconds and (self.max_wallclock_seconds == 0 or self.quant_method != "gptq"
-                                                 or self.gptq_reserve_seconds < self.max_wallclock_seconds),
-             "GPTQ_RESERVE_SECONDS must be >= 0 and below MAX_WALLCLOCK_SECONDS")
+        capped_gptq = self.max_wallclock_seconds > 0 and self.quant_method == "gptq"  # calibrates inside the cap
+        need(0 <= self.gptq_reserve_seconds and (not capped_gptq or 0 < self.gptq_reserve_seconds
+                                                 < self.max_wallclock_seconds),
+             "GPTQ_RESERVE_SECONDS must be >= 0, and with QUANT_METHOD=gptq under a MAX_WALLCLOCK_SECONDS cap above 0 "
+             "(GPTQ calibrates inside the cap) and below the cap")
         reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
         self.train_cap_s = self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
         need(self.attention_backend in ("auto", "fa3", "fa4", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|fa4|sdpa")
@@ -370,8 +374,9 @@ class Hyperparameters:
         need(self.ttt_mode in ("sgd", "phased"), "TTT_MODE must be sgd|phased")
         need(self.ttt_mode != "phased" or self.ttt_lora_chunk <= self.eval_seq_len,
              "TTT_LORA_CHUNK must be <= EVAL_SEQ_LEN")
-        need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1
-             and self.ttt_prefix_docs >= 0, "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
+        need(min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_doc_batch, self.ttt_phases) >= 1,
+             "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_DOC_BATCH, TTT_PHASES must be >= 1")
+        need(self.ttt_prefix_docs >= 0, "TTT_PREFIX_DOCS must be >= 0 (0: no global phases)")
         need(self.ttt_lora_targets and set(self.ttt_lora_targets) <= set(LORA_TARGETS),
              f"TTT_LORA_TARGETS must name some of {','.join(LORA_TARGETS)}")
         need(self.ttt_deadline_seconds >= 0, "TTT_DEADLINE_SECONDS must be >= 0 (0: no deadline)")
@@ -513,8 +518,9 @@ class Logger:
 
     @staticmethod
     def failed_at_setup(path: str) -> bool:
-        with open(path, "rb") as f:
-            return f.read(32).startswith(b"run_stopped phase:setup")
+        """The log of a run that stopped before its preflight passed (a config or data error)."""
+        text = Path(path).read_bytes()
+        return b"run_stopped phase:" in text and b"\npreflight: ok" not in text
 
     def __call__(self, msg: str, console: bool = True):
         if self.path is None or not self.master:
@@ -697,7 +703,8 @@ def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
         tokens = tokens[:limit + 1]
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
-        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len}")
+        raise SystemExit(f"error: the validation split in {data_path} has {len(tokens) - 1} targets, fewer than one "
+                         f"sequence of {seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
 
 
@@ -1726,22 +1733,20 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
 
 
 def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, args, dctx: Dist, epochs=None):
-    """SGD on sequences whose targets lie in [start, scored_end): all already scored."""
-    L = args.eval_seq_len
+    """SGD on sequences whose targets lie in [start, scored_end): all already scored. A step takes the next
+    TTT_BATCH_SEQS sequences, split over the ranks, so the steps do not depend on the number of ranks."""
+    L, bs = args.eval_seq_len, args.ttt_batch_seqs
     n_seq = (scored_end - start) // L
     if n_seq == 0:
         return
     assert start + n_seq * L <= scored_end, "TTT would train on unscored tokens"
-    per_rank = [list(range(n_seq))[rank_slice(n_seq, r, dctx.world_size)] for r in range(dctx.world_size)]
-    mine, bs = per_rank[dctx.rank], args.ttt_batch_seqs
-    steps = math.ceil(max(len(m) for m in per_rank) / bs)
     for g in opt.param_groups:
         g["lr"] = lr
     offsets = torch.arange(L + 1, device=dctx.device)
     for _ in range(epochs or args.ttt_epochs):
-        for s in range(steps):
-            batch = mine[s * bs:(s + 1) * bs]
-            step_seqs = sum(len(m[s * bs:(s + 1) * bs]) for m in per_rank)
+        for s0 in range(0, n_seq, bs):
+            step_seqs = min(bs, n_seq - s0)
+            batch = list(range(s0, s0 + step_seqs))[rank_slice(step_seqs, dctx.rank, dctx.world_size)]
             opt.zero_grad(set_to_none=False)
             if batch:  # after the rank average this is the mean loss over all of the step's sequences
                 idx = start + torch.tensor(batch, device=dctx.device)[:, None] * L + offsets
@@ -1999,11 +2004,13 @@ def score_doc_batch(model: GPT, lora: LoRA, opt, val, docs, args: Hyperparameter
 
 
 def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
-    """Global SGD of the base weights on already-scored documents (their spans joined in queue order),
-    TTT_CHUNK_TOKENS at a time with a cosine LR from TTT_PHASE_LR, one epoch, data split over ranks. Eager:
-    the phases are little work, and compiling their training graph cost about a minute."""
+    """Global SGD of the base weights on already-scored documents, TTT_CHUNK_TOKENS at a time with a cosine LR
+    from TTT_PHASE_LR, one epoch, data split over ranks. The stream is the first document's first token, then
+    every document's targets in queue order: each target a scored one, each document after the first read
+    from the BOS that ends the one before. Eager: the phases are little work, and compiling their training
+    graph cost about a minute."""
     t = time.perf_counter()
-    stream = torch.cat([val[s:s + n + 1] for s, n in docs])
+    stream = torch.cat([val[docs[0][0]:docs[0][0] + 1]] + [val[s + 1:s + n + 1] for s, n in docs])
     C = args.ttt_chunk_tokens
     n_chunks = max(1, (stream.numel() - 1) // C)
     with base_sgd(model, args.ttt_phase_lr, args) as (params, opt):
@@ -2573,8 +2580,8 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
             return at
     found = search_fit(quant, cache, unfitted / size_model(packed), budget, args.prune_ones,
                        lambda p: pack_artifact(p, arch, compressor), aim)
-    if found is None:  # the size model never led to a real fit: the coarsest grid, if that fits for real
-        found = (pack_artifact(quant(8.0), arch, compressor), 8.0, 0)
+    if found is None:  # the size model never led to a real fit: k x1 if that fits, else the coarsest grid
+        found = (blob, 1.0, 0) if unfitted <= budget else (pack_artifact(quant(8.0), arch, compressor), 8.0, 0)
     blob, used, pruned = found
     if len(blob) > budget:
         log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
@@ -2844,6 +2851,8 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     sync(dctx.device)
     log(f"gptq_calibration: batches:{done}/{batches} tokens:{done * local * dctx.world_size} "
         f"hessians:{len(store) - 1} time:{time.perf_counter() - t0:.1f}s")
+    if done == 0:
+        log("warning: no calibration batch fit inside the wall clock: the export rounds every matrix to nearest")
     return store, done
 
 
@@ -3209,8 +3218,9 @@ def main() -> int:
     lock = None
     try:
         args = Hyperparameters()
-        log.open(args.run_id, args.resume_log)
         dctx = Dist()
+        args.run_id = dctx.share(args.run_id)  # RUN_ID unset: each rank drew its own; rank 0's names every log
+        log.open(args.run_id, args.resume_log)
         code = start_run(args, dctx, log)
         lock = preflight(args, dctx, log)
         val, luts = load_eval_data(args, dctx, log)
@@ -3387,7 +3397,7 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        calib = saved.get("calib_batches", args.gptq_calib_batches)
+        calib = saved.get("calib_batches") or args.gptq_calib_batches  # 0: that run did not calibrate
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
         if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance or column steps to move it)
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]

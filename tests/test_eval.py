@@ -282,6 +282,39 @@ def test_ttt_trains_only_on_already_scored_targets(make_args, luts, monkeypatch)
     assert any(line.startswith("ttt_sliding:done") for line in logs)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ttt_steps_do_not_depend_on_the_number_of_ranks(make_args, world):
+    """TTT_BATCH_SEQS sequences per SGD step over all ranks: on any number of ranks the same steps, each of the
+    same sequences (every rank a share of each step), in SGD TTT and the global phases alike."""
+    a = make_args(TTT_BATCH_SEQS="4", TTT_EPOCHS="1")
+    L, n_seq = a.eval_seq_len, 10
+    val = torch.arange(n_seq * L + 1)
+
+    def steps_on(world, rank):
+        steps = []
+
+        class Opt:
+            param_groups = [{}]
+
+            def zero_grad(self, set_to_none):
+                steps.append([])
+
+            def step(self):
+                pass
+
+        def loss_fn(x, y):
+            steps[-1].extend((x[:, 0] // L).tolist())  # each sequence by its index
+            return torch.zeros((), requires_grad=True)
+
+        tg.ttt_train_chunk(None, loss_fn, Opt(), [], val, 0, n_seq * L, 0.1, a, H.DistStub(rank, world))
+        return steps
+
+    one = steps_on(1, 0)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    ranks = [steps_on(world, r) for r in range(world)]
+    assert [sorted(sum(shares, [])) for shares in zip(*ranks)] == one
+
+
 def test_ttt_lowers_loss_on_repetitive_stream(make_args, monkeypatch):
     a = ttt_args(make_args, VOCAB_SIZE="64", TTT_LR="0.1", TTT_BATCH_SEQS="4")
     g = torch.Generator().manual_seed(1)

@@ -15,6 +15,8 @@ import train_gpt as tg
 
 from test_frontier import TINY_FRONTIER
 
+GPTQ = dict(QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS="12")  # under the default 600 s cap GPTQ needs a reserve
+
 
 def correlated_problem(B=2, rows=48, cols=160, seed=0):
     """Matrices whose inputs are strongly correlated (what makes GPTQ's error feedback pay)."""
@@ -95,7 +97,7 @@ def test_gptq_sweeps_reach_the_export_and_refuse_negative_counts(make_args):
         make_args(GPTQ_SWEEPS="-1")
     calls = []
     real = tg.gptq
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", GPTQ_SWEEPS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    a = make_args(**GPTQ, NUM_LAYERS="2", GPTQ_SWEEPS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
     torch.manual_seed(0)
     state = H.randomize(tg.GPT(a), std=0.05).state_dict()
     hessians = {k: torch.eye(a.model_dim) for k in ("qkv.0", "o.0")}
@@ -130,7 +132,7 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
     _, ok = tg.gptq(W, Hs, sdclip(W), 31)
     assert ok.tolist() == [True, False]
     # inside quantize_state: the failed unit gets the clip search's codes and steps, and the log says so
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    a = make_args(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
     torch.manual_seed(0)
     m = H.randomize(tg.GPT(a), std=0.05)
     state = m.state_dict()
@@ -151,7 +153,7 @@ def test_cholesky_failure_falls_back_to_the_clip_search(make_args, bad):
 def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
     """QAT's fake quantizer (k multiplier QAT_GRID_MULT, SDCLIP_ROLE_MULT) equals the export's dequantization at
     that multiplier: rounded to nearest, and through GPTQ when the Hessian carries no correlation."""
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", QAT_GRID_MULT=mult,
+    a = make_args(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", QAT_GRID_MULT=mult,
                   SDCLIP_ROLE_MULT=roles)
     torch.manual_seed(0)
     m = H.randomize(tg.GPT(a), std=0.05)
@@ -171,7 +173,7 @@ def test_gptq_with_an_identity_hessian_is_the_qat_grid(make_args, mult, roles):
 def test_role_multipliers_scale_exactly_their_roles_steps(make_args, with_hessians):
     """SDCLIP_ROLE_MULT: v x2 and embed x0.5 scale the steps of the v half of kv_bank and of the embedding, and
     nothing else, both rounded to nearest and through GPTQ (where q, k and v share one unit)."""
-    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    knobs = dict(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
     plain, a = make_args(**knobs), make_args(**knobs, SDCLIP_ROLE_MULT="v=2, embed=0.5")
     assert a.role_mult == {"v": 2.0, "embed": 0.5}
     torch.manual_seed(0)
@@ -214,7 +216,7 @@ def test_frequency_mults_are_finer_for_frequent_tokens_at_geometric_mean_one():
 def test_embed_freq_power_sets_the_embedding_row_steps_and_nothing_else(make_args, with_hessians):
     """EMBED_FREQ_POWER scales the tied embedding's row steps by frequency_mults of the calibration's token
     counts (rounded to nearest with the counts alone, and through GPTQ); the banks keep steps and codes."""
-    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    knobs = dict(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
     plain, a = make_args(**knobs), make_args(**knobs, EMBED_FREQ_POWER="0.3")
     torch.manual_seed(0)
     state = H.randomize(tg.GPT(a), std=0.05).state_dict()
@@ -238,8 +240,8 @@ def test_embed_freq_power_lowers_the_frequency_weighted_error_at_the_same_bytes(
     """What the knob is for: with Zipf-distributed token counts, the count-weighted squared error of the
     embedding (how often each row's error is paid) at the size model's same bytes is lower with frequency-set
     row steps than with SDClip's uniform ones."""
-    a0 = make_args(QUANT_METHOD="gptq", NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512")
-    a1 = make_args(QUANT_METHOD="gptq", NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512",
+    a0 = make_args(**GPTQ, NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512")
+    a1 = make_args(**GPTQ, NUM_LAYERS="1", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="512",
                    EMBED_FREQ_POWER="0.3")
     torch.manual_seed(0)
     state = H.randomize(tg.GPT(a0), std=0.05).state_dict()
@@ -263,7 +265,7 @@ def test_embed_freq_power_lowers_the_frequency_weighted_error_at_the_same_bytes(
 def test_role_multipliers_reach_the_clip_search_fallback(make_args):
     """A unit whose Cholesky fails falls back to the clip search on its own role's multipliers: with v=2 and
     failing q/k/v Hessians, the v matrices get the clip search's codes and steps at step multiplier 2."""
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", SDCLIP_ROLE_MULT="v=2")
+    a = make_args(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", SDCLIP_ROLE_MULT="v=2")
     torch.manual_seed(0)
     state = H.randomize(tg.GPT(a), std=0.05).state_dict()
     hess = {f"qkv.{i}": torch.full((a.model_dim, a.model_dim), math.nan) for i in range(2)}
@@ -445,6 +447,8 @@ def test_calibration_stops_inside_its_time(make_args, tiny_data):
     hess, n = tg.collect_hessians(m, a, H.DistStub(), logs.append, 50, seconds=0.0)
     assert n == 0 and list(hess) == ["tokens"] and hess["tokens"].sum() == 0
     assert logs[0].startswith("gptq_calibration: batches:0/50 ") and " hessians:0 " in logs[0]
+    assert logs[1] == ("warning: no calibration batch fit inside the wall clock: the export rounds every matrix "
+                       "to nearest")
     clock = iter(range(0, 1000, 1))  # every perf_counter read is one second later
     with mock.patch.object(tg.time, "perf_counter", lambda: float(next(clock))):
         _, n = tg.collect_hessians(m, a, H.DistStub(), lambda msg: None, 50, seconds=7.5)
@@ -464,6 +468,26 @@ def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
     assert n == 0 and list(hess) == ["tokens"]
 
 
+def test_a_checkpoint_that_did_not_calibrate_is_re_exported_with_gptq_calibration(make_args, tiny_data, tmp_path,
+                                                                                    monkeypatch):
+    """EXPORT_ONLY_FROM: a checkpoint stores how many batches its run calibrated on; 0 (a QUANT_METHOD=search run)
+    means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
+    a = make_args(DATA_PATH=str(tiny_data))
+    path = str(tmp_path / "search.pt")
+    tg.save_checkpoint(path, tg.GPT(a), a, lambda msg: None, calib_batches=0)
+    b = make_args(**GPTQ, DATA_PATH=str(tiny_data), EXPORT_ONLY_FROM=path, GPTQ_CALIB_BATCHES="5")
+    asked = []
+
+    def collect(model, args, dctx, log, batches, seconds=None):
+        asked.append(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tg, "collect_hessians", collect)
+    with pytest.raises(KeyboardInterrupt):
+        tg.load_checkpoint(b, H.DistStub(), lambda msg: None, None, None, {})
+    assert asked == [5]
+
+
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
     a = make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12")
     assert a.train_cap_s == 88.0
@@ -472,6 +496,10 @@ def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
     assert make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="12").train_cap_s == 0.0
     with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS"):
         make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10")
+    # no reserve under a cap: calibration would get no time and the export would quietly round to nearest
+    with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS .* above 0"):
+        make_args(RECIPE="r549", QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="600")
+    assert make_args(RECIPE="r549", QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="0").train_cap_s == 0.0
 
 
 # ----------------------------------------------------------------------------- size fit, pruning, LQER
@@ -485,7 +513,7 @@ def _model_state(make_args, **knobs):
 
 
 def test_sdclip_size_control_is_monotone_and_hits_the_target(make_args, tmp_path):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma")
     sizes = [len(tg.pack_artifact(tg.quantize_state(state, a, None, m), arch, "lzma")) for m in (0.6, 0.8, 1.0, 1.4, 2.0)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1.2 * sizes[-1]
     for budget in (int(0.85 * sizes[2]), int(1.1 * sizes[2])):  # coarser to fit, or finer to use spare bytes
@@ -539,7 +567,7 @@ def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, sh
     passes where that search needs 7 or more. The compressor is a stand-in whose bytes keep one ratio to the
     size model, as the real packing's do on the bench (0.997-0.998 with rANS; the real-miss retry has its own
     test)."""
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
+    a, state, arch = _model_state(make_args, **GPTQ, NUM_LAYERS="2", VE_ENABLED="0",
                                   BIGRAM_VOCAB_SIZE="0", EMBED_FREQ_POWER="0.5")
     g = torch.Generator().manual_seed(0)
     d, hid = a.model_dim, int(a.mlp_mult * a.model_dim)
@@ -575,7 +603,7 @@ def test_gptq_size_fit_aims_its_gptq_passes_by_rounding_to_nearest(make_args, sh
 def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_args):
     """The search runs on an entropy model of the size; a model that underestimates must still end in a
     real fit (the target is lowered by the real excess)."""
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma")
     budget = int(0.8 * len(tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")))
     real = tg.size_model
     calls = []
@@ -590,7 +618,7 @@ def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_arg
 
 
 def test_size_fit_falls_back_to_the_coarsest_grid_when_the_size_model_is_useless(make_args):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma")
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma")
     coarsest = len(tg.pack_artifact(tg.quantize_state(state, a, None, 8.0), arch, "lzma"))
     calls = []
     real = tg.size_model
@@ -609,6 +637,17 @@ def test_size_fit_falls_back_to_the_coarsest_grid_when_the_size_model_is_useless
     assert logs[-1] == f"size_fit: no k multiplier up to 8 fits {coarsest - 10} bytes; keeping the unfitted model"
 
 
+def test_size_fit_keeps_the_unfitted_grid_when_it_fits_and_no_finer_one_is_found(make_args, monkeypatch):
+    """GPTQ fits spare bytes with a finer grid; if that search finds nothing, k x1 (which fits) is kept, not
+    the coarsest grid."""
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma")
+    natural = tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")
+    monkeypatch.setattr(tg, "search_fit", lambda *args: None)
+    logs = []
+    blob, _ = tg.fit_artifact(state, None, arch, a, len(natural) + 1000, logs.append)
+    assert blob == natural and any(ln.startswith(f"size_fit: k x1.0000 model_bytes:{len(natural)} ") for ln in logs)
+
+
 def test_prune_ones_zeroes_the_cheapest_ones_first():
     q = torch.tensor([[1, -1, 2, 1], [1, 0, -1, 3], [-1, 1, 1, 1]], dtype=torch.int8)
     packed = {"a.q": q, "a.qscale": tg.log_code(torch.tensor([0.3, 0.1, 0.2])), "b": torch.ones(2).half()}
@@ -620,7 +659,7 @@ def test_prune_ones_zeroes_the_cheapest_ones_first():
 
 
 def test_size_fit_with_pruning_fits_and_reports_the_count(make_args):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", COMPRESSOR="lzma", PRUNE_ONES="1")
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma", PRUNE_ONES="1")
     budget = int(0.9 * len(tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")))
     logs = []
     blob, _ = tg.fit_artifact(state, None, arch, a, budget, logs.append)
@@ -629,8 +668,8 @@ def test_size_fit_with_pruning_fits_and_reports_the_count(make_args):
 
 
 def test_lqer_lowers_the_reconstruction_error_of_the_worst_matrices(make_args, tmp_path):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", MATRIX_BITS="3", EMBED_BITS="4")
-    b = make_args(QUANT_METHOD="gptq", MATRIX_BITS="3", EMBED_BITS="4", LQER_RANK="4", LQER_TOP="3")
+    a, state, arch = _model_state(make_args, **GPTQ, MATRIX_BITS="3", EMBED_BITS="4")
+    b = make_args(**GPTQ, MATRIX_BITS="3", EMBED_BITS="4", LQER_RANK="4", LQER_TOP="3")
     plain, lq = tg.quantize_state(state, a), tg.quantize_state(state, b)
     factors = sorted({k.rsplit(".", 1)[0] for k in lq if ".lqer." in k})
     assert len(factors) == 3
@@ -657,7 +696,7 @@ def test_lqer_lowers_the_reconstruction_error_of_the_worst_matrices(make_args, t
 
 
 def test_byte_planes_and_every_compressor_round_trip_bit_exactly(make_args, tmp_path):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", LQER_RANK="2")
+    a, state, arch = _model_state(make_args, **GPTQ, LQER_RANK="2")
     packed = tg.quantize_state(state, a)
     assert tg.tensor_bytes(torch.tensor([1.0, 2.0], dtype=torch.float16)) == bytes([0x00, 0x00, 0x3C, 0x40])
     for compressor in tg.COMPRESSORS:
@@ -680,7 +719,7 @@ def test_auto_compressor_picks_the_smallest(make_args):
 
 
 def test_size_model_tracks_the_compressed_size(make_args):
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq")
+    a, state, arch = _model_state(make_args, **GPTQ)
     ratios = []
     for m in (0.7, 1.0, 1.5):
         packed = tg.quantize_state(state, a, None, m)
@@ -719,7 +758,7 @@ def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_
 
 
 def test_qat_grid_estimate_is_the_smallest_multiplier_that_fits_by_the_size_model(make_args):
-    a = make_args(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
+    a = make_args(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0")
     torch.manual_seed(0)
     state = H.randomize(tg.GPT(a), std=0.05).state_dict()
     size = lambda m: tg.SIZE_MODEL_RATIO * tg.size_model(tg.quantize_state(state, a, None, m))
@@ -734,7 +773,7 @@ def test_qat_grid_estimate_is_the_smallest_multiplier_that_fits_by_the_size_mode
 def test_qat_grid_estimate_counts_the_frequency_rows(make_args):
     """With the calibration's token counts the estimate sizes the embedding on EMBED_FREQ_POWER's rows, as the
     export will: the multiplier it returns fits by the size model of exactly those codes."""
-    a, state, _ = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
+    a, state, _ = _model_state(make_args, **GPTQ, NUM_LAYERS="2", VE_ENABLED="0",
                                BIGRAM_VOCAB_SIZE="0", EMBED_FREQ_POWER="1.0")
     counts = {"tokens": 1e4 / torch.arange(1, a.vocab_size + 1).double()}
     budget = int(0.9 * tg.size_model(tg.quantize_state(state, a, counts)))
@@ -889,7 +928,7 @@ def test_column_codes_follow_each_columns_conditional_importance():
 def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp_path):
     """SDCLIP_COLUMN_ROLES=o: only the o matrices (the second half of qo_bank) get column codes; their weights
     dequantize as codes x row step x column step, through the artifact; the knob needs GPTQ and no QAT."""
-    a, state, arch = _model_state(make_args, QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0",
+    a, state, arch = _model_state(make_args, **GPTQ, NUM_LAYERS="2", VE_ENABLED="0",
                                   BIGRAM_VOCAB_SIZE="0", LATE_QAT_THRESHOLD="0", SDCLIP_COLUMN_ROLES="o")
     hess = _skewed_hessians(a, torch.Generator().manual_seed(0))
     packed = tg.quantize_state(state, a, hess)
@@ -912,7 +951,7 @@ def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp
 def test_column_steps_lower_the_hessian_error_at_equal_bytes(make_args):
     """On o units whose inputs are half silent, column steps give a lower output error tr(dW H dW^T) than row
     steps alone at the same size-model bytes (each found by the size fit's bisection)."""
-    knobs = dict(QUANT_METHOD="gptq", NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT_THRESHOLD="0")
+    knobs = dict(**GPTQ, NUM_LAYERS="2", VE_ENABLED="0", BIGRAM_VOCAB_SIZE="0", LATE_QAT_THRESHOLD="0")
     plain, (a, state, arch) = make_args(**knobs), _model_state(make_args, **knobs, SDCLIP_COLUMN_ROLES="o")
     hess = _skewed_hessians(a, torch.Generator().manual_seed(1))
     o = lambda p: {k: p[k] for k in p if k.startswith("qo_bank")}

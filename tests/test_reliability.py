@@ -768,6 +768,28 @@ def test_a_config_error_log_does_not_block_the_retry(tmp_path, monkeypatch):
     assert failed.read_text() == "fresh\n"
     with pytest.raises(SystemExit, match="already exists"):
         tg.Logger().open("r", resume=False)
+    opened = "logs/r.txt\ncode_sha256:0 code_bytes:1\n"  # stopped after the log opened, before or after preflight
+    failed.write_text(opened + "run_stopped phase:preflight step:0\nerror: EVAL_ONLY_PATH=x is not a file\n")
+    tg.Logger().open("r", resume=False)
+    assert not failed.exists()
+    failed.write_text(opened + "preflight: ok shards:2\nrun_stopped phase:train step:7\nerror: boom\n")
+    with pytest.raises(SystemExit, match="already exists"):
+        tg.Logger().open("r", resume=False)
+
+
+def test_every_rank_names_its_log_by_rank_0s_run_id(in_process, monkeypatch, tmp_path):
+    """RUN_ID unset: each rank draws its own id, so main takes rank 0's (Dist.share), and a crash on another
+    rank is written beside rank 0's log."""
+    in_process(RUN_ID="mine", EVAL_ONLY_PATH="missing.ptz")
+
+    class Rank0Id(H.DistStub):
+        def share(self, obj):
+            return "rank0"
+
+    monkeypatch.setattr(tg, "Dist", Rank0Id)
+    with pytest.raises(SystemExit, match="EVAL_ONLY_PATH=missing.ptz is not a file"):
+        tg.main()
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["rank0.txt"]
 
 
 def test_a_crash_on_another_rank_is_written_beside_the_log(tmp_path, monkeypatch):

@@ -81,7 +81,8 @@ def test_load_val_tokens_truncates_to_whole_sequences(tmp_path):
     assert torch.equal(v, torch.arange(145, dtype=torch.int32))
     v = tg.load_val_tokens(str(tmp_path), 16, 40)  # VAL_TOKENS cap: 40 targets -> 2 whole sequences
     assert torch.equal(v, torch.arange(33, dtype=torch.int32))
-    with pytest.raises(ValueError, match="fewer than one sequence"):
+    with pytest.raises(SystemExit, match=f"the validation split in {tmp_path} has 149 targets, fewer than one "
+                                         f"sequence of 256"):
         tg.load_val_tokens(str(tmp_path), 256, 0)
 
 
@@ -163,6 +164,8 @@ def test_env_vars_are_typed_like_their_defaults(make_args):
     (dict(TTT_ENABLED="1", TTT_CHUNK_TOKENS="32", EVAL_SEQ_LEN="64"), "TTT_CHUNK_TOKENS"),
     (dict(VE_LAYERS="1,1"), "VE_LAYERS"),
     (dict(GRAD_ACCUM_STEPS="-1"), "GRAD_ACCUM_STEPS"),
+    (dict(TTT_PREFIX_DOCS="-1"), "TTT_PREFIX_DOCS must be >= 0"),
+    (dict(VAL_TOKENS="32"), "VAL_TOKENS must be 0 (the full split) or >= max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)"),
 ])
 def test_invalid_config_is_rejected(make_args, knobs, needle):
     with pytest.raises(SystemExit) as ei:

@@ -236,6 +236,27 @@ def test_phases_train_the_base_model_between_batches(make_args):
         assert same == (j < a.ttt_doc_batch), j  # the first batch precedes the phase; all later ones follow it
 
 
+def test_a_phase_trains_only_on_scored_targets_of_its_documents(make_args, monkeypatch):
+    """The phase's stream: its targets are the documents' targets, in queue order, each once (none is a
+    document's leading BOS, which the document before it scores, or the set's first token, which nothing
+    scores), and each input the document's own, except that the leading document without a BOS reads its first
+    target after the BOS that ends the document before it."""
+    val = stream()
+    a, m = setup(make_args)
+    order = sorted(tg.document_spans(val), key=lambda d: -d[1])
+    whole = [d for d in order if d[0] != 0]
+    docs = whole[:4] + [(0, tg.document_spans(val)[0][1])] + whole[4:6]
+    seen = []
+    monkeypatch.setattr(tg, "ttt_train_chunk", lambda model, loss_fn, opt, params, stream, *rest, **kw:
+                        seen.append(stream))
+    tg.ttt_phase(m, val, docs, a, H.DistStub(), lambda msg: None)
+    pairs = list(zip(seen[0][:-1].tolist(), seen[0][1:].tolist()))
+    own = [(int(val[s + i]), int(val[s + i + 1])) for s, n in docs for i in range(n)]
+    assert len(pairs) == len(own) and val[0] != BOS
+    lead = sum(n for _, n in docs[:4])
+    assert [i for i, (p, o) in enumerate(zip(pairs, own)) if p != o] == [lead] and pairs[lead] == (BOS, own[lead][1])
+
+
 def test_scoring_rows_build_no_document_mask(make_args, monkeypatch):
     """A scored row holds one document (from its BOS, padded after its end), so with DOC_MASK=1 the causal mask
     is already the document mask: scoring builds none (a block mask of each window shape would reach the compiled
