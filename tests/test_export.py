@@ -35,7 +35,7 @@ def row_err(w, q, s):
 
 @pytest.mark.parametrize("method", ["search", "gptq"])
 def test_fake_quant_forward_is_quant_dequant_and_backward_is_identity(make_args, method):
-    a = make_args(QUANT_METHOD=method)
+    a = make_args(QUANT_METHOD=method, GPTQ_RESERVE_SECONDS="12")
     w = heavy_tailed(2 * 24, 32).view(2, 24, 32).requires_grad_(True)
     out = tg.fake_quant(w, a, "mlp_up_bank", "mlp")
     if method == "search":
