@@ -292,7 +292,7 @@ class Hyperparameters:
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
         self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
-        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # sequences per TTT SGD step, over all ranks
+        self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # per TTT SGD step (over all ranks) and per scoring batch
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
         self.ttt_mode = env("TTT_MODE", "sgd")  # sgd: chunked score-first SGD | phased: per-document LoRA + phases
         self.ttt_lora_rank = env("TTT_LORA_RANK", 80)
@@ -356,11 +356,12 @@ class Hyperparameters:
              f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
         need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, GPTQ_SWEEPS, LQER_RANK and LQER_TOP >= 0")
-        capped_gptq = self.max_wallclock_seconds > 0 and self.quant_method == "gptq"  # calibrates inside the cap
-        need(0 <= self.gptq_reserve_seconds and (not capped_gptq or 0 < self.gptq_reserve_seconds
-                                                 < self.max_wallclock_seconds),
-             "GPTQ_RESERVE_SECONDS must be >= 0, and with QUANT_METHOD=gptq under a MAX_WALLCLOCK_SECONDS cap above 0 "
-             "(GPTQ calibrates inside the cap) and below the cap")
+        trains = not (self.eval_only_path or self.export_only_from)
+        capped_gptq = trains and self.max_wallclock_seconds > 0 and self.quant_method == "gptq"
+        reserve_ok = 0 < self.gptq_reserve_seconds < self.max_wallclock_seconds  # calibration is inside the cap
+        need(self.gptq_reserve_seconds >= 0 and (reserve_ok or not capped_gptq),
+             "GPTQ_RESERVE_SECONDS must be >= 0; with QUANT_METHOD=gptq and MAX_WALLCLOCK_SECONDS > 0 it must be "
+             "> 0 and below MAX_WALLCLOCK_SECONDS")
         reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
         self.train_cap_s = self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
         need(self.attention_backend in ("auto", "fa3", "fa4", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|fa4|sdpa")
@@ -1297,15 +1298,14 @@ class GPT(nn.Module):
         # QAT's k multiplier and role multipliers as graph inputs, so that QAT_GRID_MULT=0 sets them without a recompile
         self.register_buffer("qat_grid", torch.tensor(args.qat_grid_mult or 1.0), persistent=False)
         self.register_buffer("qat_roles", role_tensor(args), persistent=False)
-        # precomputed RoPE tables: one unscaled table whose prefixes serve every length up to
-        # ROPE_TRAIN_SEQ_LEN (sliced, so one compiled graph serves many lengths), one per longer length in use
-        lengths = {min(max(args.train_seq_len, args.eval_seq_len), args.rope_train_seq_len)}
-        lengths |= {T for T in (args.train_seq_len, args.eval_seq_len) if T > args.rope_train_seq_len}
-        for T in lengths:
+        # RoPE tables of the lengths in use (NTK-rescaled above ROPE_TRAIN_SEQ_LEN); a shorter window reads the
+        # prefix of the shortest that holds it, so a position's angles (and score) do not depend on the padding
+        # after it, and one compiled graph serves many lengths
+        self.rope_lengths = sorted({args.train_seq_len, args.eval_seq_len})
+        for T in self.rope_lengths:
             cos, sin = rope_tables(T, self.rot_dims, args.rope_base, args.rope_train_seq_len, None)
             self.register_buffer(f"rope_cos_{T}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{T}", sin, persistent=False)
-        self.rope_prefix = min(lengths)
         if init:  # loaded weights replace every parameter: no CPU-heavy orthogonal init for them
             self._init_weights()
 
@@ -1333,12 +1333,10 @@ class GPT(nn.Module):
             m.hessians = store
 
     def rope(self, T, device):
-        if T <= self.rope_prefix:
-            return getattr(self, f"rope_cos_{self.rope_prefix}")[:, :T], getattr(self, f"rope_sin_{self.rope_prefix}")[:, :T]
-        cos, sin = getattr(self, f"rope_cos_{T}", None), getattr(self, f"rope_sin_{T}", None)
-        if cos is None:
-            cos, sin = rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, device)
-        return cos, sin
+        n = next((n for n in self.rope_lengths if T <= n), None)
+        if n is None:  # longer than any length in use: its own table
+            return rope_tables(T, self.rot_dims, self.args.rope_base, self.args.rope_train_seq_len, device)
+        return getattr(self, f"rope_cos_{n}")[:, :T], getattr(self, f"rope_sin_{n}")[:, :T]
 
     def hidden(self, ids: torch.Tensor, qat: bool = False, looped: bool = True, lora=None) -> torch.Tensor:
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
@@ -1533,17 +1531,18 @@ def run_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
 
 def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """1 until the warmdown starts, then linearly down to 0 at the end of the run. WARMDOWN_FRAC > 0: the
-    warmdown is that last fraction of the run; else the last WARMDOWN_ITERS steps, which under a wall-clock
-    cap are projected from the mean step time so far."""
+    warmdown is that last fraction of the run; else the last WARMDOWN_ITERS steps before ITERATIONS or, under a
+    wall-clock cap, before the cap (projected from the mean step time so far), whichever ends the run first."""
     if args.warmdown_frac > 0:
         return min(1.0, (1.0 - run_progress(args, step, elapsed_ms)) / args.warmdown_frac)
     if args.warmdown_iters <= 0:
         return 1.0
-    if args.train_cap_s > 0:
-        warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining_ms = max(1000 * args.train_cap_s - elapsed_ms, 0.0)
-        return remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms and step > 0 else 1.0
-    return min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    by_steps = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    if args.train_cap_s > 0 and step > 0:
+        warmdown_ms = args.warmdown_iters * elapsed_ms / step
+        by_clock = max(1000 * args.train_cap_s - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)
+        return min(by_steps, by_clock, 1.0)
+    return by_steps
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, float]:
@@ -1664,9 +1663,10 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(starts)} stride={stride} "
         f"ttt_lr={args.ttt_lr} ttt_epochs={args.ttt_epochs} freeze_blocks={args.ttt_freeze_blocks}")
     t0 = time.perf_counter()
-    n_mine = len(range(args.ttt_chunk_tokens // L)[rank_slice(args.ttt_chunk_tokens // L, dctx.rank, dctx.world_size)])
+    step = min(args.ttt_chunk_tokens // L, args.ttt_batch_seqs)  # the sequences of a chunk's first SGD step
+    n_mine = len(range(step)[rank_slice(step, dctx.rank, dctx.world_size)])
     if n_mine > 0 and n_chunks > 1:  # compile the training graph on random tokens (no update is applied)
-        tok = torch.randint(0, args.vocab_size, (min(n_mine, args.ttt_batch_seqs), L + 1), device=dctx.device)
+        tok = torch.randint(0, args.vocab_size, (n_mine, L + 1), device=dctx.device)
         with autocast(dctx.device):  # strided views like the real batches', so the compiled graph is reused
             loss_fn(tok[:, :-1], tok[:, 1:]).backward()
         opt.zero_grad(set_to_none=False)
@@ -1702,12 +1702,12 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
 
 def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters, device, reps: int = 3) -> float:
     """Seconds per TTT chunk at the shape one rank of an 8-GPU run works on (1/8 of the chunk's windows to
-    score, 1/8 of its sequences to train on), measured here with the learning rate at 0 (nothing changes).
+    score, 1/8 of each SGD step's sequences to train on), measured here with the learning rate at 0 (nothing changes).
     At that shape the loop is latency-bound, so the 8-GPU projection counts chunks, not tokens (the gradient
     all-reduce between ranks is not in it)."""
-    L, C = args.eval_seq_len, args.ttt_chunk_tokens
+    L, C, bs = args.eval_seq_len, args.ttt_chunk_tokens, args.ttt_batch_seqs
     starts = torch.arange(math.ceil(C / args.eval_stride / 8)) * args.eval_stride
-    seqs = min(max(C // L // 8, 1), args.ttt_batch_seqs)
+    seqs = max(min(C // L, bs) // 8, 1)
     tok = val[:seqs * L + 1].long()
     x, y = tok[:-1].view(seqs, L), tok[1:].view(seqs, L)
     lrs = [g["lr"] for g in opt.param_groups]
@@ -1716,7 +1716,7 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
 
     def one_chunk():
         score_windows(logits_fn, val, luts, starts, torch.zeros_like(starts), L, args.ttt_batch_seqs, device)
-        for _ in range(args.ttt_epochs * math.ceil(max(C // L // 8, 1) / args.ttt_batch_seqs)):
+        for _ in range(args.ttt_epochs * math.ceil(C // L / bs)):
             with autocast(device):
                 loss_fn(x, y).backward()
             if args.ttt_grad_clip > 0:
@@ -2007,7 +2007,7 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
     """Global SGD of the base weights on already-scored documents, TTT_CHUNK_TOKENS at a time with a cosine LR
     from TTT_PHASE_LR, one epoch, data split over ranks. The stream is the first document's first token, then
     every document's targets in queue order: each target a scored one, each document after the first read
-    from the BOS that ends the one before. Eager: the phases are little work, and compiling their training
+    from the last token of the one before (the BOS that ends it, but for the split's last document). Eager: the phases are little work, and compiling their training
     graph cost about a minute."""
     t = time.perf_counter()
     stream = torch.cat([val[docs[0][0]:docs[0][0] + 1]] + [val[s + 1:s + n + 1] for s, n in docs])
@@ -2751,7 +2751,7 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0,
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int | None = None,
                     qat_grid: float | None = None):
     """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps that grid."""
     buf = io.BytesIO()
@@ -3370,7 +3370,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights = averager.load_into_model()
-    hessians, calib = None, 0
+    hessians, calib = None, None
     if args.quant_method == "gptq":
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
@@ -3397,7 +3397,8 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        calib = saved.get("calib_batches") or args.gptq_calib_batches  # 0: that run did not calibrate
+        calib = saved.get("calib_batches")  # None: that run did not use GPTQ
+        calib = args.gptq_calib_batches if calib is None else calib
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
         if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance or column steps to move it)
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]

@@ -420,3 +420,23 @@ def test_rank_shape_probe_changes_nothing(make_args, luts):
     assert secs > 0 and opt.state == {} and all(g["lr"] == a.ttt_lr for g in opt.param_groups)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_rank_shape_probe_takes_the_steps_of_one_rank_of_8(make_args, luts):
+    """A chunk of 16 sequences in steps of TTT_BATCH_SEQS=2 over all ranks: 8 steps an epoch, and one rank of 8
+    trains on its share of each step (at least a sequence)."""
+    a = ttt_args(make_args, TTT_CHUNK_TOKENS="512")
+    model = fresh_model(a)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=a.ttt_lr)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rows = []
+
+    def loss_fn(x, y):
+        rows.append(x.shape[0])
+        return model(x, y)
+
+    val = torch.randint(0, a.vocab_size, (2000,), generator=torch.Generator().manual_seed(0))
+    tg.rank_shape_chunk_s(loss_fn, model.forward_logits, opt, val, luts, a, CPU, reps=2)
+    assert rows == [1] * (3 * a.ttt_epochs * 8), "the untimed call and 2 timed ones, 2 epochs of 8 steps each"

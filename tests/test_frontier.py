@@ -674,6 +674,9 @@ def test_muon_passes_polar_and_build_optimizers_wires_the_knobs(make_args, ns_in
     (dict(ITERATIONS="100000", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 50000.0, 2 / 3, 2 / 3),
     (dict(ITERATIONS="100000", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 40000.0, 1.0, 1.0),
     (dict(ITERATIONS="100000", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 0, 0.0, 1.0, 1.0),
+    # ... whichever ends the run first: ITERATIONS, (120 - 100) / 30; the cap, 5 s left of 30 steps of 550 ms
+    (dict(ITERATIONS="120", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 20000.0, 2 / 3, 2 / 3),
+    (dict(ITERATIONS="120", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 55000.0, 5 / 16.5, 5 / 16.5),
     # linear LR warm-up multiplies the LR only; the warmdown factor stays 1
     (dict(ITERATIONS="100", LR_WARMUP_STEPS="10", WARMDOWN_ITERS="10"), 0, 0.0, 0.1, 1.0),
     (dict(ITERATIONS="100", LR_WARMUP_STEPS="10", WARMDOWN_ITERS="10"), 4, 0.0, 0.5, 1.0),

@@ -468,14 +468,12 @@ def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
     assert n == 0 and list(hess) == ["tokens"]
 
 
-def test_a_checkpoint_that_did_not_calibrate_is_re_exported_with_gptq_calibration(make_args, tiny_data, tmp_path,
-                                                                                    monkeypatch):
-    """EXPORT_ONLY_FROM: a checkpoint stores how many batches its run calibrated on; 0 (a QUANT_METHOD=search run)
-    means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
+def test_a_re_export_calibrates_on_the_checkpoints_batches_or_gptq_calib_batches(make_args, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    """EXPORT_ONLY_FROM: a checkpoint stores how many batches its run calibrated on, which the re-export
+    reproduces; a QUANT_METHOD=search run's (None) means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
     a = make_args(DATA_PATH=str(tiny_data))
     path = str(tmp_path / "search.pt")
-    tg.save_checkpoint(path, tg.GPT(a), a, lambda msg: None, calib_batches=0)
-    b = make_args(**GPTQ, DATA_PATH=str(tiny_data), EXPORT_ONLY_FROM=path, GPTQ_CALIB_BATCHES="5")
     asked = []
 
     def collect(model, args, dctx, log, batches, seconds=None):
@@ -483,9 +481,13 @@ def test_a_checkpoint_that_did_not_calibrate_is_re_exported_with_gptq_calibratio
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tg, "collect_hessians", collect)
-    with pytest.raises(KeyboardInterrupt):
-        tg.load_checkpoint(b, H.DistStub(), lambda msg: None, None, None, {})
-    assert asked == [5]
+    for calib in (None, 0, 3):  # a search run's; a GPTQ run's that got no batch inside its cap; and 3 batches
+        tg.save_checkpoint(path, tg.GPT(a), a, lambda msg: None, calib_batches=calib)
+        b = make_args(RECIPE="r549", QUANT_METHOD="gptq", DATA_PATH=str(tiny_data), EXPORT_ONLY_FROM=path,
+                      GPTQ_CALIB_BATCHES="5")  # no reserve: an export-only run calibrates outside any cap
+        with pytest.raises(KeyboardInterrupt):
+            tg.load_checkpoint(b, H.DistStub(), lambda msg: None, None, None, {})
+    assert asked == [5, 0, 3]
 
 
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
@@ -497,7 +499,7 @@ def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
     with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS"):
         make_args(QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10")
     # no reserve under a cap: calibration would get no time and the export would quietly round to nearest
-    with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS .* above 0"):
+    with pytest.raises(SystemExit, match="GPTQ_RESERVE_SECONDS .* it must be > 0"):
         make_args(RECIPE="r549", QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="600")
     assert make_args(RECIPE="r549", QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="0").train_cap_s == 0.0
 

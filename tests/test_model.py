@@ -80,38 +80,49 @@ def test_ntk_rescaling_only_beyond_rope_train_seq_len(seq_len, train_len):
 
 
 def test_model_uses_rope_train_seq_len(make_args):
-    ids = rand_ids(1024, (1, 32))
+    ids = rand_ids(1024, (1, 64))  # TRAIN_SEQ_LEN = EVAL_SEQ_LEN = 64
     out = {}
-    for train_len in (1024, 32, 16):
+    for train_len in (1024, 64, 32):
         m, _ = tiny_model(make_args, ROPE_TRAIN_SEQ_LEN=str(train_len))
         with torch.no_grad():
             out[train_len] = m.forward_logits(ids)
-    assert torch.equal(out[1024], out[32]), "no rescaling while seq_len <= ROPE_TRAIN_SEQ_LEN"
-    assert (out[1024] - out[16]).abs().amax() > 1e-4, "seq_len 32 > 16 must rescale the base"
+    assert torch.equal(out[1024], out[64]), "no rescaling while seq_len <= ROPE_TRAIN_SEQ_LEN"
+    assert (out[1024] - out[32]).abs().amax() > 1e-4, "seq_len 64 > 32 must rescale the base"
+
+
+def test_a_position_scores_the_same_in_any_window_that_holds_it(make_args):
+    """With the base rescaled (ROPE_TRAIN_SEQ_LEN < TRAIN_SEQ_LEN, as r549), a shorter window (phased TTT pads
+    each batch to its longest document) uses the trained length's angles: its logits are those of the full
+    window at the same positions."""
+    m, a = tiny_model(make_args, ROPE_TRAIN_SEQ_LEN="16")
+    ids = rand_ids(a.vocab_size, (2, 64))
+    with torch.no_grad():
+        full = m.forward_logits(ids)
+        for T in (40, 17, 8):
+            torch.testing.assert_close(m.forward_logits(ids[:, :T]), full[:, :T], rtol=0, atol=1e-5)
 
 
 def test_cached_rope_tables_match_and_are_used(make_args):
-    # lengths above ROPE_TRAIN_SEQ_LEN (here 64 and 48 > 32, NTK-rescaled) get their own tables; one unscaled
-    # table of length 32 serves every length up to 32 by its prefix
+    # the lengths in use (here 64 and 48 > 32, NTK-rescaled) get their own tables; a shorter window reads the
+    # prefix of the shortest table that holds it; a longer one gets its own
     m, a = tiny_model(make_args, TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="48", ROPE_TRAIN_SEQ_LEN="32")
-    for T in (64, 48, 32):
+    for T in (64, 48):
         cos, sin = tg.rope_tables(T, m.rot_dims, a.rope_base, 32, CPU)
         assert torch.equal(getattr(m, f"rope_cos_{T}"), cos) and torch.equal(getattr(m, f"rope_sin_{T}"), sin)
-    for T in (1, 20, 32):
-        cos, sin = tg.rope_tables(T, m.rot_dims, a.rope_base, 32, CPU)
+    for T, table in ((1, 48), (20, 48), (48, 48), (49, 64), (80, 80)):
+        cos, sin = tg.rope_tables(table, m.rot_dims, a.rope_base, 32, CPU)
         got = m.rope(T, CPU)
-        torch.testing.assert_close(got[0], cos, rtol=0, atol=1e-6)
-        torch.testing.assert_close(got[1], sin, rtol=0, atol=1e-6)
+        assert torch.equal(got[0], cos[:, :T]) and torch.equal(got[1], sin[:, :T]), T
     assert not any(k.startswith("rope_") for k in m.state_dict()), "RoPE tables must not enter the artifact"
     # poison the cached tables: a forward at a cached length (or a prefix of one) must read them, others not
     ids = rand_ids(a.vocab_size, (1, 64))
     with torch.no_grad():
-        ref64, ref40, ref20 = m.forward_logits(ids), m.forward_logits(ids[:, :40]), m.forward_logits(ids[:, :20])
-        getattr(m, "rope_cos_64").zero_()
-        getattr(m, "rope_cos_32").zero_()
-        assert not torch.allclose(m.forward_logits(ids), ref64)
+        ref64, ref56, ref20 = m.forward_logits(ids), m.forward_logits(ids[:, :56]), m.forward_logits(ids[:, :20])
+        getattr(m, "rope_cos_48").zero_()
+        assert torch.equal(m.forward_logits(ids), ref64) and torch.equal(m.forward_logits(ids[:, :56]), ref56)
         assert not torch.allclose(m.forward_logits(ids[:, :20]), ref20)
-        assert torch.equal(m.forward_logits(ids[:, :40]), ref40)
+        getattr(m, "rope_cos_64").zero_()
+        assert not torch.allclose(m.forward_logits(ids[:, :56]), ref56)
 
 
 # ----------------------------------------------------------------------------- XSA

@@ -778,8 +778,8 @@ def test_a_config_error_log_does_not_block_the_retry(tmp_path, monkeypatch):
 
 
 def test_every_rank_names_its_log_by_rank_0s_run_id(in_process, monkeypatch, tmp_path):
-    """RUN_ID unset: each rank draws its own id, so main takes rank 0's (Dist.share), and a crash on another
-    rank is written beside rank 0's log."""
+    """RUN_ID unset: each rank draws its own id, so main names the log by rank 0's (Dist.share), as every rank's
+    crash log beside it."""
     in_process(RUN_ID="mine", EVAL_ONLY_PATH="missing.ptz")
 
     class Rank0Id(H.DistStub):
