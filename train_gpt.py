@@ -1707,7 +1707,7 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
     all-reduce between ranks is not in it)."""
     L, C, bs = args.eval_seq_len, args.ttt_chunk_tokens, args.ttt_batch_seqs
     starts = torch.arange(math.ceil(C / args.eval_stride / 8)) * args.eval_stride
-    seqs = max(min(C // L, bs) // 8, 1)
+    seqs = max(-(-min(C // L, bs) // 8), 1)  # the busiest rank's share of a step
     tok = val[:seqs * L + 1].long()
     x, y = tok[:-1].view(seqs, L), tok[1:].view(seqs, L)
     lrs = [g["lr"] for g in opt.param_groups]
@@ -2751,7 +2751,7 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int | None = None,
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0,
                     qat_grid: float | None = None):
     """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps that grid."""
     buf = io.BytesIO()
@@ -3370,7 +3370,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights = averager.load_into_model()
-    hessians, calib = None, None
+    hessians, calib = None, 0
     if args.quant_method == "gptq":
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
@@ -3397,8 +3397,7 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        calib = saved.get("calib_batches")  # None: that run did not use GPTQ
-        calib = args.gptq_calib_batches if calib is None else calib
+        calib = saved.get("calib_batches") or args.gptq_calib_batches  # 0: that run did not calibrate
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
         if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance or column steps to move it)
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]

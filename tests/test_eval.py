@@ -422,6 +422,23 @@ def test_rank_shape_probe_changes_nothing(make_args, luts):
         assert torch.equal(v, before[k]), k
 
 
+def test_ttt_warm_up_trains_on_a_ranks_share_of_a_step(make_args, luts):
+    """The compile warm-up runs the shape this rank trains on: its share of a chunk's first SGD step. 16
+    sequences a chunk in steps of 4 over 8 ranks: rank 7 takes 1 (its share of the whole chunk would be 2)."""
+    a = ttt_args(make_args, TTT_CHUNK_TOKENS="512", TTT_BATCH_SEQS="4")
+    rows = []
+
+    def loss_fn(x, y):
+        rows.append(x.shape[0])
+        raise KeyboardInterrupt  # the warm-up's shape is all this test reads
+
+    model = fresh_model(a)
+    val = torch.randint(0, a.vocab_size, (2000,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(KeyboardInterrupt):
+        tg.ttt_evaluate(model, model.forward_logits, loss_fn, val, luts, a, H.DistStub(7, 8), lambda msg: None)
+    assert rows == [1]
+
+
 def test_rank_shape_probe_takes_the_steps_of_one_rank_of_8(make_args, luts):
     """A chunk of 16 sequences in steps of TTT_BATCH_SEQS=2 over all ranks: 8 steps an epoch, and one rank of 8
     trains on its share of each step (at least a sequence)."""

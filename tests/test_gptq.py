@@ -471,7 +471,7 @@ def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
 def test_a_re_export_calibrates_on_the_checkpoints_batches_or_gptq_calib_batches(make_args, tiny_data, tmp_path,
                                                                                  monkeypatch):
     """EXPORT_ONLY_FROM: a checkpoint stores how many batches its run calibrated on, which the re-export
-    reproduces; a QUANT_METHOD=search run's (None) means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
+    reproduces; none (a QUANT_METHOD=search run) means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
     a = make_args(DATA_PATH=str(tiny_data))
     path = str(tmp_path / "search.pt")
     asked = []
@@ -481,13 +481,13 @@ def test_a_re_export_calibrates_on_the_checkpoints_batches_or_gptq_calib_batches
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tg, "collect_hessians", collect)
-    for calib in (None, 0, 3):  # a search run's; a GPTQ run's that got no batch inside its cap; and 3 batches
+    for calib in (0, 3):  # a run that did not calibrate (QUANT_METHOD=search, or no batch fit); 3 batches
         tg.save_checkpoint(path, tg.GPT(a), a, lambda msg: None, calib_batches=calib)
         b = make_args(RECIPE="r549", QUANT_METHOD="gptq", DATA_PATH=str(tiny_data), EXPORT_ONLY_FROM=path,
                       GPTQ_CALIB_BATCHES="5")  # no reserve: an export-only run calibrates outside any cap
         with pytest.raises(KeyboardInterrupt):
             tg.load_checkpoint(b, H.DistStub(), lambda msg: None, None, None, {})
-    assert asked == [5, 0, 3]
+    assert asked == [5, 3]
 
 
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
