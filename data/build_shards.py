@@ -8,7 +8,9 @@ Inputs (files, or directories searched recursively for *.txt and *.jsonl, in sor
     `--txt-docs-per-line`.
 
 Pipeline:
-  1. Index all documents (input order). Empty documents are skipped.
+  1. Index all documents (input order; a file named twice is read once). Blank lines and empty files are
+     not documents; a document whose text is empty or only whitespace is dropped when encoded (it still
+     takes its place in the split, so a split can hold fewer documents than asked for).
   2. Split into whole documents: shuffle the document order with `--seed` (numpy's frozen legacy
      RandomState, so the split is reproducible across numpy versions) unless `--no-shuffle`, then the
      first K documents are validation (`--val-docs K`, default 50,000 like the challenge, or
@@ -173,6 +175,10 @@ class FileDocuments:
             ) from None
         if not isinstance(text, str):
             raise ValueError(f"{path}: field {self.text_field!r} at byte offset {off} is not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}: the text at byte offset {off} is not valid Unicode ({e.reason})") from None
         return text
 
     def close(self) -> None:
@@ -196,7 +202,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
-    return files
+    unique = {f.resolve(): f for f in reversed(files)}  # the first of each file's names, in input order
+    return [f for f in files if unique[f.resolve()] is f]
 
 
 def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -343,8 +350,11 @@ def _init_worker(model_proto: bytes) -> None:
     _WORKER_SP = spm.SentencePieceProcessor(model_proto=model_proto)
 
 
-def _encode_texts(texts: list[str]) -> tuple[np.ndarray, int]:
-    """[BOS] + ids for each text, concatenated; plus the UTF-8 byte count of the texts."""
+def _encode_texts(texts: list[str]) -> tuple[np.ndarray, int, int]:
+    """[BOS] + ids for each text that is not empty or only whitespace, concatenated; plus the UTF-8 byte count
+    of those texts and their number."""
+    texts = [t for t in texts if t.strip()]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)  # a lone surrogate stops here, as a ValueError
     ids = _WORKER_SP.encode(texts)
     total = sum(len(x) for x in ids) + len(ids)
     out = np.empty(total, dtype=np.uint16)
@@ -353,7 +363,7 @@ def _encode_texts(texts: list[str]) -> tuple[np.ndarray, int]:
         out[pos] = BOS_ID
         out[pos + 1: pos + 1 + len(x)] = x
         pos += 1 + len(x)
-    return out, sum(len(t.encode("utf-8")) for t in texts)
+    return out, nbytes, len(texts)
 
 
 def _chunks(docs, indices: np.ndarray, size: int) -> Iterator[list[str]]:
@@ -367,20 +377,15 @@ def _encode_stream(docs, indices: np.ndarray, pool, model_proto: bytes,
     if pool is None:
         _init_worker(model_proto)
         for texts in _chunks(docs, indices, ENCODE_CHUNK_DOCS):
-            toks, nbytes = _encode_texts(texts)
-            yield toks, nbytes, len(texts)
+            yield _encode_texts(texts)
         return
     pending: deque = deque()  # bounded read-ahead keeps memory flat on huge corpora
     for texts in _chunks(docs, indices, ENCODE_CHUNK_DOCS):
-        pending.append((pool.apply_async(_encode_texts, (texts,)), len(texts)))
+        pending.append(pool.apply_async(_encode_texts, (texts,)))
         if len(pending) >= max_pending:
-            res, n = pending.popleft()
-            toks, nbytes = res.get()
-            yield toks, nbytes, n
+            yield pending.popleft().get()
     while pending:
-        res, n = pending.popleft()
-        toks, nbytes = res.get()
-        yield toks, nbytes, n
+        yield pending.popleft().get()
 
 
 class _ShardWriter:
@@ -459,6 +464,8 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         raise ValueError("give exactly one of tokenizer (an existing model) or vocab_size (train a new one)")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if vocab_size is not None and not 2 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in [2, 65536] (token ids are stored as uint16), got {vocab_size}")
     stale = _existing_shards(out_dir) if out_dir.is_dir() else []
     if stale and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {len(stale)} shard(s); pass overwrite (--overwrite) to replace them")
@@ -507,6 +514,10 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                 paths = writer.close()
                 result[split] = {"docs": ndocs, "tokens": writer.tokens, "bytes": nbytes, "shards": paths}
                 log(f"wrote {len(paths)} {split} shard(s), {writer.tokens} tokens")
+        except BaseException:  # the shards written so far would pass for a whole dataset: remove them
+            for p in _existing_shards(out_dir):
+                p.unlink()
+            raise
         finally:
             if pool is not None:
                 pool.close()

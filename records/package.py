@@ -48,10 +48,10 @@ TRACKS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record
 RECORD_WORLD_SIZE = 8
 RECORD_DEVICE = re.compile(r"H100")  # the record track runs on 8xH100 (SXM); the log names the device
 # The published datasets: tokenizer file, and the token count the script logs for the full validation split
-# (None: not known here, so the log must show VAL_TOKENS=0, i.e. no cap).
+# (train_gpt.py's table of the published runs' logs; None: not known, so the log must show VAL_TOKENS=0).
 PUBLISHED_DATA = {
     "fineweb10B_sp1024": ("fineweb_1024_bpe.model", 62_021_632),
-    "fineweb10B_sp8192": ("fineweb_8192_bpe.model", None),
+    "fineweb10B_sp8192": ("fineweb_8192_bpe.model", 40_540_160),
 }
 PER_SEED_CONFIG = ("SEED", "RUN_ID", "ARTIFACT_PATH")  # config knobs that may differ between seeds
 DEFAULT_DATA_ROOT = "../../../data"  # the repo's data/ seen from records/<track>/<folder>/
@@ -91,7 +91,7 @@ _RE = {
     "diag_exact": re.compile(rf"^DIAGNOSTIC post_(\w+?)_exact val_loss:({_NUM}) val_bpb:({_NUM})"),
     "raw_model": re.compile(r"^Serialized model: (\d+) bytes"),
     "code_size": re.compile(r"^Code size: (\d+) bytes"),
-    "model_bytes": re.compile(r"^Serialized model int6\+(\w+): (\d+) bytes"),
+    "model_bytes": re.compile(r"^Serialized model int\d+\+(\w+): (\d+) bytes"),
     "total_bytes": re.compile(r"^Total submission size int\d+\+(\w+): (\d+) bytes"),
     "size_check": re.compile(r"^size_check total:(\d+) limit:(\d+) (\w+)"),
     "export_time": re.compile(r"^export_time:(\d+)ms"),
@@ -165,6 +165,7 @@ class RunLog:
     val_loss: float | None = None
     val_bpb: float | None = None
     warnings: list = field(default_factory=list)
+    run_stopped: str | None = None  # the run's `run_stopped phase:... step:...` line: it ended in an error
 
     @property
     def train_time_s(self) -> float | None:
@@ -225,6 +226,9 @@ def parse_log_text(text: str, path: str = "<text>") -> RunLog:
             r.steps, r.iterations, r.step_avg_ms = int(s), int(it), _f(sa)
             if r.train_time_source != "val" or int(s) > r.val_curve[-1][0]:
                 r.train_time_ms, r.train_time_source = int(tt), "train"
+            continue
+        if ln.startswith("run_stopped ") and r.run_stopped is None:
+            r.run_stopped = ln
             continue
         m = _RE["config"].match(ln)
         if m:
@@ -453,6 +457,11 @@ def significance(runs: list[RunLog], *, baseline_values=None, baseline_runs=None
         bad = [r.path for r in baseline_runs if not r.has_headline]
         if bad:
             raise ValueError(f"baseline log(s) without a headline metric: {', '.join(bad)}")
+        ours, theirs = {r.tokenizer_file for r in runs}, {r.tokenizer_file for r in baseline_runs}
+        if ours != theirs:  # nats per token of different tokenizers do not compare
+            raise ValueError(f"the baseline logs use tokenizer {'/'.join(map(str, theirs))}, these runs "
+                             f"{'/'.join(map(str, ours))}: give the baseline's val_bpb with --baseline-values "
+                             f"and --baseline-metric val_bpb instead")
         base_nats = [r.val_loss for r in baseline_runs]
         base_bpb = [r.val_bpb for r in baseline_runs]
         source = "logs: " + ", ".join(Path(r.path).name for r in baseline_runs)
@@ -531,7 +540,8 @@ def _size_check(runs, code_bytes_override, size_limit) -> Check:
     def problem(r):
         b = artifact_bytes_for(r, code_bytes_override)
         if b is None:
-            return "no 'Total submission size' line"
+            return "no 'Total submission size' line" if code_bytes_override is None else \
+                "no 'Serialized model int<bits>+<compressor>' line"
         return f"{b:,} > {size_limit:,} by {b - size_limit:,}" if b > size_limit else None
     sizes = [artifact_bytes_for(r, code_bytes_override) or 0 for r in runs]
     ok = f"max {max(sizes):,}" + (" (model + packaged compact code)" if code_bytes_override is not None else "")
@@ -635,6 +645,7 @@ def check_rules(runs: list[RunLog], *, script_path=None, code_bytes_override: in
                _eval_time_check(runs, eval_limit_s), _seed_check(runs, min_seeds)]
     checks += _code_checks(runs, script_path)
     checks += [
+        _each("run ended without an error", runs, lambda r: r.run_stopped, "no run_stopped line"),
         _each("8xH100 (world_size 8, H100 device)", runs, _hardware_problem, f"{runs[0].world_size}x {runs[0].device}"),
         _each("full validation split", runs, _full_val_problem, f"{runs[0].val_tokens:,} tokens"
               if runs[0].val_tokens is not None else "n/a"),

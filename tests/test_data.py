@@ -160,6 +160,44 @@ def test_build_roundtrip_multi_shard(tmp_path, smoke_build, sp):
         bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=tok, val_docs=3, log=None)
 
 
+def test_empty_documents_are_dropped(tmp_path, smoke_build, sp):
+    """A text that is empty or only whitespace adds nothing, not even a BOS: no empty document in a split."""
+    docs = ["", "Hello there.", "   \n", "A second document."]
+    res = bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=smoke_build["tokenizer_path"], val_docs=1,
+                          shuffle=False, log=None)
+    assert res["val"]["docs"] == 0 and res["val"]["tokens"] == 0
+    train = split_stream(res["train"]["shards"])
+    assert res["train"]["docs"] == 2 and split_docs(train) == [sp.encode(d) for d in docs[1::2]]
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """A directory and a file inside it both given: the file is one input, so its documents cannot land in
+    both splits."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    (src / "b.txt").write_text("one whole document")
+    files = bs.expand_inputs([src, src / "a.jsonl", str(src / ".." / "src" / "b.txt")])
+    assert files == [src / "a.jsonl", src / "b.txt"]
+    assert len(bs.FileDocuments(files)) == 6
+
+
+def test_a_failed_build_leaves_no_shards_and_names_the_bad_text(tmp_path, smoke_build):
+    """A lone surrogate in a JSON text (not encodable as UTF-8) stops the build with the file and offset, after
+    earlier shards were written: those are removed, as they would pass for a whole dataset."""
+    src = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document number {i} with some words"}) for i in range(300)]
+    lines[250] = '{"text": "bad \\ud83d"}'
+    src.write_text("\n".join(lines) + "\n")
+    offset = sum(len(ln) + 1 for ln in lines[:250])
+    with pytest.raises(ValueError, match=f"docs.jsonl: the text at byte offset {offset} is not valid Unicode"):
+        bs.build_shards(tmp_path / "ds", [src], tokenizer=smoke_build["tokenizer_path"], val_docs=10,
+                        shuffle=False, shard_tokens=200, log=None)
+    assert list((tmp_path / "ds").glob("*.bin")) == []
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[2, 65536\]"):
+        bs.build_shards(tmp_path / "ds2", [src], vocab_size=70000, log=None)
+
+
 def test_split_disjoint_and_seeded(tmp_path, smoke_build, sp):
     v1, t1 = bs.split_documents(1000, val_docs=100, seed=1)
     v1b, t1b = bs.split_documents(1000, val_docs=100, seed=1)

@@ -470,16 +470,41 @@ def test_package_refuses_each_record_rule(tmp_path, case):
         assert sorted(k for k, v in sub["compliance"].items() if v == "fail") == sorted(failed)
 
 
+def sp8192_log(seed, val_tokens=40_540_160, **kw):
+    return make_log(seed, extra_config={"DATA_PATH": "/d/datasets/fineweb10B_sp8192", "VAL_TOKENS": "0",
+                                        "TOKENIZER_PATH": "/d/tokenizers/fineweb_8192_bpe.model"}, **kw).replace(
+        "dataset:fineweb10B_sp1024", "dataset:fineweb10B_sp8192").replace("tokens:62021632", f"tokens:{val_tokens}")
+
+
 def test_full_val_rule_sp8192(tmp_path):
-    """sp8192: no published val token count here, so the full split is VAL_TOKENS=0 in the config."""
-    def sp8192(seed, val_tokens):
-        return make_log(seed, extra_config={"DATA_PATH": "/d/datasets/fineweb10B_sp8192", "VAL_TOKENS": val_tokens,
-                                            "TOKENIZER_PATH": "/d/tokenizers/fineweb_8192_bpe.model"}).replace(
-            "dataset:fineweb10B_sp1024", "dataset:fineweb10B_sp8192").replace("tokens:62021632", "tokens:40000000")
-    checks = _checks([sp8192(s, "0") for s in (1, 2, 3)])
+    """sp8192: the full split is the 40,540,160 targets its runs log; a cut-down split (VAL_TOKENS=0 over a
+    smaller local val shard) fails."""
+    checks = _checks([sp8192_log(s) for s in (1, 2, 3)])
     assert status(checks, "full validation") == "pass" and status(checks, "published") == "pass"
-    checks = _checks([sp8192(1, "0"), sp8192(2, "0"), sp8192(3, "2097152")])
+    checks = _checks([sp8192_log(1), sp8192_log(2), sp8192_log(3, val_tokens=3_332_096)])
     assert status(checks, "full validation") == "fail"
+
+
+def test_size_read_for_any_matrix_bits_and_a_run_that_stopped_fails():
+    """MATRIX_BITS=5 logs `int5+`: the packaged-code size still reads the model bytes. A log with a run_stopped
+    line (a crash after the headline was logged) fails its own rule."""
+    texts = [make_log(s).replace("int6+zstd", "int5+zstd") for s in (1, 2, 3)]
+    checks = _checks(texts, code_bytes_override=50_000)
+    assert status(checks, "artifact") == "pass" and status(checks, "run ended without an error") == "pass"
+    texts[2] += "run_stopped phase:evaluate step:7179\nerror: RuntimeError: NCCL watchdog timeout\n"
+    assert status(_checks(texts), "run ended without an error") == "fail"
+
+
+def test_significance_refuses_baseline_logs_of_another_tokenizer(tmp_path):
+    """val_loss is nats per token: sp8192 runs against sp1024 baseline logs are refused (give val_bpb values)."""
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    base = [pk.parse_log(p) for p in three_record_logs(base_dir)]
+    runs = [pk.parse_log_text(sp8192_log(s, val_loss=2.32, val_bpb=1.06)) for s in (1, 2, 3)]
+    with pytest.raises(ValueError, match="tokenizer fineweb_1024_bpe.model, these runs fineweb_8192_bpe.model"):
+        pk.significance(runs, baseline_runs=base)
+    sig = pk.significance(runs, baseline_values=RECORD_BPB, baseline_metric="val_bpb")
+    assert sig.passed and sig.bpb.diff == pytest.approx(1.06 - sum(RECORD_BPB) / 3)
 
 
 def test_package_needs_author(tmp_path, monkeypatch):
