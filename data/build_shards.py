@@ -464,8 +464,9 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         raise ValueError("give exactly one of tokenizer (an existing model) or vocab_size (train a new one)")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if vocab_size is not None and not 2 <= vocab_size <= 65536:
-        raise ValueError(f"vocab_size must be in [2, 65536] (token ids are stored as uint16), got {vocab_size}")
+    if vocab_size is not None and not 260 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in [260, 65536] (256 byte pieces and 4 special ones; token ids are "
+                         f"stored as uint16), got {vocab_size}")
     stale = _existing_shards(out_dir) if out_dir.is_dir() else []
     if stale and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {len(stale)} shard(s); pass overwrite (--overwrite) to replace them")
@@ -512,6 +513,9 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                     nbytes += b
                     ndocs += n
                 paths = writer.close()
+                if not ndocs:
+                    raise ValueError(f"the {split} split holds no document with text (every one of its "
+                                     f"{idx.size} is empty or only whitespace)")
                 result[split] = {"docs": ndocs, "tokens": writer.tokens, "bytes": nbytes, "shards": paths}
                 log(f"wrote {len(paths)} {split} shard(s), {writer.tokens} tokens")
         except BaseException:  # the shards written so far would pass for a whole dataset: remove them

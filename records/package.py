@@ -442,6 +442,11 @@ class Significance:
         return self.nats.p < self.alpha and math.isfinite(self.nats.p)
 
 
+def _tokenizer_of(r: RunLog) -> str | None:
+    """The tokenizer file a log names (its TOKENIZER_PATH), else its published dataset's; None if neither."""
+    return r.tokenizer_file or PUBLISHED_DATA.get(r.dataset, (None,))[0]
+
+
 def significance(runs: list[RunLog], *, baseline_values=None, baseline_runs=None,
                  baseline_metric: str = "val_loss", min_delta_nats: float = DEFAULT_MIN_DELTA_NATS,
                  alpha: float = DEFAULT_ALPHA) -> Significance:
@@ -457,8 +462,8 @@ def significance(runs: list[RunLog], *, baseline_values=None, baseline_runs=None
         bad = [r.path for r in baseline_runs if not r.has_headline]
         if bad:
             raise ValueError(f"baseline log(s) without a headline metric: {', '.join(bad)}")
-        ours, theirs = {r.tokenizer_file for r in runs}, {r.tokenizer_file for r in baseline_runs}
-        if ours != theirs:  # nats per token of different tokenizers do not compare
+        ours, theirs = ({_tokenizer_of(r) for r in group} - {None} for group in (runs, baseline_runs))
+        if ours and theirs and ours != theirs:  # nats per token of different tokenizers do not compare
             raise ValueError(f"the baseline logs use tokenizer {'/'.join(map(str, theirs))}, these runs "
                              f"{'/'.join(map(str, ours))}: give the baseline's val_bpb with --baseline-values "
                              f"and --baseline-metric val_bpb instead")

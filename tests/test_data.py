@@ -161,13 +161,18 @@ def test_build_roundtrip_multi_shard(tmp_path, smoke_build, sp):
 
 
 def test_empty_documents_are_dropped(tmp_path, smoke_build, sp):
-    """A text that is empty or only whitespace adds nothing, not even a BOS: no empty document in a split."""
-    docs = ["", "Hello there.", "   \n", "A second document."]
-    res = bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=smoke_build["tokenizer_path"], val_docs=1,
+    """A text that is empty or only whitespace adds nothing, not even a BOS: no empty document in a split; a
+    split left with no document stops the build."""
+    docs = ["Hello there.", "", "Another one.", "   \n", "A second document."]
+    res = bs.build_shards(tmp_path / "ds", documents=docs, tokenizer=smoke_build["tokenizer_path"], val_docs=2,
                           shuffle=False, log=None)
-    assert res["val"]["docs"] == 0 and res["val"]["tokens"] == 0
+    assert res["val"]["docs"] == 1 and split_docs(split_stream(res["val"]["shards"])) == [sp.encode(docs[0])]
     train = split_stream(res["train"]["shards"])
-    assert res["train"]["docs"] == 2 and split_docs(train) == [sp.encode(d) for d in docs[1::2]]
+    assert res["train"]["docs"] == 2 and split_docs(train) == [sp.encode(d) for d in docs[2::2]]
+    with pytest.raises(ValueError, match="the val split holds no document with text"):
+        bs.build_shards(tmp_path / "ds2", documents=docs[1:], tokenizer=smoke_build["tokenizer_path"], val_docs=1,
+                        shuffle=False, log=None)
+    assert list((tmp_path / "ds2").glob("*.bin")) == []
 
 
 def test_a_file_named_twice_is_read_once(tmp_path):
@@ -194,7 +199,7 @@ def test_a_failed_build_leaves_no_shards_and_names_the_bad_text(tmp_path, smoke_
         bs.build_shards(tmp_path / "ds", [src], tokenizer=smoke_build["tokenizer_path"], val_docs=10,
                         shuffle=False, shard_tokens=200, log=None)
     assert list((tmp_path / "ds").glob("*.bin")) == []
-    with pytest.raises(ValueError, match=r"vocab_size must be in \[2, 65536\]"):
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[260, 65536\]"):
         bs.build_shards(tmp_path / "ds2", [src], vocab_size=70000, log=None)
 
 

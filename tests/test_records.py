@@ -503,6 +503,12 @@ def test_significance_refuses_baseline_logs_of_another_tokenizer(tmp_path):
     runs = [pk.parse_log_text(sp8192_log(s, val_loss=2.32, val_bpb=1.06)) for s in (1, 2, 3)]
     with pytest.raises(ValueError, match="tokenizer fineweb_1024_bpe.model, these runs fineweb_8192_bpe.model"):
         pk.significance(runs, baseline_runs=base)
+    for r in base:  # the records' own logs name no TOKENIZER_PATH: their dataset's tokenizer stands in
+        del r.config["TOKENIZER_PATH"]
+    with pytest.raises(ValueError, match="tokenizer fineweb_1024_bpe.model, these runs"):
+        pk.significance(runs, baseline_runs=base)
+    same = pk.significance([pk.parse_log_text(make_log(s)) for s in (1, 2, 3)], baseline_runs=base)
+    assert same.nats.mean_base == pytest.approx(sum(RECORD_NATS) / 3)
     sig = pk.significance(runs, baseline_values=RECORD_BPB, baseline_metric="val_bpb")
     assert sig.passed and sig.bpb.diff == pytest.approx(1.06 - sum(RECORD_BPB) / 3)
 
