@@ -1541,7 +1541,7 @@ def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> floa
     if args.train_cap_s > 0 and step > 0:
         warmdown_ms = args.warmdown_iters * elapsed_ms / step
         by_clock = max(1000 * args.train_cap_s - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9)
-        return min(by_steps, by_clock, 1.0)
+        return min(by_steps, by_clock)
     return by_steps
 
 
@@ -1707,7 +1707,7 @@ def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters
     all-reduce between ranks is not in it)."""
     L, C, bs = args.eval_seq_len, args.ttt_chunk_tokens, args.ttt_batch_seqs
     starts = torch.arange(math.ceil(C / args.eval_stride / 8)) * args.eval_stride
-    seqs = max(-(-min(C // L, bs) // 8), 1)  # the busiest rank's share of a step
+    seqs = -(-min(C // L, bs) // 8)  # the busiest rank's share of a step (C >= L: at least one)
     tok = val[:seqs * L + 1].long()
     x, y = tok[:-1].view(seqs, L), tok[1:].view(seqs, L)
     lrs = [g["lr"] for g in opt.param_groups]
@@ -2007,8 +2007,8 @@ def ttt_phase(model: GPT, val, docs, args: Hyperparameters, dctx: Dist, log):
     """Global SGD of the base weights on already-scored documents, TTT_CHUNK_TOKENS at a time with a cosine LR
     from TTT_PHASE_LR, one epoch, data split over ranks. The stream is the first document's first token, then
     every document's targets in queue order: each target a scored one, each document after the first read
-    from the last token of the one before (the BOS that ends it, but for the split's last document). Eager: the phases are little work, and compiling their training
-    graph cost about a minute."""
+    from the last token of the one before (the BOS that ends it, but for the split's last document). Eager:
+    the phases are little work, and compiling their training graph cost about a minute."""
     t = time.perf_counter()
     stream = torch.cat([val[docs[0][0]:docs[0][0] + 1]] + [val[s + 1:s + n + 1] for s, n in docs])
     C = args.ttt_chunk_tokens
