@@ -40,7 +40,7 @@ FRONTIER = dict(
 # A tiny frontier model for in-process tests (on top of H.TINY_MODEL): 6 layers, layers 2..3 looped, lanes from
 # layer 4, every other frontier feature at its recipe value.
 TINY_FRONTIER = dict(RECIPE="frontier", NUM_LAYERS="6", LOOP_START="2", LOOP_END="3", PARALLEL_START="4",
-                     BIGRAM_VOCAB_SIZE="0", XSA_LAST_N="6")
+                     BIGRAM_VOCAB_SIZE="0", XSA_LAST_N="6", TTT_MODE="phased")
 
 # Polar Express coefficients for 5 iterations, as published (modded-nanogpt; arXiv:2505.16932).
 POLAR_PUBLISHED = (
@@ -94,9 +94,14 @@ def test_frontier_recipe_resolves_to_its_documented_values(make_args):
     assert a.num_layers == 11 and a.model_dim == 512 and a.train_seq_len == 2048 and a.warmdown_iters == 3500
 
 
-def test_r549_recipe_is_the_code_defaults(make_args):
-    assert tg.RECIPES["r549"] == {}
+def test_r549_recipe_is_the_code_defaults_but_its_evaluation(make_args):
+    """r549 is the record stack written in Hyperparameters, evaluated by phased TTT (better than the record's SGD
+    TTT on the bench, two seeds) with no sliding-window phase; the record's evaluation is two knobs away."""
+    assert tg.RECIPES["r549"] == dict(TTT_MODE="phased", EVAL_STRIDE=2048)
     a = make_args(_tiny=False, RECIPE="r549")
+    assert a.ttt_enabled and a.ttt_mode == "phased" and a.eval_stride >= a.eval_seq_len
+    record = make_args(_tiny=False, RECIPE="r549", TTT_MODE="sgd", EVAL_STRIDE="64")
+    assert record.ttt_mode == "sgd" and record.eval_stride == 64
     assert a.recipe == "r549" and a.vocab_size == 1024 and a.mlp_mult == 3.0 and a.bigram_vocab_size == 1536
     assert a.num_loops == 0 and a.parallel_start == 0 and not a.skip_gates and a.smear_gate_dims == 0
     assert a.attn_gate_dims == 0 and a.train_loader == "sequential" and a.muon_ns == "standard"

@@ -667,9 +667,9 @@ def test_repo_submission_json():
 # ----------------------------------------------------------------------------------------------------------
 
 SEEDS = (1337, 42, 2025)
-TINY_ENV = dict(RECIPE="r549", VOCAB_SIZE="1024", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
-                MLP_MULT="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="12",
-                WARMUP_STEPS="1", WARMDOWN_ITERS="6", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
+TINY_ENV = dict(RECIPE="r549", TTT_MODE="sgd", VOCAB_SIZE="1024", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2",
+                NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
+                ITERATIONS="12", WARMUP_STEPS="1", WARMDOWN_ITERS="6", VAL_LOSS_EVERY="6", TRAIN_LOG_EVERY="1",
                 MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="4096", EVAL_STRIDE="32", TTT_ENABLED="1",
                 TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="4", XSA_LAST_N="1", VE_LAYERS="1",
                 BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", ROPE_DIMS="16", COMPILE="0")

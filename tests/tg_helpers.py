@@ -28,18 +28,19 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 # A tiny model for in-process tests (values are strings, as in the environment), on the r549 stack (the
-# defaults written in Hyperparameters); the frontier recipe has its own tests in test_frontier.py.
+# defaults written in Hyperparameters) with its record's SGD TTT; the frontier recipe has its own tests in
+# test_frontier.py.
 TINY_MODEL = dict(
-    RECIPE="r549",
+    RECIPE="r549", TTT_MODE="sgd",
     VOCAB_SIZE="1024", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
     BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1,2", XSA_LAST_N="1", ROPE_DIMS="16",
     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", COMPILE="0",
 )
 
-# The tiny end-to-end run of the brief (subprocess) on the r549 stack; DATA_PATH / TOKENIZER_PATH / RUN_ID are
-# added per run.
+# The tiny end-to-end run of the brief (subprocess) on the r549 stack with its record's SGD TTT (phased TTT, the
+# recipe's default, has its own runs: conftest.PHASED); DATA_PATH / TOKENIZER_PATH / RUN_ID are added per run.
 TINY_RUN = dict(
-    RECIPE="r549",
+    RECIPE="r549", TTT_MODE="sgd",
     VOCAB_SIZE="1024", SEED="1", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024", ITERATIONS="30", WARMUP_STEPS="2",
     WARMDOWN_ITERS="10", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="5", MAX_WALLCLOCK_SECONDS="0", VAL_TOKENS="4096",
