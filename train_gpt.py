@@ -751,12 +751,12 @@ def lock_artifact(path: str):
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path!r} not found (set TOKENIZER_PATH)")
+        raise SystemExit(f"error: tokenizer {path!r} not found (set TOKENIZER_PATH)")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != vocab_size:
-        raise ValueError(f"tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+        raise SystemExit(f"error: tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise ValueError(f"tokenizer {path} has no standalone '\u2581' piece; its byte accounting would be wrong")
+        raise SystemExit(f"error: tokenizer {path} has no standalone '\u2581' piece: its byte counts would be wrong")
     return sp
 
 
@@ -3223,8 +3223,7 @@ def main() -> int:
         args.run_id = dctx.share(args.run_id)  # RUN_ID unset: each rank drew its own; rank 0's names every log
         log.open(args.run_id, args.resume_log)
         code = start_run(args, dctx, log)
-        lock = preflight(args, dctx, log)
-        val, luts = load_eval_data(args, dctx, log)
+        lock, val, luts = preflight(args, dctx, log)
         results = {"compile_cache": compile_cache_state()}  # what the summary reports, filled in by each phase
         if args.eval_only_path:
             log(f"eval_only:{args.eval_only_path}")
@@ -3297,8 +3296,9 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
 
 def preflight(args: Hyperparameters, dctx: Dist, log):
     """Check, before any training step, what would otherwise fail after it: the compressor's import, the
-    artifact path (locked for the run's life; the lock is returned), every shard's header, size and token ids
-    (ranks split the files)."""
+    artifact path (locked for the run's life), every shard's header, size and token ids (ranks split the
+    files), the tokenizer and the validation split's length. Returns the lock, the validation tokens and the
+    byte tables."""
     PROGRESS["phase"] = "preflight"
     t = time.perf_counter()
     if args.compressor not in available_compressors() + ["auto"] and not args.eval_only_path:
@@ -3317,9 +3317,10 @@ def preflight(args: Hyperparameters, dctx: Dist, log):
     if errors:
         more = f" (and {len(errors) - 1} more bad shards)" if len(errors) > 1 else ""
         raise SystemExit(f"error: {errors[0]}{more}")
+    val, luts = load_eval_data(args, dctx, log)
     log(f"preflight: ok shards:{len(files)} token_ids<{args.vocab_size} compressor:{args.compressor} "
         f"time:{time.perf_counter() - t:.1f}s")
-    return lock_artifact(args.artifact_path) if dctx.master and not args.eval_only_path else None
+    return (lock_artifact(args.artifact_path) if dctx.master and not args.eval_only_path else None), val, luts
 
 
 def load_eval_data(args: Hyperparameters, dctx: Dist, log):

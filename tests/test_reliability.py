@@ -218,26 +218,28 @@ def test_preflight_splits_files_over_ranks_and_gathers_errors(make_args, monkeyp
 
     monkeypatch.setattr(tg, "check_shard", check_shard)
     for rank in range(2):
-        a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / f"r{rank}.ptz"))
-        lock = tg.preflight(a, _GatherStub(rank, 2), lambda msg: None)
+        a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / f"r{rank}.ptz"), TOKENIZER_PATH=H.TOKENIZER)
+        lock, _, _ = tg.preflight(a, _GatherStub(rank, 2), lambda msg: None)
         assert (lock is not None) == (rank == 0), "rank 0 alone locks the artifact"
         if lock:
             lock.close()
     assert sorted(checked[0] + checked[1]) == sorted(map(str, files)) and not set(checked[0]) & set(checked[1])
     assert len(checked[0]) == 3 and len(checked[1]) == 2
     # another rank's bad shards stop this rank too; the first is named, the rest counted
-    a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "g.ptz"))
+    a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "g.ptz"), TOKENIZER_PATH=H.TOKENIZER)
     others = [["shard /x/fineweb_train_000007.bin: bad magic 1 (expected 20240520)"], ["shard /x/y: bad"]]
     with pytest.raises(SystemExit) as ei:
         tg.preflight(a, _GatherStub(0, 3, others), lambda msg: None)
     assert str(ei.value) == ("error: shard /x/fineweb_train_000007.bin: bad magic 1 (expected 20240520) "
                              "(and 1 more bad shards)")
-    # all good: one summary line
-    a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "ok.ptz"))
+    # all good: the validation split loaded (its two lines), then one summary line
+    a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "ok.ptz"), TOKENIZER_PATH=H.TOKENIZER)
     logs = []
-    tg.preflight(a, H.DistStub(), logs.append).close()
-    assert len(logs) == 1 and re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds",
-                                           logs[0])
+    lock, val, luts = tg.preflight(a, H.DistStub(), logs.append)
+    lock.close()
+    assert val.tolist() == list(range(64)) + [0] and len(luts) == 3  # 127 targets: one 64-token sequence kept
+    assert [line.split(":")[0] for line in logs[:2]] == ["val_bpb", "val_loader"] and len(logs) == 3
+    assert re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds", logs[2])
 
 
 def test_check_shard_time_per_gb(tmp_path):
@@ -295,14 +297,16 @@ def test_missing_zstandard_fails_at_start(tmp_path, tiny_data):
 
 def test_preflight_without_zstandard_in_process(make_args, monkeypatch, tmp_path, tiny_data):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` raises ImportError
-    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "a.ptz"), COMPRESSOR="zstd")
+    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "a.ptz"), COMPRESSOR="zstd",
+                  TOKENIZER_PATH=H.TOKENIZER)
     with pytest.raises(SystemExit, match=r"zstandard.*COMPRESSOR=auto.*lzma"):
         tg.preflight(a, H.DistStub(), lambda msg: None)
     assert list(tmp_path.iterdir()) == [], "checked before the artifact path is locked"
-    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "b.ptz"), COMPRESSOR="lzma")
+    a = make_args(DATA_PATH=str(tiny_data), ARTIFACT_PATH=str(tmp_path / "b.ptz"), COMPRESSOR="lzma",
+                  TOKENIZER_PATH=H.TOKENIZER)
     logs = []
-    tg.preflight(a, H.DistStub(), logs.append).close()  # lzma needs no zstandard
-    assert logs[0].startswith("preflight: ok shards:2 token_ids<1024 compressor:lzma ")
+    tg.preflight(a, H.DistStub(), logs.append)[0].close()  # lzma needs no zstandard
+    assert logs[-1].startswith("preflight: ok shards:2 token_ids<1024 compressor:lzma ")
 
 
 # ----------------------------------------------------------------------------- 2. finite or stop
@@ -753,6 +757,19 @@ def test_one_layer_model_round_trips_through_the_artifact(make_args, tmp_path):
         loaded = tg.model_from_artifact(str(path), make_args(), CPU)
         assert len(loaded.blocks) == 1 and loaded.skip_weights.shape == (0, a.model_dim)
 
+
+
+def test_tokenizer_and_short_val_split_stop_in_preflight_and_allow_the_retry(tmp_path, own_data):
+    """A missing tokenizer or a validation split shorter than one sequence is found by the preflight (before its
+    `ok` line), so the log does not block a retry with the same RUN_ID."""
+    run = cli(tmp_path / "run", "retry", own_data, TOKENIZER_PATH=tmp_path / "missing.model")
+    assert_stopped_before_training(run, "missing.model", "TOKENIZER_PATH")
+    assert "preflight: ok" not in run.log
+    H.write_shard(own_data / "fineweb_val_000000.bin", np.arange(40))
+    run = cli(tmp_path / "run", "retry", own_data)
+    assert "already exists" not in run.err
+    assert_stopped_before_training(run, "the validation split", "fewer than one sequence of 64")
+    assert "preflight: ok" not in run.log and "missing.model" not in run.log, "the first attempt's log is replaced"
 
 
 def test_a_config_error_log_does_not_block_the_retry(tmp_path, monkeypatch):
