@@ -300,7 +300,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | os.
     """Train a SentencePiece BPE model with the challenge settings; write `model_path` (+ `.vocab`).
 
     Each text is one training "sentence" (texts longer than `max_sentence_length` bytes are cut).
-    The model is written atomically; the function fails if the model lacks a standalone "▁" piece.
+    The model is written atomically; the function fails if the model lacks a standalone "▁" piece or has
+    fewer than `vocab_size` pieces.
     """
     import sentencepiece as spm
 
@@ -329,6 +330,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | os.
     )
     data = proto.getvalue()
     sp = check_tokenizer(data)
+    if sp.vocab_size() != vocab_size:  # hard_vocab_limit=False: too little text stops short of vocab_size
+        raise ValueError(f"the texts gave a tokenizer of {sp.vocab_size()} pieces, not {vocab_size} (too little text "
+                         f"for that vocabulary): give more text or a vocab size of at most {sp.vocab_size()}")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(model_path, data)
     vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))

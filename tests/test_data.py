@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -326,6 +327,16 @@ def test_train_tokenizer_settings(tmp_path):
     assert s.encode("12345", out_type=str) == ["1", "2", "3", "4", "5"]
     assert not s.encode("hello world", out_type=str)[0].startswith("\u2581")
     assert any(p.startswith("<0x") for p in s.encode("\U0001f600", out_type=str))
+    assert s.vocab_size() == 512
+
+
+def test_train_tokenizer_refuses_a_vocabulary_the_text_cannot_fill(tmp_path):
+    """hard_vocab_limit=False lets SentencePiece stop short of vocab_size on little text; the model would then
+    carry a name and a size that disagree, so nothing is written and the error says how many pieces it got."""
+    with pytest.raises(ValueError, match=r"tokenizer of \d+ pieces, not 8000 .*at most \d+") as ei:
+        bs.train_tokenizer(smoke.topic_documents()[:3], 8000, tmp_path / "t_8000_bpe.model")
+    got = int(re.search(r"of (\d+) pieces", str(ei.value)).group(1))
+    assert 260 <= got < 8000 and list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------
