@@ -202,8 +202,12 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
-    unique = {f.resolve(): f for f in reversed(files)}  # the first of each file's names, in input order
-    return [f for f in files if unique[f.resolve()] is f]
+    def identity(f: Path) -> tuple[int, int]:  # the file itself, under any name (symlinks and hard links too)
+        st = f.stat()
+        return st.st_dev, st.st_ino
+
+    unique = {identity(f): f for f in reversed(files)}  # the first of each file's names, in input order
+    return [f for f in files if unique[identity(f)] is f]
 
 
 def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -633,9 +633,13 @@ def _published_data_problem(r: RunLog) -> str | None:
 
 
 def _same_config_check(runs) -> Check:
+    def value(r, k):  # where the data sits may differ between machines, which data may not
+        v = r.config.get(k)
+        return Path(v).name if v and k in ("DATA_PATH", "TOKENIZER_PATH") else v
+
     keys = set().union(*(r.config for r in runs)) - set(PER_SEED_CONFIG)
-    diff = [f"{k} ({' / '.join(str(r.config.get(k)) for r in runs)})"
-            for k in sorted(keys) if len({r.config.get(k) for r in runs}) > 1]
+    diff = [f"{k} ({' / '.join(str(value(r, k)) for r in runs)})"
+            for k in sorted(keys) if len({value(r, k) for r in runs}) > 1]
     return Check("same config (except " + ", ".join(PER_SEED_CONFIG) + ")", "fail" if diff else "pass",
                  ("differs: " + "; ".join(diff)) if diff else f"{len(keys)} knobs")
 

@@ -186,6 +186,10 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     files = bs.expand_inputs([src, src / "a.jsonl", str(src / ".." / "src" / "b.txt")])
     assert files == [src / "a.jsonl", src / "b.txt"]
     assert len(bs.FileDocuments(files)) == 6
+    os.link(src / "a.jsonl", tmp_path / "hard.jsonl")  # a hard link is the same file under another name
+    os.symlink(src / "b.txt", tmp_path / "soft.txt")
+    files = bs.expand_inputs([tmp_path / "hard.jsonl", src, tmp_path / "soft.txt"])
+    assert files == [tmp_path / "hard.jsonl", src / "b.txt"]
 
 
 def test_a_failed_build_leaves_no_shards_and_names_the_bad_text(tmp_path, smoke_build):

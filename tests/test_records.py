@@ -476,6 +476,19 @@ def sp8192_log(seed, val_tokens=40_540_160, **kw):
         "dataset:fineweb10B_sp1024", "dataset:fineweb10B_sp8192").replace("tokens:62021632", f"tokens:{val_tokens}")
 
 
+def test_same_config_compares_which_data_not_where_it_sits():
+    """Seeds run on machines with the data in other folders still share one config; another dataset or
+    tokenizer file does not."""
+    moved = {"DATA_PATH": "/mnt/x/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "/mnt/x/tok/fineweb_1024_bpe.model"}
+    checks = _checks([make_log(1), make_log(2), make_log(3, extra_config=moved)])
+    assert status(checks, "same config") == "pass"
+    other = {"DATA_PATH": "/data/datasets/fineweb10B_sp8192"}
+    checks = _checks([make_log(1), make_log(2), make_log(3, extra_config=other)])
+    assert status(checks, "same config") == "fail"
+    assert "DATA_PATH (fineweb10B_sp1024 / fineweb10B_sp1024 / fineweb10B_sp8192)" in str(
+        [c.detail for c in checks if c.rule.startswith("same config")])
+
+
 def test_full_val_rule_sp8192(tmp_path):
     """sp8192: the full split is the 40,540,160 targets its runs log; a cut-down split (VAL_TOKENS=0 over a
     smaller local val shard) fails."""
