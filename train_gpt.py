@@ -752,7 +752,10 @@ def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     if not os.path.isfile(path):
         raise SystemExit(f"error: tokenizer {path!r} not found (set TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # a Git LFS pointer, a .vocab file, a truncated download
+        raise SystemExit(f"error: tokenizer {path} is not a SentencePiece model ({e}); set TOKENIZER_PATH") from None
     if sp.vocab_size() != vocab_size:
         raise SystemExit(f"error: tokenizer {path} has vocab size {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     if sp.piece_to_id("\u2581") == sp.unk_id():

@@ -632,14 +632,18 @@ def _published_data_problem(r: RunLog) -> str | None:
     return None if r.tokenizer_file == want else f"TOKENIZER_PATH file {r.tokenizer_file!r}, {r.dataset} needs {want}"
 
 
-def _same_config_check(runs) -> Check:
-    def value(r, k):  # where the data sits may differ between machines, which data may not
-        v = r.config.get(k)
-        return Path(v).name if v and k in ("DATA_PATH", "TOKENIZER_PATH") else v
+def shared_config(r: RunLog) -> dict:
+    """The config seeds of one submission share: without the per-seed knobs, and the data by dataset folder and
+    tokenizer file (where they sit may differ between machines, which data may not)."""
+    return {k: Path(v).name if v and k in ("DATA_PATH", "TOKENIZER_PATH") else v
+            for k, v in r.config.items() if k not in PER_SEED_CONFIG}
 
-    keys = set().union(*(r.config for r in runs)) - set(PER_SEED_CONFIG)
-    diff = [f"{k} ({' / '.join(str(value(r, k)) for r in runs)})"
-            for k in sorted(keys) if len({value(r, k) for r in runs}) > 1]
+
+def _same_config_check(runs) -> Check:
+    configs = [shared_config(r) for r in runs]
+    keys = set().union(*configs)
+    diff = [f"{k} ({' / '.join(str(c.get(k)) for c in configs)})"
+            for k in sorted(keys) if len({c.get(k) for c in configs}) > 1]
     return Check("same config (except " + ", ".join(PER_SEED_CONFIG) + ")", "fail" if diff else "pass",
                  ("differs: " + "; ".join(diff)) if diff else f"{len(keys)} knobs")
 
@@ -950,7 +954,7 @@ def seed_groups(runs: list[RunLog]) -> list[list[RunLog]]:
     """Runs with identical config apart from the per-seed knobs, in order of first appearance."""
     groups: dict = {}
     for r in runs:
-        key = tuple(sorted((k, v) for k, v in r.config.items() if k not in PER_SEED_CONFIG))
+        key = tuple(sorted(shared_config(r).items()))
         groups.setdefault(key, []).append(r)
     return [sorted(g, key=lambda r: (r.seed is None, r.seed)) for g in groups.values()]
 

@@ -487,6 +487,9 @@ def test_same_config_compares_which_data_not_where_it_sits():
     assert status(checks, "same config") == "fail"
     assert "DATA_PATH (fineweb10B_sp1024 / fineweb10B_sp1024 / fineweb10B_sp8192)" in str(
         [c.detail for c in checks if c.rule.startswith("same config")])
+    runs = [pk.parse_log_text(t, f"log{i}") for i, t in enumerate([make_log(1), make_log(2, extra_config=moved),
+                                                                  make_log(3, extra_config=other)])]
+    assert [[r.seed for r in g] for g in pk.seed_groups(runs)] == [[1, 2], [3]]  # the curves' rows agree
 
 
 def test_full_val_rule_sp8192(tmp_path):
@@ -662,7 +665,10 @@ def test_repo_submission_json():
     for k in ("name", "blurb", "track", "author", "github_id"):
         assert k in js
     assert js["track"] in ("10min_16mb", "non_record_16mb")
-    for k in ("XSA", "RoPE", "LeakyReLU", "BigramHash", "SmearGate", "VE128", "EMA", "QAT", "int6", "zstd", "TTT"):
+    default = re.search(r'^DEFAULT_RECIPE = "(\w+)"', TRAIN_GPT.read_text(), re.M).group(1)
+    assert js["blurb"].startswith(f"Default recipe ({default}) ")  # it describes what a plain run trains
+    for k in ("SP8192", "XSA", "depth recurrence", "parallel residuals", "MuonEq-R", "EMA", "GPTQ", "SDClip", "int6",
+              "phased TTT", "RECIPE=r549"):
         assert k in js["blurb"], k
     measured = ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std", "bytes_total", "bytes_code")
     for k in measured:

@@ -108,6 +108,10 @@ def test_tokenizer_errors(tmp_path):
     assert str(H.TOKENIZER) in str(ei.value) and "VOCAB_SIZE=2048" in str(ei.value) and "1024" in str(ei.value)
     sp = tg.load_tokenizer(str(H.TOKENIZER), 1024)
     assert sp.vocab_size() == 1024
+    pointer = tmp_path / "lfs.model"  # what a clone without Git LFS holds
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    with pytest.raises(SystemExit, match=f"tokenizer {pointer} is not a SentencePiece model .*TOKENIZER_PATH"):
+        tg.load_tokenizer(str(pointer), 1024)
     # A model trained on text without spaces has no standalone U+2581 piece (SPEC §11.1 item 2).
     nospace = tmp_path / "nospace.model"
     sp2 = _train_tokenizer([d.replace(" ", "").replace("\n", "") for d in H.pydoc_docs()[:20]], 400, nospace)
