@@ -431,7 +431,7 @@ def test_calibration_taps_every_matrix_input_and_every_looped_pass(make_args, ti
 
 
 def test_calibration_reads_training_shards_only(make_args, tiny_data):
-    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), TRAIN_BATCH_TOKENS="4096")  # 512-token batches
     m = tg.GPT(a)
     read = []
     real = tg.load_shard
@@ -441,7 +441,7 @@ def test_calibration_reads_training_shards_only(make_args, tiny_data):
 
 
 def test_calibration_stops_inside_its_time(make_args, tiny_data):
-    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), TRAIN_BATCH_TOKENS="4096")  # 512-token batches
     m = tg.GPT(a)
     logs = []
     hess, n = tg.collect_hessians(m, a, H.DistStub(), logs.append, 50, seconds=0.0)
