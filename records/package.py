@@ -549,7 +549,7 @@ def _size_check(runs, code_bytes_override, size_limit) -> Check:
                 "no 'Serialized model int<bits>+<compressor>' line"
         return f"{b:,} > {size_limit:,} by {b - size_limit:,}" if b > size_limit else None
     sizes = [artifact_bytes_for(r, code_bytes_override) or 0 for r in runs]
-    ok = f"max {max(sizes):,}" + (" (model + packaged compact code)" if code_bytes_override is not None else "")
+    ok = f"max {max(sizes):,}" + (" (model + packaged code)" if code_bytes_override is not None else "")
     return _each(f"artifact <= {size_limit:,} bytes", runs, problem, ok)
 
 
@@ -766,7 +766,7 @@ def _hardware(runs: list[RunLog]) -> str | None:
 
 def build_submission(runs: list[RunLog], *, name: str, author, github_id, blurb, date: str, track: str,
                      checks: list[Check], sig: Significance | None, code_bytes_override: int | None,
-                     code_sha256_packaged: str | None) -> dict:
+                     code_sha256_packaged: str | None, compact: bool = True) -> dict:
     runs_sorted = sorted(runs, key=lambda r: (r.seed is None, r.seed))
     ml, sl = _mean_std([r.val_loss for r in runs])
     mb, sb = _mean_std([r.val_bpb for r in runs])
@@ -783,6 +783,7 @@ def build_submission(runs: list[RunLog], *, name: str, author, github_id, blurb,
             "step_avg_ms": r.step_avg_ms,
             "train_time_s": _s(r.train_time_ms),
             "eval_time_s": _s(r.eval_time_ms),
+            "code_sha256": r.code_sha256,
         }
     arts = [v["artifact_bytes"] for v in seed_results.values() if v["artifact_bytes"] is not None]
     code_bytes = code_bytes_override if code_bytes_override is not None else runs[0].code_bytes
@@ -808,7 +809,7 @@ def build_submission(runs: list[RunLog], *, name: str, author, github_id, blurb,
         "compliance": {c.rule: c.status for c in checks},
     }
     if code_bytes_override is not None:
-        sub["code_compact"] = True
+        sub["code_compact"] = compact
         sub["code_sha256_packaged"] = code_sha256_packaged
     if sig is not None:
         sub.update({
@@ -840,6 +841,17 @@ def _variant(r: RunLog) -> str:
     return (r.dataset or "fineweb10B_sp1024").removeprefix("fineweb10B_")
 
 
+def _data_step(r: RunLog) -> str:
+    """Where the reproduction's data comes from: the published download, or (other data) what the runs read."""
+    if _published_data_problem(r) is None:
+        return (f"Get the data from the repository root with "
+                f"`python3 data/cached_challenge_fineweb.py --variant {_variant(r)}`.")
+    return (f"These runs did not use the published data: set `DATA_ROOT` to a folder with the "
+            f"`datasets/{Path(r.config.get('DATA_PATH', '')).name or r.dataset}` and `tokenizers/{r.tokenizer_file}` "
+            f"they read (the repo's offline smoke data: `python3 data/make_smoke_dataset.py`, then "
+            f"`DATA_ROOT=../../../data/smoke`).")
+
+
 def _run_command(runs: list[RunLog]) -> str:
     """The run command from the log's resolved `config` lines (booleans as the 0/1 the script reads back), run
     from inside the packaged folder: data paths go through DATA_ROOT, and every seed gets its own RUN_ID and
@@ -866,7 +878,7 @@ def _shell_quote(v: str) -> str:
 
 
 def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Significance | None,
-                 non_record: bool, code_bytes_override: int | None) -> str:
+                 non_record: bool, code_bytes_override: int | None, compact: bool = True) -> str:
     runs_sorted = sorted(runs, key=lambda r: (r.seed is None, r.seed))
     head = sub["headline_metric"] or "n/a"
     L = [f"# {sub['name']}", ""]
@@ -905,8 +917,10 @@ def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Signif
         L.append(f"| {c.rule} | {res} | {c.detail.replace('|', '/')} |")
     L += ["", f"- Code: `train_gpt.py`, {_fmt_int(sub['bytes_code'])} bytes"
           + (" (self-extracting lzma+base85 copy of the logged source; artifact = model bytes + this file)"
-             if code_bytes_override is not None else "")
-          + f"; logs' code_sha256 `{sub['code_sha256']}`.",
+             if code_bytes_override is not None and compact else
+             " (the readable source; artifact = model bytes + this file)" if code_bytes_override is not None else "")
+          + "; logs' code_sha256 " + ", ".join(f"`{h}`" for h in dict.fromkeys(r.code_sha256 for r in runs_sorted))
+          + ".",
           "- Artifact bytes = code bytes + compressed model bytes, decimal cap 16,000,000.",
           "- Training time = `train_time` of the final step plus GPTQ calibration (`train_time+calibration`) "
           "when the run calibrates (compile warm-up and validation excluded); "
@@ -928,15 +942,15 @@ def build_readme(runs: list[RunLog], sub: dict, checks: list[Check], sig: Signif
     L += ["## Approach", "", "_TODO: what changed versus the previous record, and why._", "",
           "## Reproduce", "",
           "On a GPU machine with a CUDA build of PyTorch: `pip install -r requirements-gpu.txt` (it leaves torch "
-          "alone; `requirements.txt` is the CPU pin list). Get the data from the repository root with "
-          f"`python3 data/cached_challenge_fineweb.py --variant {_variant(runs[0])}`, then run the command below "
-          "from inside this folder, as is. "
+          "alone; `requirements.txt` is the CPU pin list). " + _data_step(runs[0]) + " Then run the command below "
+          "from inside this folder. "
           f"`DATA_ROOT` is the folder that holds `datasets/` and `tokenizers/` (default `{DEFAULT_DATA_ROOT}`, "
           "the repo's `data/` when this folder sits in `records/<track>/`). Every other knob is read from the "
           "`config` lines of the logs; each seed writes `logs/seed<SEED>.txt` and its own artifact.", "",
           "```bash", _run_command(runs), "```", "",
           "## Files", "",
-          "- `train_gpt.py` — the training + evaluation script" + (" (compact self-extracting)" if code_bytes_override is not None else ""),
+          "- `train_gpt.py` — the training + evaluation script"
+          + (" (compact self-extracting)" if code_bytes_override is not None and compact else ""),
           "- " + ", ".join(f"`train_seed{r.seed}.log`" for r in runs_sorted) + " — one log per seed",
           "- `submission.json`, `requirements.txt` (CPU pins), `requirements-gpu.txt` (GPU machines, keeps "
           "their torch), `curves.png`", ""]
@@ -1092,9 +1106,13 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
     out_root = Path(out_root) if out_root is not None else RECORDS_DIR
     date = date or _dt.date.today().isoformat()
     try:
-        _dt.date.fromisoformat(date)
+        _dt.date.fromisoformat(date if re.fullmatch(r"\d{4}-\d{2}-\d{2}", date) else "")
     except ValueError:
         raise PackagingError(f"--date must be YYYY-MM-DD, got {date!r}")
+    try:
+        folder_name = f"{date}_{_safe_name(name)}"
+    except ValueError as e:
+        raise PackagingError(str(e))
     if not logs:
         raise PackagingError("no log files given")
     missing = [flag for flag, v in (("--author", author), ("--github-id", github_id)) if not (v or "").strip()]
@@ -1103,7 +1121,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
     for p in list(logs) + list(baseline_logs or []):
         if not Path(p).is_file():
             raise PackagingError(f"log not found: {p}")
-    if not check_only and not script.is_file():
+    if not script.is_file():
         raise PackagingError(f"script not found: {script}")
 
     runs = [parse_log(p) for p in logs]
@@ -1115,7 +1133,10 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
     compact_bytes = None
     if compact and script.is_file():
         src = script.read_bytes()
-        compact_bytes = src if src.startswith(_COMPACT_HEAD) else make_compact(src)
+        try:
+            compact_bytes = src if src.startswith(_COMPACT_HEAD) else make_compact(src)
+        except (SyntaxError, ValueError, RuntimeError) as e:
+            raise PackagingError(f"script {script} cannot be made compact (is it train_gpt.py?): {e}")
         code_bytes_override = len(compact_bytes)
         out(f"compact train_gpt.py: {script.stat().st_size:,} -> {code_bytes_override:,} bytes")
     elif script.is_file():  # the logs count the compact copy; shipping the readable file counts its own bytes
@@ -1159,9 +1180,10 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         raise PackagingError(f"cannot name the logs train_seed<SEED>.log: seeds {seeds} are missing or repeated")
 
     track_dir = out_root / TRACKS[track]
-    final = track_dir / f"{date}_{_safe_name(name)}"
+    final = track_dir / folder_name
     if final.exists() and not force:
         raise PackagingError(f"{final} already exists (use --force to replace it)")
+    new_track_dir = not track_dir.exists()
     track_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=track_dir))
     try:
@@ -1179,10 +1201,10 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
                 out(f"warning: {src} not found; no {dst} written")
         sub = build_submission(runs, name=name, author=author, github_id=github_id, blurb=blurb, date=date,
                                track=track, checks=checks, sig=sig, code_bytes_override=code_bytes_override,
-                               code_sha256_packaged=packaged_sha)
+                               code_sha256_packaged=packaged_sha, compact=compact_bytes is not None)
         (stage / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-        (stage / "README.md").write_text(build_readme(runs, sub, checks, sig, non_record, code_bytes_override),
-                                         encoding="utf-8")
+        (stage / "README.md").write_text(build_readme(runs, sub, checks, sig, non_record, code_bytes_override,
+                                                      compact_bytes is not None), encoding="utf-8")
         plot_curves(runs, stage / "curves.png", title=f"{name}: {len(runs)} seeds")
         _publish_modes(stage)
         if final.exists():
@@ -1190,6 +1212,8 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
         os.replace(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if new_track_dir and not any(track_dir.iterdir()):
+            track_dir.rmdir()
         raise
     out(f"wrote {final}")
     return final, sub, checks

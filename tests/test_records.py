@@ -423,6 +423,43 @@ def test_package_fixture_logs(tmp_path):
     assert not list((tmp_path / "rec" / "track_10min_16mb").glob(".*"))  # no staging leftovers
 
 
+def test_package_input_errors_labels_and_data_instructions(tmp_path, monkeypatch):
+    """Bad input is a PackagingError naming it, with nothing left on disk (not even a new track folder); the
+    readable script is not labelled compact; every seed's code hash is kept; runs on data outside the published
+    set are told where their data must be, the published ones how to download it."""
+    script, h = _script_for(tmp_path)
+    logs = write_logs(tmp_path, [make_log(s, sha=h) for s in (1, 2, 3)])
+    out = tmp_path / "rec"
+    bad = {"script not found": dict(script=tmp_path / "train_gtp.py", check_only=True),
+           "cannot be made compact": dict(script=REPO / "records" / "README.md"),
+           "has no usable characters": dict(name="***"), "--date must be YYYY-MM-DD": dict(date="20261201")}
+    for reason, knobs in bad.items():
+        with pytest.raises(pk.PackagingError, match=reason):
+            pk.package(logs, **{"name": "X", "out_root": out, "script": script, "date": "2026-05-01", "out": quiet,
+                                **ME, **knobs})
+    monkeypatch.setattr(pk, "plot_curves", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        pk.package(logs, name="X", out_root=out, script=script, date="2026-05-01", out=quiet, **ME)
+    assert not out.exists() or not any(out.iterdir()), "a failed write leaves no empty track folder"
+    monkeypatch.undo()
+    folder, sub, _ = pk.package(logs, name="R", out_root=out, script=script, date="2026-05-01", out=quiet,
+                                compact=False, **ME)
+    readme = (folder / "README.md").read_text()
+    assert sub["code_compact"] is False and "self-extracting" not in readme and "readable source" in readme
+    assert "cached_challenge_fineweb.py --variant sp1024" in readme
+    smoke = {"TOKENIZER_PATH": "/d/tokenizers/smoke_1024_bpe.model"}
+    (tmp_path / "m").mkdir()
+    mixed = write_logs(tmp_path / "m", [make_log(1, sha=h, extra_config=smoke), make_log(2, sha=h, extra_config=smoke),
+                                        make_log(3, sha="cd" * 32, extra_config=smoke)])
+    folder, sub, _ = pk.package(mixed, name="M", out_root=out, script=script, date="2026-05-01", out=quiet,
+                                non_record=True, **ME)
+    readme = (folder / "README.md").read_text()
+    assert [sub["seed_results"][k]["code_sha256"] for k in ("1", "2", "3")] == [h, h, "cd" * 32]
+    assert f"`{h}`, `{'cd' * 32}`" in readme
+    assert "did not use the published data" in readme and "tokenizers/smoke_1024_bpe.model" in readme
+    assert "cached_challenge_fineweb" not in readme
+
+
 # One broken rule per case: (log of the third seed, reason in the refusal, the rules that fail). The record
 # track refuses with that reason and writes nothing; --non-record packages the same logs.
 RULE_BREAKERS = {
