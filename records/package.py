@@ -1131,7 +1131,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
 
     code_bytes_override = None
     compact_bytes = None
-    if compact and script.is_file():
+    if compact:
         src = script.read_bytes()
         try:
             compact_bytes = src if src.startswith(_COMPACT_HEAD) else make_compact(src)
@@ -1139,7 +1139,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
             raise PackagingError(f"script {script} cannot be made compact (is it train_gpt.py?): {e}")
         code_bytes_override = len(compact_bytes)
         out(f"compact train_gpt.py: {script.stat().st_size:,} -> {code_bytes_override:,} bytes")
-    elif script.is_file():  # the logs count the compact copy; shipping the readable file counts its own bytes
+    else:  # the logs count the compact copy; shipping the readable file counts its own bytes
         code_bytes_override = script.stat().st_size
 
     sig = None
@@ -1153,8 +1153,7 @@ def package(logs, *, name: str, author=None, github_id=None, blurb: str = "", tr
             except ValueError as e:
                 raise PackagingError(f"significance: {e}")
 
-    checks = check_rules(runs, script_path=script if script.is_file() else None,
-                         code_bytes_override=code_bytes_override, sig=sig)
+    checks = check_rules(runs, script_path=script, code_bytes_override=code_bytes_override, sig=sig)
     if (baseline_values or baseline_logs) and sig is None:
         checks.append(Check("significance vs record", "fail", "fewer than 2 logs with a headline metric"))
         checks = [c for c in checks if not (c.rule == "significance vs record" and c.status == "skip")]
