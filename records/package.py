@@ -841,13 +841,18 @@ def _variant(r: RunLog) -> str:
     return (r.dataset or "fineweb10B_sp1024").removeprefix("fineweb10B_")
 
 
+def _dataset_dir(r: RunLog) -> str:
+    """The dataset folder the run read (DATA_PATH's last component)."""
+    return Path(r.config.get("DATA_PATH", "")).name or r.dataset or "fineweb10B_sp1024"
+
+
 def _data_step(r: RunLog) -> str:
     """Where the reproduction's data comes from: the published download, or (other data) what the runs read."""
     if _published_data_problem(r) is None:
         return (f"Get the data from the repository root with "
                 f"`python3 data/cached_challenge_fineweb.py --variant {_variant(r)}`.")
     return (f"These runs did not use the published data: set `DATA_ROOT` to a folder with the "
-            f"`datasets/{Path(r.config.get('DATA_PATH', '')).name or r.dataset}` and `tokenizers/{r.tokenizer_file}` "
+            f"`datasets/{_dataset_dir(r)}` and `tokenizers/{r.tokenizer_file}` "
             f"they read (the repo's offline smoke data: `python3 data/make_smoke_dataset.py`, then "
             f"`DATA_ROOT=../../../data/smoke`).")
 
@@ -857,8 +862,7 @@ def _run_command(runs: list[RunLog]) -> str:
     from inside the packaged folder: data paths go through DATA_ROOT, and every seed gets its own RUN_ID and
     ARTIFACT_PATH."""
     r = runs[0]
-    dataset = Path(r.config.get("DATA_PATH", "")).name or r.dataset or "fineweb10B_sp1024"
-    env = [f"DATA_PATH=$DATA_ROOT/datasets/{dataset}"]
+    env = [f"DATA_PATH=$DATA_ROOT/datasets/{_dataset_dir(r)}"]
     if r.tokenizer_file:
         env.append(f"TOKENIZER_PATH=$DATA_ROOT/tokenizers/{r.tokenizer_file}")
     for k, v in r.config.items():
