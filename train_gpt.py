@@ -256,7 +256,7 @@ class Hyperparameters:
         self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
         self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
-        self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier (an earlier run's size_fit k; 0: estimated)
+        self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier (e.g. an earlier run's size_fit k)
         # export
         self.quant_method = env("QUANT_METHOD", "search")  # search: per-row clip search (2026-03-23) | gptq
         self.matrix_bits = env("MATRIX_BITS", 6)  # attention/MLP matrices
@@ -274,7 +274,6 @@ class Hyperparameters:
         self.gptq_sweeps = env("GPTQ_SWEEPS", 0)  # coordinate-descent passes over the codes after GPTQ
         self.lqer_rank = env("LQER_RANK", 0)  # low-rank correction of the worst-quantized matrices (0 = off)
         self.lqer_top = env("LQER_TOP", 3)
-        self.prune_ones = env("PRUNE_ONES", False)  # size fit: finish by zeroing the cheapest +-1 codes
         self.compressor = env("COMPRESSOR", "auto")  # auto (smallest) | brotli | zstd | lzma
         self.artifact_path = env("ARTIFACT_PATH", "final_model.int6.ptz")
         self.size_limit = env("SIZE_LIMIT", 16_000_000)
@@ -336,25 +335,20 @@ class Hyperparameters:
         need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
         need(min(self.sdclip_k_attn, self.sdclip_k_mlp, self.sdclip_k_embed) > 0, "SDCLIP_K_* must be > 0")
-        need(self.qat_grid_mult > 0 or (self.qat_grid_mult == 0 and self.late_qat_threshold > 0 and self.size_fit
-                                        and not self.qat_enabled and self.quant_method == "gptq"),
-             "QAT_GRID_MULT must be > 0, or 0 (estimated when late QAT starts) with LATE_QAT_THRESHOLD > 0, "
-             "QAT_ENABLED=0, SIZE_FIT=1 and QUANT_METHOD=gptq")
+        need(self.qat_grid_mult > 0, "QAT_GRID_MULT must be > 0")
         need(set(self.role_mult) <= set(ROLES) and all(m > 0 for m in self.role_mult.values()),
              f"SDCLIP_ROLE_MULT: roles must be among {','.join(ROLES)} and multipliers > 0")
         need(self.sdclip_balance_batches >= 0 and (self.sdclip_balance_batches == 0 or self.quant_method == "gptq"),
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
         need(0 <= self.embed_freq_power <= 2 and (self.embed_freq_power == 0 or self.quant_method == "gptq"),
              "EMBED_FREQ_POWER must lie in [0, 2], and be > 0 only with QUANT_METHOD=gptq")
-        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)
-                  and self.qat_grid_mult > 0),
-             "SDCLIP_BALANCE_BATCHES with QAT on a fixed QAT_GRID_MULT would move the export grid QAT trained on: "
-             "set SDCLIP_BALANCE_BATCHES=0, or use late QAT with QAT_GRID_MULT=0 (balance and grid when it starts)")
+        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)),
+             "SDCLIP_BALANCE_BATCHES with QAT would move the export grid QAT trained on: set SDCLIP_BALANCE_BATCHES=0 "
+             "(SDCLIP_ROLE_MULT and QAT_GRID_MULT can carry an earlier balanced run's multipliers and size_fit k)")
         need(set(self.column_roles) <= set(ROLES) and not (self.column_roles and (
-            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0 or self.prune_ones)),
+            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0)),
              f"SDCLIP_COLUMN_ROLES={self.sdclip_column_roles}: roles among {','.join(ROLES)}, or none; column steps "
-             f"need QUANT_METHOD=gptq, and neither QAT (its grid has row steps only) nor PRUNE_ONES (it orders codes "
-             f"by row step): set SDCLIP_COLUMN_ROLES=none for those")
+             f"need QUANT_METHOD=gptq, and not QAT (its grid has row steps only): set SDCLIP_COLUMN_ROLES=none for it")
         need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
              "GPTQ_CALIB_BATCHES must be >= 1, GPTQ_SWEEPS, LQER_RANK and LQER_TOP >= 0")
         trains = not (self.eval_only_path or self.export_only_from)
@@ -843,14 +837,12 @@ def round_to_grid(w: torch.Tensor, args: Hyperparameters, family: str, mult=1.0)
     return torch.clamp(torch.round(w.float() / s), -qmax, qmax).to(torch.int8), s.squeeze(-1)
 
 
-def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str, grid=None, roles=None) -> torch.Tensor:
-    """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier `grid` (a tensor: the
-    model's live qat_grid; default QAT_GRID_MULT), with the role multipliers `roles` (the model's live qat_roles,
-    one per ROLES; default SDCLIP_ROLE_MULT) as the export computes them; backward = identity (straight-through)."""
+def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str) -> torch.Tensor:
+    """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier QAT_GRID_MULT, with the role
+    multipliers of SDCLIP_ROLE_MULT as the export computes them; backward = identity (straight-through)."""
     t = w.detach()
-    mults = role_mults(role_tensor(args) if roles is None else roles, name, len(w)).to(w.device)
-    grid = args.qat_grid_mult if grid is None else grid
-    q, s = round_to_grid(t, args, family, mults * grid)
+    mults = role_mults(role_tensor(args), name, len(w)).to(w.device)
+    q, s = round_to_grid(t, args, family, mults * args.qat_grid_mult)
     return w + (q.float() * s.float().unsqueeze(-1) - t)
 
 
@@ -1299,9 +1291,6 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.act_dtype = torch.float32
         self.hessians = None  # the GPTQ calibration store while it runs
-        # QAT's k multiplier and role multipliers as graph inputs, so that QAT_GRID_MULT=0 sets them without a recompile
-        self.register_buffer("qat_grid", torch.tensor(args.qat_grid_mult or 1.0), persistent=False)
-        self.register_buffer("qat_roles", role_tensor(args), persistent=False)
         # RoPE tables of the lengths in use (NTK-rescaled above ROPE_TRAIN_SEQ_LEN); a shorter window reads the
         # prefix of the shortest that holds it, so a position's angles (and score) do not depend on the padding
         # after it, and one compiled graph serves many lengths
@@ -1346,7 +1335,7 @@ class GPT(nn.Module):
         """Final-norm hidden states. `looped` runs the depth-recurrent schedule (when NUM_LOOPS > 0); the
         encoder's outputs feed the decoder in reverse order through (gated) skip weights."""
         L = self.args.num_layers
-        qo, kv, up, down = [fake_quant(b, self.args, n, f, self.qat_grid, self.qat_roles) if qat else b
+        qo, kv, up, down = [fake_quant(b, self.args, n, f) if qat else b
                             for n, b, f in zip(BANK_NAMES, self.banks(), BANK_FAMILIES)]
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -2366,27 +2355,6 @@ def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return state
 
 
-def prune_ones(packed: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Selective +-1 pruning: zero the `count` cheapest codes of magnitude 1, cheapest = smallest row step
-    (the squared error a zeroed code adds is on the order of its step squared); ties in reading order."""
-    names = [k[:-2] for k in packed if k.endswith(".q")]
-    rows = [packed[n + ".q"].reshape(-1, packed[n + ".q"].size(-1)) for n in names]
-    ones = torch.cat([(r.abs() == 1).sum(1) for r in rows])
-    order = torch.cat([packed[n + ".qscale"].float() for n in names]).argsort(stable=True)
-    cut = int(torch.searchsorted(ones[order].cumsum(0), torch.tensor(count), right=False))
-    budget = torch.zeros_like(ones)  # how many of each row's +-1 codes to zero, in column order
-    budget[order[:cut]] = ones[order[:cut]]
-    if cut < len(order):
-        budget[order[cut]] = count - int(ones[order[:cut]].sum())
-    out, start = dict(packed), 0
-    for n, r in zip(names, rows):
-        mask = r.abs() == 1
-        zero = mask & (mask.int().cumsum(1) <= budget[start:start + r.size(0), None])
-        out[n + ".q"] = r.masked_fill(zero, 0).view_as(packed[n + ".q"])
-        start += r.size(0)
-    return out
-
-
 CHUNK_BYTES = 2 << 20
 COMPRESSORS = ("brotli", "zstd", "lzma")
 COMPRESSOR_NAMES = {c[:4].encode().ljust(4, b"\0"): c for c in COMPRESSORS}  # the artifact's 4-byte field
@@ -2556,7 +2524,7 @@ def size_model(packed: dict[str, torch.Tensor]) -> float:
 def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
     """Quantize at k multiplier 1 and pick the compressor (COMPRESSOR=auto: the smallest). With SIZE_FIT=1,
     find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
-    0.2 %, and with PRUNE_ONES=1 zero the cheapest +-1 codes of the next finer m until that fits (search_fit).
+    0.2 % (search_fit).
     With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass) would fit, their size
     model scaled to GPTQ's at the last probed multiplier (aim), and steps by 0.2 %: near the unfitted size, a few
     GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless it logs that nothing
@@ -2582,39 +2550,19 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
                 c = ratio * size_model(quant(at)) / rtn(at)
                 at = smallest_mult(lambda m: c * rtn(m) <= target, 1.002)
             return at
-    found = search_fit(quant, cache, unfitted / size_model(packed), budget, args.prune_ones,
+    found = search_fit(quant, cache, unfitted / size_model(packed), budget,
                        lambda p: pack_artifact(p, arch, compressor), aim)
     if found is None:  # the size model never led to a real fit: k x1 if that fits, else the coarsest grid
-        found = (blob, 1.0, 0) if unfitted <= budget else (pack_artifact(quant(8.0), arch, compressor), 8.0, 0)
-    blob, used, pruned = found
+        found = (blob, 1.0) if unfitted <= budget else (pack_artifact(quant(8.0), arch, compressor), 8.0)
+    blob, used = found
     if len(blob) > budget:
         log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
         return blobs[compressor], raw
-    log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)} "
-        f"pruned_ones:{pruned}")
-    if (args.qat_enabled or args.late_qat_threshold > 0) and args.qat_grid_mult > 0:
+    log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)}")
+    if args.qat_enabled or args.late_qat_threshold > 0:
         log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
             f"x{used / args.qat_grid_mult:.4f} from it")
     return blob, raw
-
-
-# compressed GPTQ artifact / size_model of the same weights rounded to nearest: 0.9976 and 0.9972 (two bench
-# artifacts without frequency rows, re-packed: the banks by rANS, the rest by brotli, over size_model of their
-# GPTQ codes) x 1.0008-1.0017 (size_model of GPTQ over RTN codes) = 0.998-0.999, less about 0.002 with frequency
-# rows (brotli codes such an embedding 1.5 % below its size model); x 1.0027 since the row steps are log codes
-# counted by their entropy (two later bench artifacts re-packed: 0.9987 -> 1.0014; docs/cpu_logs/log_steps_4c9875b.txt)
-SIZE_MODEL_RATIO = 0.9997
-
-
-def qat_grid_estimate(state: dict, args: Hyperparameters, budget: int, counts: torch.Tensor | None = None
-                      ) -> float:
-    """QAT_GRID_MULT=0: the smallest k multiplier (in [1/2, 8], to 0.5 %) at which `state`, rounded to nearest on
-    the export grid (with the token `counts` of the balance's calibration; without them, EMBED_FREQ_POWER's rows
-    are left out), fits `budget` by the size model; the fit the export will most likely choose. SDClip codes
-    depend on each row's shape, not its scale, so weights some steps before the end estimate it well."""
-    tokens = None if counts is None else {"tokens": counts}
-    return smallest_mult(lambda m: SIZE_MODEL_RATIO * size_model(quantize_state(state, args, tokens, m)) <= budget,
-                         1.005)
 
 
 def smallest_mult(fits, tol: float) -> float:
@@ -2626,8 +2574,8 @@ def smallest_mult(fits, tol: float) -> float:
     return hi
 
 
-def search_fit(quant, cache: dict, ratio: float, budget: int, prune: bool, pack, aim=None):
-    """(blob, multiplier, pruned codes) of the smallest multiplier whose real pack fits `budget`, searched on
+def search_fit(quant, cache: dict, ratio: float, budget: int, pack, aim=None):
+    """(blob, multiplier) of the smallest multiplier whose real pack fits `budget`, searched on
     the size model: bracketed from 1 by steps of x1.1, or from aim(ratio, target, last multiplier) by steps of
     0.2 % (each step squared after each probe), then bisected in log m to 0.2 %; after a real miss the model's
     target is lowered by the excess, four times at most. None when the size model finds nothing that fits."""
@@ -2649,26 +2597,12 @@ def search_fit(quant, cache: dict, ratio: float, budget: int, prune: bool, pack,
         while lo is not None and hi / lo > 1.002:
             mid = math.sqrt(lo * hi)
             lo, hi = (lo, mid) if fits(quant(mid)) else (mid, hi)
-        chosen, pruned, used = cache[hi], 0, hi
-        if prune and lo is not None and (cut := prune_to_fit(cache[lo], fits)):
-            (chosen, pruned), used = cut, lo
-        blob = pack(chosen)
+        blob, used = pack(cache[hi]), hi
         if len(blob) <= budget:
-            return blob, used, pruned
+            return blob, used
         target -= len(blob) - budget + budget // 2000
-        ratio = len(blob) / size_model(chosen)
+        ratio = len(blob) / size_model(cache[hi])
     return None
-
-
-def prune_to_fit(packed, fits) -> tuple[dict, int] | None:
-    """The fewest cheapest +-1 codes whose zeroing makes `fits` true (bisection on their count), or None."""
-    lo, hi = 0, sum(int((t.abs() == 1).sum()) for k, t in packed.items() if k.endswith(".q"))
-    if not fits(prune_ones(packed, hi)):
-        return None
-    while hi - lo > max(hi // 1000, 1):
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(prune_ones(packed, mid)) else (mid, hi)
-    return prune_ones(packed, hi), hi
 
 
 def write_atomic(path: str, data: bytes):
@@ -2862,8 +2796,8 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
     """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
-    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes, unless late QAT runs
-    it when QAT starts), at most GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at
+    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes), at most
+    GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at
     the cap if it runs slower than projected. One untimed batch first: the first eager pass pays one-off
     start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
@@ -2871,7 +2805,7 @@ def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
                                              device=dctx.device), dist.ReduceOp.MAX).item()
-    balance = args.sdclip_balance_batches if args.late_qat_threshold == 0 else 0  # else it runs when QAT starts
+    balance = args.sdclip_balance_batches
     passes = args.gptq_calib_batches + (len(ROLES) + 1) * balance  # balance_roles' passes
     reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (balance > 0))
     args.train_cap_s = args.max_wallclock_seconds - reserve
@@ -2899,7 +2833,6 @@ class Trainer:
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
         self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
         self.qat_grid = None  # after run(): the SDClip grid multiplier QAT trained on, if it ran
-        self.fit_budget = args.size_limit - len(code_info()[1]) if args.qat_grid_mult == 0 else None  # model bytes
 
     def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.dctx.device)
@@ -2958,28 +2891,6 @@ class Trainer:
             opt.load_state_dict(state)
             opt.zero_grad(set_to_none=True)
 
-    def estimate_qat_grid(self, ema: list[torch.Tensor] | None = None):
-        """QAT_GRID_MULT=0, when late QAT starts (inside the training clock): with SDCLIP_BALANCE_BATCHES, first
-        the role balance on the live weights (GPTQ calibrated on 4 x that many batches); then QAT trains from now
-        on on the grid qat_grid_estimate expects the export's fit to choose, from the EMA weights when those are
-        exported; every rank takes the largest estimate."""
-        t, budget, args, counts = time.perf_counter(), self.fit_budget, self.args, None
-        if args.sdclip_balance_batches:
-            hessians, calib = collect_hessians(self.model, args, self.dctx, self.log, 4 * args.sdclip_balance_batches)
-            balance_roles(self.model, args, self.dctx, self.log, hessians, calib)
-            self.model.qat_roles.copy_(role_tensor(args))
-            counts = hessians["tokens"]
-            PROGRESS["phase"] = "train"
-        with torch.no_grad():
-            state = self.model.state_dict()
-            if ema is not None and args.export_weights == "ema":
-                state |= {n: e for (n, _), e in zip(self.model.named_parameters(), ema)}
-            m = qat_grid_estimate(state, args, budget, counts)
-            m = self.dctx.all_reduce(torch.tensor(m, device=self.dctx.device), dist.ReduceOp.MAX).item()
-            self.model.qat_grid.fill_(m)
-        args.qat_grid_mult = m
-        self.log(f"late_qat:grid k x{m:.4f} (estimated fit to {budget} bytes, {time.perf_counter() - t:.1f}s)")
-
     def log_train_step(self, step: int, train_loss: torch.Tensor, ms: float):
         a = self.args
         eta_s = (a.iterations - step) * ms / step / 1000  # the step limit or the wall clock, whichever comes first
@@ -3032,8 +2943,6 @@ class Trainer:
             if not qat and args.late_qat_threshold > 0 and down < args.late_qat_threshold:
                 qat = True
                 log(f"late_qat:enabled step:{step} warmdown:{down:.4f}")
-                if args.qat_grid_mult == 0:
-                    self.estimate_qat_grid(averager.ema)
             frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps > 0 else 1.0
             for opt in self.optimizers:
                 for g in opt.param_groups:
@@ -3380,7 +3289,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
                                            cap - results["train_s"] if cap > 0 else None)
-        if args.sdclip_balance_batches and trainer.qat_grid is None:  # else balanced when QAT started
+        if args.sdclip_balance_batches:
             spent = time.perf_counter() - t
             left = cap - results["train_s"] - spent if cap > 0 else None
             balance_roles(model, args, dctx, log, hessians, calib, left, spent / max(calib, 1))

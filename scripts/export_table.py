@@ -23,22 +23,18 @@ import train_gpt as tg  # noqa: E402
 
 # (label, knob overrides on top of the environment's recipe)
 VARIANTS = [
-    ("clip search + step fit (previous export)", dict(quant_method="search", compressor="zstd", prune_ones=False)),
+    ("clip search + step fit (previous export)", dict(quant_method="search", compressor="zstd")),
     ("GPTQ + SDClip, k x1, no fit", dict(quant_method="gptq", size_fit=False)),
-    ("GPTQ + SDClip fit", dict(quant_method="gptq", prune_ones=False)),
-    ("GPTQ + SDClip fit + ±1 pruning", dict(quant_method="gptq", prune_ones=True)),
-    ("GPTQ + SDClip fit + LQER r4 top3", dict(quant_method="gptq", prune_ones=False, lqer_rank=4, lqer_top=3)),
-    ("GPTQ + SDClip fit, int7 embedding k=14", dict(quant_method="gptq", prune_ones=False, embed_bits=7,
-                                                    sdclip_k_embed=14.0)),
-    ("GPTQ + SDClip fit, k 12.85 attention and MLP", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=12.85,
+    ("GPTQ + SDClip fit", dict(quant_method="gptq")),
+    ("GPTQ + SDClip fit + LQER r4 top3", dict(quant_method="gptq", lqer_rank=4, lqer_top=3)),
+    ("GPTQ + SDClip fit, int7 embedding k=14", dict(quant_method="gptq", embed_bits=7, sdclip_k_embed=14.0)),
+    ("GPTQ + SDClip fit, k 12.85 attention and MLP", dict(quant_method="gptq", sdclip_k_attn=12.85,
                                                           sdclip_k_mlp=12.85)),
-    ("GPTQ + SDClip fit + LQER r8 top8", dict(quant_method="gptq", prune_ones=False, lqer_rank=8, lqer_top=8)),
-    ("GPTQ + SDClip fit, int8 embedding k=15", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=15.0)),
-    ("GPTQ + SDClip fit, int8 embedding k=12", dict(quant_method="gptq", prune_ones=False, sdclip_k_embed=12.0)),
-    ("GPTQ + SDClip fit, k attention 11.5, MLP 13", dict(quant_method="gptq", prune_ones=False, sdclip_k_attn=11.5,
-                                                         sdclip_k_mlp=13.0)),
-    ("GPTQ + SDClip fit, roles balanced on 4 training batches", dict(quant_method="gptq", prune_ones=False,
-                                                                     sdclip_balance_batches=4)),
+    ("GPTQ + SDClip fit + LQER r8 top8", dict(quant_method="gptq", lqer_rank=8, lqer_top=8)),
+    ("GPTQ + SDClip fit, int8 embedding k=15", dict(quant_method="gptq", sdclip_k_embed=15.0)),
+    ("GPTQ + SDClip fit, int8 embedding k=12", dict(quant_method="gptq", sdclip_k_embed=12.0)),
+    ("GPTQ + SDClip fit, k attention 11.5, MLP 13", dict(quant_method="gptq", sdclip_k_attn=11.5, sdclip_k_mlp=13.0)),
+    ("GPTQ + SDClip fit, roles balanced on 4 training batches", dict(quant_method="gptq", sdclip_balance_batches=4)),
 ]
 
 FP16_PART = "fp16-stored tensors (norms, gains, gates)"
@@ -114,13 +110,13 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|",
             f"| unquantized checkpoint | — | {pre:.5f} | — | — | calibration: {batches} batches, {calib_s:.1f} s |"]
     variants = list(VARIANTS) + [(f"GPTQ + SDClip fit, roles balanced on {n} training batches",
-                                  dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=n))
+                                  dict(quant_method="gptq", sdclip_balance_batches=n))
                                  for n in opts.balance] + [
                     (f"GPTQ + SDClip fit, roles balanced on 4 training batches, EMBED_FREQ_POWER={p:g}",
-                     dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=4, embed_freq_power=p))
+                     dict(quant_method="gptq", sdclip_balance_batches=4, embed_freq_power=p))
                     for p in opts.freq_power] + [
                     (f"GPTQ + SDClip fit, roles balanced on 4 training batches, SDCLIP_COLUMN_ROLES={r}",
-                     dict(quant_method="gptq", prune_ones=False, sdclip_balance_batches=4,
+                     dict(quant_method="gptq", sdclip_balance_batches=4,
                           column_roles=tuple(c for c in r.split(",") if c != "none")))
                     for r in opts.column_roles] + [
                     (f"as a run, {e}", dict(env=e)) for e in opts.env]  # these, and --attribute's, always run

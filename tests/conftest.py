@@ -41,8 +41,8 @@ FRONTIER_ACC = dict(RECIPE="frontier", ITERATIONS=6, WARMUP_STEPS=2, TTT_ENABLED
                     LOOP_START=2, LOOP_END=3, PARALLEL_START=4, ENABLE_LOOPING_AT=0.3, VOCAB_SIZE=1024,
                     BIGRAM_VOCAB_SIZE=0, XSA_LAST_N=6, TRAIN_LOADER="shuffled", SDCLIP_BALANCE_BATCHES=0)
 
-QAT_AUTO = dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=0, SDCLIP_ROLE_MULT="q=1.2,v=0.8",
-                SDCLIP_BALANCE_BATCHES=2, SDCLIP_COLUMN_ROLES="none")
+QAT_FIXED = dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=1.3, SDCLIP_ROLE_MULT="q=1.2,v=0.8",
+                 SDCLIP_COLUMN_ROLES="none")
 
 PHASED = {"EVAL_ONLY_PATH": "<smoke>", "TTT_MODE": "phased", "TTT_DOC_BATCH": 4, "TTT_LORA_CHUNK": 16,
           "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.01, "TTT_PREFIX_DOCS": 10, "TTT_PHASES": 2, "TTT_PHASE_LR": 0.01,
@@ -99,15 +99,11 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     "frontier_balance_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2, "DOC_MASK": 0,
                                       "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                                      1, "frontier_balance"),
-    # one-pass late QAT (QAT_GRID_MULT=0): the role balance (on top of SDCLIP_ROLE_MULT) and the grid estimate
-    # when it starts, with a cap that makes the fit coarsen the steps, on 1 and 2 ranks; and a re-export of its
-    # checkpoint with the balance off, which must still keep QAT's grid and multipliers
-    "frontier_qat_auto": (dict(QAT_AUTO, SIZE_LIMIT=lambda dep: len(
-        tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.7 * dep.artifact.stat().st_size)), 1, "frontier_acc_1p"),
-    "frontier_qat_auto_2p": (dict(QAT_AUTO, SIZE_LIMIT=lambda dep: dep.env["SIZE_LIMIT"]), 2, "frontier_qat_auto"),
-    "frontier_qat_auto_export_only": ({**FRONTIER_ACC, "SIZE_LIMIT": lambda dep: dep.env["SIZE_LIMIT"],
-                                       "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
-                                      1, "frontier_qat_auto"),
+    # late QAT on the GPTQ export's grid (a fixed k multiplier and role multipliers), and a re-export of its
+    # checkpoint without those knobs, which must still keep QAT's grid and multipliers
+    "frontier_qat": (QAT_FIXED, 1, None),
+    "frontier_qat_export_only": ({**FRONTIER_ACC, "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
+                                 1, "frontier_qat"),
     "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),
 }

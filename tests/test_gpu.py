@@ -1,7 +1,9 @@
 """GPU-only checks of the CUDA paths (skipped without a GPU; run them on the device):
-FlexAttention document masking against the dense-mask path, phased TTT's dynamic compiled graph, FA4, the fused
-training kernels in bf16, and the role balance of the export in bf16."""
+FlexAttention document masking against the dense-mask path, late QAT in the compiled forward, phased TTT's
+dynamic compiled graph, FA4, the fused training kernels in bf16, and the role balance of the export in bf16."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -55,6 +57,35 @@ def test_document_masked_model_compiles_and_matches_the_cpu_dense_path(make_args
     torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-3)
     for pc, pg in zip(cpu.banks(), gpu.banks()):
         torch.testing.assert_close(pg.grad.cpu(), pc.grad, atol=2e-3, rtol=2e-2)
+
+
+QAT_KNOBS = {"r549": dict(VOCAB_SIZE="128", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", COMPILE="1"),
+             "frontier": dict(TINY, SDCLIP_BALANCE_BATCHES="0", SDCLIP_COLUMN_ROLES="none")}
+
+
+@pytest.mark.parametrize("recipe", ["r549", "frontier"])
+def test_compiled_late_qat_matches_the_cpu_fake_quantizer(make_args, recipe):
+    """qat=True in the inductor-compiled training forward: the banks on the export grid (r549's clip search, the
+    frontier's SDClip steps) at QAT_GRID_MULT with SDCLIP_ROLE_MULT, as the CPU's eager fake quantizer puts them,
+    and straight-through gradients to the banks."""
+    a = make_args(**{**QAT_KNOBS[recipe], "RECIPE": recipe, "QAT_GRID_MULT": "1.2",
+                     "SDCLIP_ROLE_MULT": "q=1.3,v=0.7,down=1.1"})
+    torch.manual_seed(0)
+    cpu = H.randomize(tg.GPT(a), std=0.05)
+    quantized = copy.deepcopy(cpu)
+    with torch.no_grad():
+        for name, bank, family in zip(tg.BANK_NAMES, quantized.banks(), tg.BANK_FAMILIES):
+            bank.copy_(tg.fake_quant(bank, a, name, family))
+    gpu = tg.GPT(a).to(CUDA)
+    gpu.load_state_dict(cpu.state_dict())
+    ids = packed_ids(T=257)
+    quantized(ids[:, :-1], ids[:, 1:]).backward()
+    cpu(ids[:, :-1], ids[:, 1:]).backward()
+    torch.compile(gpu, dynamic=False, fullgraph=True)(ids[:, :-1].to(CUDA), ids[:, 1:].to(CUDA), True).backward()
+    for want, plain, got in zip(quantized.banks(), cpu.banks(), gpu.banks()):  # the gradient at the grid's weights
+        scale = want.grad.abs().max()
+        torch.testing.assert_close(got.grad.cpu(), want.grad, atol=0.01 * scale, rtol=0)
+        assert (plain.grad - want.grad).abs().max() > 0.02 * scale, "the unquantized weights' gradient differs"
 
 
 def test_document_masked_scoring_without_autograd_matches_dense():

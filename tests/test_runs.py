@@ -274,7 +274,7 @@ def test_size_fit_coarsens_until_the_artifact_fits(tg_runs):
     limit = int(fit.env["SIZE_LIMIT"])
     art = fit.artifact.stat().st_size
     assert art < base.artifact.stat().st_size and code + art <= limit
-    steps = re.findall(r"^size_fit: k x(\S+) model_bytes:(\d+) budget:(\d+) unfitted:\d+ probes:\d+ pruned_ones:\d+$", log, re.M)
+    steps = re.findall(r"^size_fit: k x(\S+) model_bytes:(\d+) budget:(\d+) unfitted:\d+ probes:\d+$", log, re.M)
     assert steps, "no size_fit line"
     assert all(int(b) == limit - code for _, _, b in steps)
     assert int(steps[-1][1]) == art and float(steps[-1][0]) > 1.0

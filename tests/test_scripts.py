@@ -73,7 +73,7 @@ def test_export_table_compares_methods_on_a_saved_checkpoint(tg_runs, tmp_path):
     env = {k: v for k, v in run.env.items() if k not in ("RUN_ID", "ARTIFACT_PATH")}
     out = tmp_path / "table.md"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "export_table.py"), tg.checkpoint_path(str(run.artifact)),
-                        "--only", "0", "2", "11", "--attribute", "2", "--balance", "3", "--freq-power", "0.3", "--column-roles", "o",
+                        "--only", "0", "2", "10", "--attribute", "2", "--balance", "3", "--freq-power", "0.3", "--column-roles", "o",
                         "--env", "GPTQ_SWEEPS=0", f"GPTQ_SWEEPS={tg.RECIPES['frontier']['GPTQ_SWEEPS']}", "--out", str(out)],
                        capture_output=True, text=True,
                        timeout=300,
