@@ -693,15 +693,18 @@ def train_loader(args: Hyperparameters, dctx: Dist, files: list[str], local_toke
     return TrainLoader(files, dctx.rank, dctx.world_size, local_tokens, args.train_seq_len, dctx.device)
 
 
-def load_val_tokens(data_path: str, seq_len: int, limit: int) -> torch.Tensor:
+def load_val_tokens(data_path: str, seq_len: int, limit: int) -> tuple[torch.Tensor, int]:
+    """The validation split cut to `limit` targets (VAL_TOKENS, 0: all), then to whole sequences of seq_len; and
+    the split's own number of targets."""
     tokens = np.concatenate([np.asarray(load_shard(f)) for f in shard_files(data_path, "val")])
+    split = len(tokens) - 1
     if limit > 0:
         tokens = tokens[:limit + 1]
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise SystemExit(f"error: the validation split in {data_path} has {len(tokens) - 1} targets, fewer than one "
                          f"sequence of {seq_len}")
-    return torch.from_numpy(tokens[:usable + 1].astype(np.int32))
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int32)), split
 
 
 def check_shard(path: str, vocab_size: int) -> str | None:
@@ -3239,8 +3242,12 @@ def load_eval_data(args: Hyperparameters, dctx: Dist, log):
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     luts = tuple(t.to(dctx.device) for t in byte_luts(sp, args.vocab_size))
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
-    val = load_val_tokens(args.data_path, max(args.train_seq_len, args.eval_seq_len), args.val_tokens).to(dctx.device)
+    L = max(args.train_seq_len, args.eval_seq_len)
+    val, split = load_val_tokens(args.data_path, L, args.val_tokens)
+    val = val.to(dctx.device)
     log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
+    log(f"val_loader:split_targets:{split} scored:{val.numel() - 1} (whole sequences of {L}, "
+        f"VAL_TOKENS={args.val_tokens})")
     return val, luts
 
 

@@ -76,6 +76,7 @@ _RE = {
     "world": re.compile(r"^world_size:(\d+) grad_accum_steps:(\d+)"),
     "train_loader": re.compile(r"^train_loader:dataset:(\S+) train_shards:(\d+)"),
     "val_loader": re.compile(r"^val_loader:shards pattern=(.*) tokens:(\d+)$"),
+    "val_split": re.compile(r"^val_loader:split_targets:(\d+) scored:\d+ "),
     "seed": re.compile(r"^seed:(-?\d+)\s*$"),
     "val_step": re.compile(
         rf"^step:(\d+)/(\d+) val_loss:({_NUM}) val_bpb:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),
@@ -125,6 +126,7 @@ class RunLog:
     model_params: int | None = None
     dataset: str | None = None  # `train_loader:dataset:<name>`
     val_tokens: int | None = None  # `val_loader:... tokens:<n>`
+    val_split: int | None = None  # `val_loader:split_targets:<n>`: the split's targets before any cut
     config: dict = field(default_factory=dict)
     train_curve: list = field(default_factory=list)  # (step, train_loss, train_time_ms)
     val_curve: list = field(default_factory=list)  # (step, val_loss, val_bpb, train_time_ms)
@@ -265,6 +267,10 @@ def parse_log_text(text: str, path: str = "<text>") -> RunLog:
         m = _RE["val_loader"].match(ln)
         if m:
             r.val_tokens = int(m.group(2))
+            continue
+        m = _RE["val_split"].match(ln)
+        if m:
+            r.val_split = int(m.group(1))
             continue
         m = _RE["stop"].match(ln)
         if m:
@@ -615,12 +621,17 @@ def _hardware_problem(r: RunLog) -> str | None:
 
 
 def _full_val_problem(r: RunLog) -> str | None:
+    """Every whole sequence of the split scored. The published counts are the split cut to whole sequences of
+    2048; a log that states the split's own count (`split_targets`) may score other lengths, with VAL_TOKENS=0."""
     full = PUBLISHED_DATA.get(r.dataset, (None, None))[1]
     if r.val_tokens is None:
         return "no val_loader tokens line"
-    if full is not None and r.val_tokens != full:
+    if full is not None and r.val_split is not None and r.val_split // 2048 * 2048 != full:
+        return f"a validation split of {r.val_split:,} targets; the published {r.dataset} split has {full:,} in " \
+               f"whole sequences of 2048"
+    if full is not None and r.val_split is None and r.val_tokens != full:
         return f"{r.val_tokens:,} validation tokens; the full {r.dataset} split has {full:,}"
-    if full is None and r.config.get("VAL_TOKENS") != "0":
+    if (full is None or r.val_split is not None) and r.config.get("VAL_TOKENS") != "0":
         return f"VAL_TOKENS={r.config.get('VAL_TOKENS')} (the full split needs VAL_TOKENS=0)"
     return None
 

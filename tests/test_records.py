@@ -538,6 +538,26 @@ def test_full_val_rule_sp8192(tmp_path):
     assert status(checks, "full validation") == "fail"
 
 
+def test_full_val_rule_reads_the_split_count_for_other_sequence_lengths():
+    """A log with the split's own target count passes with an evaluation length other than 2048 (which scores
+    whole sequences of its own), as long as the split is the published one and VAL_TOKENS=0."""
+    def with_split(seed, split, scored, val_tokens="0"):
+        line = f"val_loader:split_targets:{split} scored:{scored} (whole sequences of 2560, VAL_TOKENS={val_tokens})"
+        return make_log(seed, extra_config={"VAL_TOKENS": val_tokens}).replace(
+            "tokens:62021632\n", f"tokens:{scored}\n{line}\n")
+    split = 62_021_632 + 1_000  # the published split, whose last 1,000 targets no 2048-token sequence holds
+    scored = split // 2560 * 2560
+    assert scored != 62_021_632
+    checks = _checks([with_split(s, split, scored) for s in (1, 2, 3)])
+    assert status(checks, "full validation") == "pass", [c.detail for c in checks]
+    checks = _checks([with_split(1, split, scored), with_split(2, split, scored), make_log(3)])
+    assert status(checks, "full validation") == "pass", "an older log without the line: its count is the published"
+    for bad, why in (((split - 2_048, scored - 2_560), "a validation split of 62,020,584 targets"),
+                     ((split, 8_388_608, "8388608"), "VAL_TOKENS=8388608")):
+        checks = _checks([with_split(1, split, scored), with_split(2, split, scored), with_split(3, *bad)])
+        assert status(checks, "full validation") == "fail" and why in str([c.detail for c in checks]), bad
+
+
 def test_size_read_for_any_matrix_bits_and_a_run_that_stopped_fails():
     """MATRIX_BITS=5 logs `int5+`: the packaged-code size still reads the model bytes. A log with a run_stopped
     line (a crash after the headline was logged) fails its own rule."""

@@ -232,14 +232,15 @@ def test_preflight_splits_files_over_ranks_and_gathers_errors(make_args, monkeyp
         tg.preflight(a, _GatherStub(0, 3, others), lambda msg: None)
     assert str(ei.value) == ("error: shard /x/fineweb_train_000007.bin: bad magic 1 (expected 20240520) "
                              "(and 1 more bad shards)")
-    # all good: the validation split loaded (its two lines), then one summary line
+    # all good: the validation split loaded (its three lines), then one summary line
     a = make_args(DATA_PATH=str(data), ARTIFACT_PATH=str(tmp_path / "ok.ptz"), TOKENIZER_PATH=H.TOKENIZER)
     logs = []
     lock, val, luts = tg.preflight(a, H.DistStub(), logs.append)
     lock.close()
     assert val.tolist() == list(range(64)) + [0] and len(luts) == 3  # 127 targets: one 64-token sequence kept
-    assert [line.split(":")[0] for line in logs[:2]] == ["val_bpb", "val_loader"] and len(logs) == 3
-    assert re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds", logs[2])
+    assert [line.split(":")[0] for line in logs[:3]] == ["val_bpb", "val_loader", "val_loader"] and len(logs) == 4
+    assert logs[2] == "val_loader:split_targets:127 scored:64 (whole sequences of 64, VAL_TOKENS=0)"
+    assert re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds", logs[3])
 
 
 def test_check_shard_time_per_gb(tmp_path):

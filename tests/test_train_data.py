@@ -76,11 +76,11 @@ def test_shard_files_errors_and_filtering(tmp_path):
 def test_load_val_tokens_truncates_to_whole_sequences(tmp_path):
     H.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100))
     H.write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(100, 150))
-    v = tg.load_val_tokens(str(tmp_path), 16, 0)
-    assert v.dtype == torch.int32 and v.numel() == (149 // 16) * 16 + 1  # 145 = 9 sequences + 1
+    v, split = tg.load_val_tokens(str(tmp_path), 16, 0)
+    assert split == 149 and v.dtype == torch.int32 and v.numel() == (149 // 16) * 16 + 1  # 145 = 9 sequences + 1
     assert torch.equal(v, torch.arange(145, dtype=torch.int32))
-    v = tg.load_val_tokens(str(tmp_path), 16, 40)  # VAL_TOKENS cap: 40 targets -> 2 whole sequences
-    assert torch.equal(v, torch.arange(33, dtype=torch.int32))
+    v, split = tg.load_val_tokens(str(tmp_path), 16, 40)  # VAL_TOKENS cap: 40 targets -> 2 whole sequences
+    assert split == 149 and torch.equal(v, torch.arange(33, dtype=torch.int32)), "the split's count, not the cap's"
     with pytest.raises(SystemExit, match=f"the validation split in {tmp_path} has 149 targets, fewer than one "
                                          f"sequence of 256"):
         tg.load_val_tokens(str(tmp_path), 256, 0)
