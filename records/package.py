@@ -816,7 +816,7 @@ def build_submission(runs: list[RunLog], *, name: str, author, github_id, blurb,
         "bytes_code": code_bytes,
         "hardware": _hardware(runs),
         "pytorch_version": runs[0].torch_version,
-        "code_sha256": runs[0].code_sha256,
+        "code_sha256": runs[0].code_sha256 if len({r.code_sha256 for r in runs}) == 1 else None,  # else per seed
         "compliance": {c.rule: c.status for c in checks},
     }
     if code_bytes_override is not None:

@@ -455,6 +455,7 @@ def test_package_input_errors_labels_and_data_instructions(tmp_path, monkeypatch
                                 non_record=True, **ME)
     readme = (folder / "README.md").read_text()
     assert [sub["seed_results"][k]["code_sha256"] for k in ("1", "2", "3")] == [h, h, "cd" * 32]
+    assert sub["code_sha256"] is None, "mixed code has no one hash"
     assert f"`{h}`, `{'cd' * 32}`" in readme
     assert "did not use the published data" in readme and "tokenizers/smoke_1024_bpe.model" in readme
     assert "cached_challenge_fineweb" not in readme
