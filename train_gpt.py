@@ -359,6 +359,7 @@ class Hyperparameters:
              "> 0 and below MAX_WALLCLOCK_SECONDS")
         reserve = self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0
         self.train_cap_s = self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
+        self.qat_ran = False  # set by the run (or a QAT checkpoint): QAT trained the weights the export quantizes
         need(self.attention_backend in ("auto", "fa3", "fa4", "sdpa"), "ATTENTION_BACKEND must be auto|fa3|fa4|sdpa")
         need(not self.ve_enabled or all(0 <= i < self.num_layers for i in self.ve_layers),
              "VE_LAYERS must name layers < NUM_LAYERS")
@@ -844,7 +845,7 @@ def fake_quant(w: torch.Tensor, args: Hyperparameters, name: str, family: str) -
     """Forward = the export grid's quantize-dequantize of bank `name` at k multiplier QAT_GRID_MULT, with the role
     multipliers of SDCLIP_ROLE_MULT as the export computes them; backward = identity (straight-through)."""
     t = w.detach()
-    mults = role_mults(role_tensor(args), name, len(w)).to(w.device)
+    mults = role_mults(args, name, len(w)).to(w.device)
     q, s = round_to_grid(t, args, family, mults * args.qat_grid_mult)
     return w + (q.float() * s.float().unsqueeze(-1) - t)
 
@@ -2151,14 +2152,9 @@ def swap_role(state: dict, source: dict, role: str) -> tuple[dict, int]:
     return out, count
 
 
-def role_tensor(args: Hyperparameters) -> torch.Tensor:
-    """SDCLIP_ROLE_MULT as one multiplier per ROLES."""
-    return torch.tensor([args.role_mult.get(r, 1.0) for r in ROLES])
-
-
-def role_mults(roles: torch.Tensor, name: str, n: int) -> torch.Tensor:
-    """The multipliers `roles` (one per ROLES) of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
-    return roles[[ROLES.index(r) for r in matrix_roles(name, n)]].view(-1, 1, 1)
+def role_mults(args: Hyperparameters, name: str, n: int) -> torch.Tensor:
+    """The SDCLIP_ROLE_MULT multipliers of each of the n matrices of a bank or of a table, as [n, 1, 1]."""
+    return torch.tensor([args.role_mult.get(r, 1.0) for r in matrix_roles(name, n)]).view(-1, 1, 1)
 
 
 def frequency_mults(counts: torch.Tensor, power: float) -> torch.Tensor:
@@ -2247,8 +2243,7 @@ def quantize_state(state: dict[str, torch.Tensor], args: Hyperparameters, hessia
     the tied embedding's row steps under EMBED_FREQ_POWER. LQER_RANK > 0 adds low-rank corrections."""
     mats = {n: t.detach().float() for n, t in state.items() if n.endswith(BANK_NAMES) or n in TABLE_NAMES}
     codes, steps, columns = {}, {}, {}
-    roles = role_tensor(args)
-    role_m = {n: role_mults(roles, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
+    role_m = {n: role_mults(args, n, len(t) if t.dim() == 3 else 1).to(t.device) for n, t in mats.items()}
     if args.embed_freq_power > 0 and hessians and "tokens" in hessians and "tok_emb.weight" in mats:
         freq = frequency_mults(hessians["tokens"], args.embed_freq_power).to(role_m["tok_emb.weight"].device)
         role_m["tok_emb.weight"] = role_m["tok_emb.weight"] * freq.view(1, -1, 1)
@@ -2527,10 +2522,9 @@ def size_model(packed: dict[str, torch.Tensor]) -> float:
 def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int, log) -> tuple[bytes, int]:
     """Quantize at k multiplier 1 and pick the compressor (COMPRESSOR=auto: the smallest). With SIZE_FIT=1,
     find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
-    0.2 % (search_fit).
-    With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass) would fit, their size
-    model scaled to GPTQ's at the last probed multiplier (aim), and steps by 0.2 %: near the unfitted size, a few
-    GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless it logs that nothing
+    0.2 % (search_fit). With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass)
+    would fit, their size model scaled to GPTQ's at the last probed multiplier (aim), and steps by 0.2 %: near
+    the unfitted size, a few GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless it logs that nothing
     fits. Returns (blob, raw bytes)."""
     packed = quantize_state(state, args, hessians, 1.0, log)
     raw = sum(t.numel() * t.element_size() for t in packed.values())
@@ -2562,7 +2556,7 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
         log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
         return blobs[compressor], raw
     log(f"size_fit: k x{used:.4f} model_bytes:{len(blob)} budget:{budget} unfitted:{unfitted} probes:{len(cache)}")
-    if args.qat_enabled or args.late_qat_threshold > 0:
+    if args.qat_ran:
         log(f"size_fit: QAT trained on the k x{args.qat_grid_mult:.4f} grid; the export grid moved "
             f"x{used / args.qat_grid_mult:.4f} from it")
     return blob, raw
@@ -2578,10 +2572,10 @@ def smallest_mult(fits, tol: float) -> float:
 
 
 def search_fit(quant, cache: dict, ratio: float, budget: int, pack, aim=None):
-    """(blob, multiplier) of the smallest multiplier whose real pack fits `budget`, searched on
-    the size model: bracketed from 1 by steps of x1.1, or from aim(ratio, target, last multiplier) by steps of
-    0.2 % (each step squared after each probe), then bisected in log m to 0.2 %; after a real miss the model's
-    target is lowered by the excess, four times at most. None when the size model finds nothing that fits."""
+    """(blob, multiplier) of the smallest multiplier whose real pack fits `budget`, searched on the size model:
+    bracketed from 1 by steps of x1.1, or from aim(ratio, target, last multiplier) by steps of 0.2 % (each step
+    squared after each probe), then bisected in log m to 0.2 %; after a real miss the model's target is lowered
+    by the excess, four times at most. None when the size model finds nothing that fits."""
     target, used = budget, 1.0
     for _ in range(4):
         fits = lambda p: ratio * size_model(p) <= target
@@ -2694,7 +2688,7 @@ def checkpoint_path(artifact_path: str) -> str:
 
 def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0,
                     qat_grid: float | None = None):
-    """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps that grid."""
+    """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps its role multipliers."""
     buf = io.BytesIO()
     torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
                 "role_mult": args.role_mult if args.sdclip_balance_batches or qat_grid else None,
@@ -2808,9 +2802,8 @@ def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_
     collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
     per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
                                              device=dctx.device), dist.ReduceOp.MAX).item()
-    balance = args.sdclip_balance_batches
-    passes = args.gptq_calib_batches + (len(ROLES) + 1) * balance  # balance_roles' passes
-    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (balance > 0))
+    passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (args.sdclip_balance_batches > 0))
     args.train_cap_s = args.max_wallclock_seconds - reserve
     log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
         f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
@@ -2835,7 +2828,6 @@ class Trainer:
         self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if args.compile else model
         local_tokens = args.train_batch_tokens // (dctx.world_size * grad_accum)
         self.new_loader = lambda: train_loader(args, dctx, train_files, local_tokens)
-        self.qat_grid = None  # after run(): the SDClip grid multiplier QAT trained on, if it ran
 
     def step(self, loader, qat: bool, looped: bool) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.dctx.device)
@@ -2937,7 +2929,7 @@ class Trainer:
                                      f"{step} (diverged); stopping, no artifact written")
                 if stop_after is not None and step < args.iterations:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-                self.qat_grid = args.qat_grid_mult if qat and args.quant_method == "gptq" else None
+                args.qat_ran = qat
                 return step, train_ms
             scale, down = lr_scale(args, step, elapsed)
             if not looped and args.num_loops > 0 and run_progress(args, step, elapsed) >= args.enable_looping_at:
@@ -3244,10 +3236,9 @@ def load_eval_data(args: Hyperparameters, dctx: Dist, log):
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path}")
     L = max(args.train_seq_len, args.eval_seq_len)
     val, split = load_val_tokens(args.data_path, L, args.val_tokens)
-    val = val.to(dctx.device)
     log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val.numel() - 1}")
-    log(f"val_loader:split_targets:{split} scored:{val.numel() - 1} (whole sequences of {L}, "
-        f"VAL_TOKENS={args.val_tokens})")
+    log(f"val_loader:split_targets:{split} (scored: whole sequences of {L}, VAL_TOKENS={args.val_tokens})")
+    val = val.to(dctx.device)
     return val, luts
 
 
@@ -3304,7 +3295,8 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
     if args.save_checkpoint and dctx.master:
-        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib, trainer.qat_grid)
+        qat_grid = args.qat_grid_mult if args.qat_ran and args.quant_method == "gptq" else None
+        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib, qat_grid)
     return model, hessians
 
 
@@ -3320,9 +3312,9 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     if args.quant_method == "gptq":
         calib = saved.get("calib_batches") or args.gptq_calib_batches  # 0: that run did not calibrate
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
-        if saved.get("qat_grid"):  # the export keeps the grid QAT trained on (no balance or column steps to move it)
+        if saved.get("qat_grid"):  # QAT's role multipliers, no balance or column steps; the fit re-chooses k
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]
-            args.column_roles = ()
+            args.column_roles, args.qat_ran = (), True
             log(f"export_grid: the checkpoint trained with QAT on the k x{args.qat_grid_mult:.4f} grid, "
                 + role_knob(args.role_mult))
         elif args.sdclip_balance_batches and saved.get("role_mult") is not None:  # what the run measured (or kept)

@@ -76,7 +76,7 @@ _RE = {
     "world": re.compile(r"^world_size:(\d+) grad_accum_steps:(\d+)"),
     "train_loader": re.compile(r"^train_loader:dataset:(\S+) train_shards:(\d+)"),
     "val_loader": re.compile(r"^val_loader:shards pattern=(.*) tokens:(\d+)$"),
-    "val_split": re.compile(r"^val_loader:split_targets:(\d+) scored:\d+ "),
+    "val_split": re.compile(r"^val_loader:split_targets:(\d+) "),
     "seed": re.compile(r"^seed:(-?\d+)\s*$"),
     "val_step": re.compile(
         rf"^step:(\d+)/(\d+) val_loss:({_NUM}) val_bpb:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),

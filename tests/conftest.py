@@ -41,9 +41,6 @@ FRONTIER_ACC = dict(RECIPE="frontier", ITERATIONS=6, WARMUP_STEPS=2, TTT_ENABLED
                     LOOP_START=2, LOOP_END=3, PARALLEL_START=4, ENABLE_LOOPING_AT=0.3, VOCAB_SIZE=1024,
                     BIGRAM_VOCAB_SIZE=0, XSA_LAST_N=6, TRAIN_LOADER="shuffled", SDCLIP_BALANCE_BATCHES=0)
 
-QAT_FIXED = dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=1.3, SDCLIP_ROLE_MULT="q=1.2,v=0.8",
-                 SDCLIP_COLUMN_ROLES="none")
-
 PHASED = {"EVAL_ONLY_PATH": "<smoke>", "TTT_MODE": "phased", "TTT_DOC_BATCH": 4, "TTT_LORA_CHUNK": 16,
           "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.01, "TTT_PREFIX_DOCS": 10, "TTT_PHASES": 2, "TTT_PHASE_LR": 0.01,
           "TTT_CHUNK_TOKENS": 256, "TTT_BATCH_SEQS": 16}  # every phase chunk is one SGD step on 1 or 2 ranks
@@ -100,9 +97,11 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
                                       "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                                      1, "frontier_balance"),
     # late QAT on the GPTQ export's grid (a fixed k multiplier and role multipliers), and a re-export of its
-    # checkpoint without those knobs, which must still keep QAT's grid and multipliers
-    "frontier_qat": (QAT_FIXED, 1, None),
-    "frontier_qat_export_only": ({**FRONTIER_ACC, "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
+    # checkpoint without those knobs and with the role balance on, which must still keep QAT's multipliers
+    "frontier_qat": (dict(FRONTIER_ACC, LATE_QAT_THRESHOLD=0.5, QAT_GRID_MULT=1.3, SDCLIP_ROLE_MULT="q=1.2,v=0.8",
+                          SDCLIP_COLUMN_ROLES="none"), 1, None),
+    "frontier_qat_export_only": ({**FRONTIER_ACC, "SDCLIP_BALANCE_BATCHES": 2,
+                                  "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},
                                  1, "frontier_qat"),
     "fit": (dict(ACC, SIZE_LIMIT=lambda dep: len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + int(0.9 * dep.artifact.stat().st_size)),
             1, "acc_1p"),

@@ -616,6 +616,16 @@ def test_size_fit_never_exceeds_the_budget_when_the_size_model_is_wrong(make_arg
     assert len(blob) <= budget
 
 
+def test_size_fit_names_qats_grid_only_when_qat_trained_the_weights(make_args):
+    """The `QAT trained on` line follows what the run did (args.qat_ran), not the QAT knobs."""
+    a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma", LATE_QAT_THRESHOLD="0.15", QAT_GRID_MULT="1.25")
+    budget = int(0.9 * len(tg.pack_artifact(tg.quantize_state(state, a), arch, "lzma")))
+    for ran in (False, True):
+        a.qat_ran, logs = ran, []
+        tg.fit_artifact(state, None, arch, a, budget, logs.append)
+        assert any(ln.startswith("size_fit: QAT trained on the k x1.2500 grid") for ln in logs) == ran, logs
+
+
 def test_size_fit_falls_back_to_the_coarsest_grid_when_the_size_model_is_useless(make_args):
     a, state, arch = _model_state(make_args, **GPTQ, COMPRESSOR="lzma")
     coarsest = len(tg.pack_artifact(tg.quantize_state(state, a, None, 8.0), arch, "lzma"))
@@ -740,7 +750,8 @@ def test_role_balance_runs_inside_the_calibration_clock_and_re_exports_the_same_
 @pytest.mark.tg_runs("frontier_qat", "frontier_qat_export_only", "smoke")
 def test_late_qat_on_the_gptq_grid_is_kept_by_the_export_and_a_re_export(make_args, tg_runs):
     """Late QAT trains on the export's grid at QAT_GRID_MULT with SDCLIP_ROLE_MULT; the checkpoint keeps both, so a
-    re-export without those knobs quantizes on the grid QAT trained on, to the same bytes."""
+    re-export without those knobs (and with the role balance asked for) quantizes with QAT's multipliers, without a
+    balance, to the same bytes; the fit's log line names the grid QAT trained on."""
     run, again = tg_runs("frontier_qat"), tg_runs("frontier_qat_export_only")
     assert run.rc == 0 and again.rc == 0, run.describe() + again.describe()
     assert "late_qat:enabled step:" in run.log
@@ -748,7 +759,8 @@ def test_late_qat_on_the_gptq_grid_is_kept_by_the_export_and_a_re_export(make_ar
     saved = lambda r: torch.load(tg.checkpoint_path(str(r.artifact)), map_location="cpu")
     assert saved(run)["qat_grid"] == 1.3 and saved(run)["role_mult"] == {"q": 1.2, "v": 0.8}
     assert "export_grid: the checkpoint trained with QAT on the k x1.3000 grid, SDCLIP_ROLE_MULT=q=1.200,v=0.800" in again.log
-    assert again.artifact.read_bytes() == run.artifact.read_bytes(), "re-exported on the grid QAT trained on"
+    assert "size_fit: QAT trained on the k x1.3000 grid; the export grid moved x" in again.log
+    assert "sdclip_balance:" not in again.log and again.artifact.read_bytes() == run.artifact.read_bytes()
     assert saved(tg_runs("smoke"))["qat_grid"] is None, "r549's QAT is on the clip-search grid, not SDClip's"
     with pytest.raises(SystemExit, match="QAT_GRID_MULT must be > 0"):
         make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", SDCLIP_BALANCE_BATCHES="0", QAT_GRID_MULT="0")

@@ -543,7 +543,7 @@ def test_full_val_rule_reads_the_split_count_for_other_sequence_lengths():
     """A log with the split's own target count passes with an evaluation length other than 2048 (which scores
     whole sequences of its own), as long as the split is the published one and VAL_TOKENS=0."""
     def with_split(seed, split, scored, val_tokens="0"):
-        line = f"val_loader:split_targets:{split} scored:{scored} (whole sequences of 2560, VAL_TOKENS={val_tokens})"
+        line = f"val_loader:split_targets:{split} (scored: whole sequences of 2560, VAL_TOKENS={val_tokens})"
         return make_log(seed, extra_config={"VAL_TOKENS": val_tokens}).replace(
             "tokens:62021632\n", f"tokens:{scored}\n{line}\n")
     split = 62_021_632 + 1_000  # the published split, whose last 1,000 targets no 2048-token sequence holds

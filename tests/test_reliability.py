@@ -239,7 +239,7 @@ def test_preflight_splits_files_over_ranks_and_gathers_errors(make_args, monkeyp
     lock.close()
     assert val.tolist() == list(range(64)) + [0] and len(luts) == 3  # 127 targets: one 64-token sequence kept
     assert [line.split(":")[0] for line in logs[:3]] == ["val_bpb", "val_loader", "val_loader"] and len(logs) == 4
-    assert logs[2] == "val_loader:split_targets:127 scored:64 (whole sequences of 64, VAL_TOKENS=0)"
+    assert logs[2] == "val_loader:split_targets:127 (scored: whole sequences of 64, VAL_TOKENS=0)"
     assert re.fullmatch(r"preflight: ok shards:5 token_ids<1024 compressor:auto time:\d+\.\ds", logs[3])
 
 
