@@ -2524,8 +2524,8 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
     find the smallest multiplier m in [1/2, 8] of every SDClip k (clip-search step) that fits `budget`, to
     0.2 % (search_fit). With GPTQ the search starts where codes rounded to nearest (a fraction of a GPTQ pass)
     would fit, their size model scaled to GPTQ's at the last probed multiplier (aim), and steps by 0.2 %: near
-    the unfitted size, a few GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless it logs that nothing
-    fits. Returns (blob, raw bytes)."""
+    the unfitted size, a few GPTQ passes instead of eight or more. Never returns more than `budget` bytes unless
+    it logs that nothing fits. Returns (blob, raw bytes)."""
     packed = quantize_state(state, args, hessians, 1.0, log)
     raw = sum(t.numel() * t.element_size() for t in packed.values())
     names = available_compressors() if args.compressor == "auto" else [args.compressor]
@@ -2547,11 +2547,10 @@ def fit_artifact(state, hessians, arch: dict, args: Hyperparameters, budget: int
                 c = ratio * size_model(quant(at)) / rtn(at)
                 at = smallest_mult(lambda m: c * rtn(m) <= target, 1.002)
             return at
-    found = search_fit(quant, cache, unfitted / size_model(packed), budget,
-                       lambda p: pack_artifact(p, arch, compressor), aim)
-    if found is None:  # the size model never led to a real fit: k x1 if that fits, else the coarsest grid
-        found = (blob, 1.0) if unfitted <= budget else (pack_artifact(quant(8.0), arch, compressor), 8.0)
-    blob, used = found
+    # None: the size model never led to a real fit; then k x1 if that fits, else the coarsest grid
+    blob, used = search_fit(quant, cache, unfitted / size_model(packed), budget,
+                            lambda p: pack_artifact(p, arch, compressor), aim) or (
+        (blob, 1.0) if unfitted <= budget else (pack_artifact(quant(8.0), arch, compressor), 8.0))
     if len(blob) > budget:
         log(f"size_fit: no k multiplier up to 8 fits {budget} bytes; keeping the unfitted model")
         return blobs[compressor], raw
@@ -2686,9 +2685,9 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0,
-                    qat_grid: float | None = None):
-    """`qat_grid`: the SDClip k multiplier QAT trained on, if it ran; a re-export keeps its role multipliers."""
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
+    """With the SDClip k multiplier QAT trained on, if it ran (a re-export keeps its role multipliers)."""
+    qat_grid = args.qat_grid_mult if args.qat_ran and args.quant_method == "gptq" else None
     buf = io.BytesIO()
     torch.save({"arch": {k: getattr(args, k) for k in ARCH_KEYS}, "calib_batches": calib_batches,
                 "role_mult": args.role_mult if args.sdclip_balance_batches or qat_grid else None,
@@ -3295,8 +3294,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
     if args.save_checkpoint and dctx.master:
-        qat_grid = args.qat_grid_mult if args.qat_ran and args.quant_method == "gptq" else None
-        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib, qat_grid)
+        save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib)
     return model, hessians
 
 
