@@ -109,7 +109,7 @@ RECIPES: dict[str, dict[str, object]] = {
         ATTN_GATE_SCALE=0.5, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, PARALLEL_START=8,
         TRAIN_LOADER="shuffled", MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97,
         MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar",
-        WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
+        WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965, LATE_QAT_THRESHOLD=0.0,
         DOC_MASK=True, TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048, QUANT_METHOD="gptq",
         GPTQ_RESERVE_SECONDS=12.0, SDCLIP_BALANCE_BATCHES=4, EMBED_FREQ_POWER=0.5, SDCLIP_COLUMN_ROLES="o,embed",
         GPTQ_SWEEPS=1),
@@ -180,7 +180,6 @@ class Hyperparameters:
         # schedule
         self.iterations = env("ITERATIONS", 9000)
         self.warmup_steps = env("WARMUP_STEPS", 20)  # compile warm-up steps, state restored afterwards
-        self.lr_warmup_steps = env("LR_WARMUP_STEPS", 0)  # linear LR warm-up (the record uses none)
         self.warmdown_iters = env("WARMDOWN_ITERS", 3500)
         self.warmdown_frac = env("WARMDOWN_FRAC", 0.0)  # > 0: warmdown over this last fraction of the run instead
         self.min_lr = env("MIN_LR", 0.0)  # LR floor at the end of the warmdown, as a fraction of the base LR
@@ -248,13 +247,7 @@ class Hyperparameters:
         self.adam_eps = env("ADAM_EPS", 1e-8)
         self.grad_clip_norm = env("GRAD_CLIP_NORM", 0.3)  # on the rank-averaged gradient (record: per rank)
         # averaging and QAT
-        self.ema_enabled = env("EMA_ENABLED", True)
-        self.ema_decay = env("EMA_DECAY", 0.997)
-        self.swa_enabled = env("SWA_ENABLED", True)
-        self.swa_every = env("SWA_EVERY", 50)
-        self.swa_threshold = env("SWA_THRESHOLD", 0.2)  # snapshot while the warmdown factor is below this
-        self.export_weights = env("EXPORT_WEIGHTS", "ema")  # ema | swa | ema_swa | live
-        self.qat_enabled = env("QAT_ENABLED", False)  # fake-quant from step 0
+        self.ema_decay = env("EMA_DECAY", 0.997)  # the export weights are the EMA (0: the live weights)
         self.late_qat_threshold = env("LATE_QAT_THRESHOLD", 0.15)  # fake-quant once the warmdown factor < this
         self.qat_grid_mult = env("QAT_GRID_MULT", 1.0)  # QAT's k multiplier (e.g. an earlier run's size_fit k)
         # export
@@ -290,7 +283,6 @@ class Hyperparameters:
         self.ttt_lr = env("TTT_LR", 0.002)
         self.ttt_epochs = env("TTT_EPOCHS", 3)
         self.ttt_chunk_tokens = env("TTT_CHUNK_TOKENS", 32768)
-        self.ttt_freeze_blocks = env("TTT_FREEZE_BLOCKS", 0)
         self.ttt_momentum = env("TTT_MOMENTUM", 0.9)
         self.ttt_batch_seqs = env("TTT_BATCH_SEQS", 32)  # per TTT SGD step (over all ranks) and per scoring batch
         self.ttt_grad_clip = env("TTT_GRAD_CLIP", 1.0)
@@ -320,7 +312,7 @@ class Hyperparameters:
         need(0 <= self.seed < 2**32, "SEED must be in [0, 2**32)")
         for name in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "VOCAB_SIZE", "TRAIN_SEQ_LEN",
                      "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_BATCH_SEQS", "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS",
-                     "SWA_EVERY", "TTT_EPOCHS"):
+                     "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 1, f"{name} must be >= 1")
         need(self.val_tokens == 0 or self.val_tokens >= max(self.train_seq_len, self.eval_seq_len),
              "VAL_TOKENS must be 0 (the full split) or >= max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)")
@@ -330,7 +322,6 @@ class Hyperparameters:
         need(0 <= self.rope_dims <= head_dim and (self.rope_dims or head_dim) % 2 == 0,
              "ROPE_DIMS (or the head dim, when ROPE_DIMS=0) must be even and <= the head dim")
         need(self.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0")
-        need(self.export_weights in ("ema", "swa", "ema_swa", "live"), "EXPORT_WEIGHTS must be ema|swa|ema_swa|live")
         need(self.compressor in ("auto", *COMPRESSORS), "COMPRESSOR must be auto|brotli|zstd|lzma")
         need(self.quant_method in ("search", "gptq"), "QUANT_METHOD must be search|gptq")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must lie in [2, 8]")
@@ -342,11 +333,11 @@ class Hyperparameters:
              "SDCLIP_BALANCE_BATCHES must be >= 0, and > 0 only with QUANT_METHOD=gptq")
         need(0 <= self.embed_freq_power <= 2 and (self.embed_freq_power == 0 or self.quant_method == "gptq"),
              "EMBED_FREQ_POWER must lie in [0, 2], and be > 0 only with QUANT_METHOD=gptq")
-        need(not (self.sdclip_balance_batches and (self.qat_enabled or self.late_qat_threshold > 0)),
+        need(not (self.sdclip_balance_batches and self.late_qat_threshold > 0),
              "SDCLIP_BALANCE_BATCHES with QAT would move the export grid QAT trained on: set SDCLIP_BALANCE_BATCHES=0 "
              "(SDCLIP_ROLE_MULT and QAT_GRID_MULT can carry an earlier balanced run's multipliers and size_fit k)")
         need(set(self.column_roles) <= set(ROLES) and not (self.column_roles and (
-            self.quant_method != "gptq" or self.qat_enabled or self.late_qat_threshold > 0)),
+            self.quant_method != "gptq" or self.late_qat_threshold > 0)),
              f"SDCLIP_COLUMN_ROLES={self.sdclip_column_roles}: roles among {','.join(ROLES)}, or none; column steps "
              f"need QUANT_METHOD=gptq, and not QAT (its grid has row steps only): set SDCLIP_COLUMN_ROLES=none for it")
         need(self.gptq_calib_batches >= 1 and self.gptq_sweeps >= 0 and self.lqer_rank >= 0 and self.lqer_top >= 0,
@@ -1543,11 +1534,10 @@ def warmdown_factor(args: Hyperparameters, step: int, elapsed_ms: float) -> floa
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, float]:
-    """(LR multiplier, warmdown factor): optional linear warm-up times the warmdown, floored at MIN_LR.
-    Late QAT and SWA read the warmdown factor alone."""
-    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps > 0 else 1.0
+    """(LR multiplier, warmdown factor): the warmdown floored at MIN_LR (no warm-up, as in the records). Late QAT
+    reads the warmdown factor alone."""
     down = warmdown_factor(args, step, elapsed_ms)
-    return warm * (args.min_lr + (1 - args.min_lr) * down), down
+    return args.min_lr + (1 - args.min_lr) * down, down
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -1630,18 +1620,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def freeze_grad_rows(model: GPT, blocks: int):
-    """Zero the bank gradients of the first `blocks` layers (their per-block params are frozen outright)."""
-    if blocks <= 0:
-        return
-    L = model.args.num_layers
-    for bank in model.banks():
-        if bank.grad is not None:
-            bank.grad[:blocks].zero_()
-            if bank.size(0) == 2 * L:
-                bank.grad[L:L + blocks].zero_()
-
-
 def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameters, dctx: Dist, log):
     """Legal score-first TTT. Chunk c's windows are scored under no_grad, and only then does the model train
     on chunk c's positions; `scored_end` is the legality guard: training never reads a target past it."""
@@ -1650,51 +1628,43 @@ def ttt_evaluate(model: GPT, logits_fn, loss_fn, val, luts, args: Hyperparameter
     starts, first = window_plan(total, L, stride)
     n_chunks = max(1, math.ceil(total / C))
     chunk_of = torch.clamp((starts + first) // C, max=n_chunks - 1)
-    frozen = tuple(f"blocks.{i}." for i in range(args.ttt_freeze_blocks))
-    params = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(starts)} stride={stride} "
-        f"ttt_lr={args.ttt_lr} ttt_epochs={args.ttt_epochs} freeze_blocks={args.ttt_freeze_blocks}")
-    t0 = time.perf_counter()
-    step = min(args.ttt_chunk_tokens // L, args.ttt_batch_seqs)  # the sequences of a chunk's first SGD step
-    n_mine = len(range(step)[rank_slice(step, dctx.rank, dctx.world_size)])
-    if n_mine > 0 and n_chunks > 1:  # compile the training graph on random tokens (no update is applied)
-        tok = torch.randint(0, args.vocab_size, (n_mine, L + 1), device=dctx.device)
-        with autocast(dctx.device):  # strided views like the real batches', so the compiled graph is reused
-            loss_fn(tok[:, :-1], tok[:, 1:]).backward()
-        opt.zero_grad(set_to_none=False)
-    warm_s = time.perf_counter() - t0
-    log(f"ttt_sliding:warmup time={warm_s:.1f}s")
-    timing = {"warm_s": warm_s}
-    if dctx.world_size < 8 and args.compile:
-        timing["chunk8_s"] = rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args, dctx.device)
-        timing["warm_s"] = time.perf_counter() - t0
-        log(f"ttt_sliding:rank_shape_probe chunk_s={timing['chunk8_s']:.4f} (one rank of 8 GPUs, per chunk)")
-    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
-    t0 = time.perf_counter()
-    for c in range(n_chunks):
-        sel = torch.nonzero(chunk_of == c).squeeze(1)
-        part = sel[rank_slice(len(sel), dctx.rank, dctx.world_size)]
-        sums += score_windows(logits_fn, val, luts, starts[part], first[part], L, args.ttt_batch_seqs, dctx.device)
-        scored_end = min((c + 1) * C, total) if c < n_chunks - 1 else total
-        if c < n_chunks - 1:
-            lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-            ttt_train_chunk(model, loss_fn, opt, params, val, c * C, scored_end, lr, args, dctx)
-        if dctx.master and (c % 10 == 0 or c == n_chunks - 1):
-            _, bpb = bpb_from(sums) if sums[1] > 0 else (0.0, 0.0)
-            secs = time.perf_counter() - t0
-            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={secs:.1f}s "
-                f"eta={secs * (n_chunks - c - 1) / (c + 1):.1f}s")
-    timing["loop_s"] = time.perf_counter() - t0
-    for p in model.parameters():
-        p.requires_grad_(True)
-    loss, bpb = bpb_from(dctx.all_reduce(sums))
-    log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
-    return loss, bpb, timing
+    with base_sgd(model, args.ttt_lr, args) as (params, opt):
+        log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(starts)} stride={stride} "
+            f"ttt_lr={args.ttt_lr} ttt_epochs={args.ttt_epochs}")
+        t0 = time.perf_counter()
+        step = min(args.ttt_chunk_tokens // L, args.ttt_batch_seqs)  # the sequences of a chunk's first SGD step
+        n_mine = len(range(step)[rank_slice(step, dctx.rank, dctx.world_size)])
+        if n_mine > 0 and n_chunks > 1:  # compile the training graph on random tokens (no update is applied)
+            tok = torch.randint(0, args.vocab_size, (n_mine, L + 1), device=dctx.device)
+            with autocast(dctx.device):  # strided views like the real batches', so the compiled graph is reused
+                loss_fn(tok[:, :-1], tok[:, 1:]).backward()
+            opt.zero_grad(set_to_none=False)
+        warm_s = time.perf_counter() - t0
+        log(f"ttt_sliding:warmup time={warm_s:.1f}s")
+        timing = {"warm_s": warm_s}
+        if dctx.world_size < 8 and args.compile:
+            timing["chunk8_s"] = rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args, dctx.device)
+            timing["warm_s"] = time.perf_counter() - t0
+            log(f"ttt_sliding:rank_shape_probe chunk_s={timing['chunk8_s']:.4f} (one rank of 8 GPUs, per chunk)")
+        sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)
+        t0 = time.perf_counter()
+        for c in range(n_chunks):
+            sel = torch.nonzero(chunk_of == c).squeeze(1)
+            part = sel[rank_slice(len(sel), dctx.rank, dctx.world_size)]
+            sums += score_windows(logits_fn, val, luts, starts[part], first[part], L, args.ttt_batch_seqs, dctx.device)
+            scored_end = min((c + 1) * C, total) if c < n_chunks - 1 else total
+            if c < n_chunks - 1:
+                lr = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+                ttt_train_chunk(model, loss_fn, opt, params, val, c * C, scored_end, lr, args, dctx)
+            if dctx.master and (c % 10 == 0 or c == n_chunks - 1):
+                _, bpb = bpb_from(sums) if sums[1] > 0 else (0.0, 0.0)
+                secs = time.perf_counter() - t0
+                log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={secs:.1f}s "
+                    f"eta={secs * (n_chunks - c - 1) / (c + 1):.1f}s")
+        timing["loop_s"] = time.perf_counter() - t0
+        loss, bpb = bpb_from(dctx.all_reduce(sums))
+        log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
+        return loss, bpb, timing
 
 
 def rank_shape_chunk_s(loss_fn, logits_fn, opt, val, luts, args: Hyperparameters, device, reps: int = 3) -> float:
@@ -1751,7 +1721,6 @@ def ttt_train_chunk(model, loss_fn, opt, params, val, start, scored_end, lr, arg
                 with autocast(dctx.device):
                     loss = loss_fn(tok[:, :-1], tok[:, 1:])
                 (loss * (len(batch) * dctx.world_size / step_seqs)).backward()
-            freeze_grad_rows(model, args.ttt_freeze_blocks)
             dctx.mean_([p.grad for p in params])
             if args.ttt_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
@@ -2685,7 +2654,7 @@ def checkpoint_path(artifact_path: str) -> str:
     return (stem[:-5] if stem.endswith(".int6") else stem) + ".pt"
 
 
-def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int = 0):
+def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_batches: int | None = None):
     """With the SDClip k multiplier QAT trained on, if it ran (a re-export keeps its role multipliers)."""
     qat_grid = args.qat_grid_mult if args.qat_ran and args.quant_method == "gptq" else None
     buf = io.BytesIO()
@@ -2701,44 +2670,25 @@ def save_checkpoint(path: str, model: GPT, args: Hyperparameters, log, calib_bat
 
 class WeightAverager:
     """EMA of the weights with the standard warm-up (decay_t = min(EMA_DECAY, (1+t)/(10+t)), so short runs
-    are not dominated by the init) and tight SWA snapshots taken late in the warmdown."""
+    are not dominated by the init). The records also summed "tight SWA" snapshots but never used them."""
 
     def __init__(self, params, args: Hyperparameters, log):
         self.params, self.args, self.log = params, args, log
-        self.ema = [p.detach().float().clone() for p in params] if args.ema_enabled else None
-        self.swa_sum, self.swa_count, self.updates = None, 0, 0
+        self.ema, self.updates = [p.detach().float().clone() for p in params], 0
 
     @torch.no_grad()
-    def update(self, step: int, down: float):
-        if self.ema is not None:
-            decay = min(self.args.ema_decay, (1 + self.updates) / (10 + self.updates))
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+    def update(self):
+        decay = min(self.args.ema_decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
         self.updates += 1
-        if self.args.swa_enabled and down < self.args.swa_threshold and step % self.args.swa_every == 0:
-            if self.swa_sum is None:
-                self.swa_sum = [p.detach().float().clone() for p in self.params]
-                self.log(f"swa:start step:{step}")
-            else:
-                torch._foreach_add_(self.swa_sum, [p.detach().float() for p in self.params])
-            self.swa_count += 1
 
     @torch.no_grad()
     def load_into_model(self) -> str:
-        """Copy the EXPORT_WEIGHTS choice into the live parameters (falling back when it does not exist)."""
-        weights = self.args.export_weights
-        if weights in ("ema", "ema_swa") and self.ema is None:
-            self.log("export_weights: EMA is disabled; exporting live weights")
-            weights = "live"
-        if weights in ("swa", "ema_swa") and self.swa_count == 0:
-            weights = "ema" if self.ema is not None else "live"
-            self.log("export_weights: no SWA snapshot was taken; falling back to " + weights)
-        if weights != "live":
-            swa = [s / self.swa_count for s in self.swa_sum] if self.swa_count else None
-            chosen = {"ema": self.ema, "swa": swa, "ema_swa": [(e + s) / 2 for e, s in zip(self.ema or [], swa or [])]}
-            for p, w in zip(self.params, chosen[weights]):
-                p.copy_(w)
-        self.log(f"export_weights:{weights}")
-        return weights
+        """Copy the EMA into the live parameters."""
+        for p, w in zip(self.params, self.ema):
+            p.copy_(w)
+        self.log("export_weights:ema")
+        return "ema"
 
 
 def all_finite(flag: torch.Tensor, dctx: Dist) -> bool:
@@ -2758,7 +2708,8 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     layer; the LM head's from the final-norm output) and each token's count ("tokens"), summed over up to
     `batches` training batches of TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training
     data only. With `seconds` (the smallest over ranks, so all stop together), stops before the next batch would
-    overrun them: calibration belongs to the training wall clock."""
+    overrun them (the loader's one-off set-up is not projected per batch): calibration belongs to the training
+    wall clock."""
     PROGRESS["phase"] = "calibrate"
     t0 = time.perf_counter()
     if seconds is not None:
@@ -2767,11 +2718,13 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     loader = train_loader(args, dctx, shard_files(args.data_path, "train"), local)
     store, done = {"tokens": torch.zeros(args.vocab_size, dtype=torch.float64, device=dctx.device)}, 0
     model.set_hessian_store(store)
+    t_loop = time.perf_counter()
     try:
         while done < batches:
-            elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64, device=dctx.device)
-            elapsed = dctx.all_reduce(elapsed, dist.ReduceOp.MAX).item()
-            if seconds is not None and elapsed * (done + 1) / max(done, 1) > seconds:
+            now = time.perf_counter()
+            spent = torch.tensor([now - t0, (now - t_loop) / max(done, 1)], dtype=torch.float64, device=dctx.device)
+            elapsed, per_batch = dctx.all_reduce(spent, dist.ReduceOp.MAX).tolist()
+            if seconds is not None and elapsed + per_batch > seconds:
                 break
             x, _ = loader.next_batch()
             store["tokens"] += torch.bincount(x.flatten(), minlength=args.vocab_size)
@@ -2791,21 +2744,27 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
 
 
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
-    """Before the timed run: time a few calibration batches (Hessians discarded) and shorten the reserve to
-    1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the role balance's passes), at most
-    GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at
-    the cap if it runs slower than projected. One untimed batch first: the first eager pass pays one-off
+    """Before the timed run: time calibrations of 1 and 1 + `probe_batches` batches (Hessians discarded): their
+    difference is the time a batch takes, the rest the loader's set-up (an epoch's plan over every shard with
+    TRAIN_LOADER=shuffled). Shorten the reserve to 1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the
+    role balance's passes and loader), at most GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still
+    stops at the cap if it runs slower than projected. One untimed batch first: the first eager pass pays one-off
     start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
-    t = time.perf_counter()
-    collect_hessians(model, args, dctx, lambda msg: None, probe_batches)
-    per_batch = dctx.all_reduce(torch.tensor((time.perf_counter() - t) / probe_batches, dtype=torch.float64,
-                                             device=dctx.device), dist.ReduceOp.MAX).item()
+    spent = []
+    for batches in (1, 1 + probe_batches):
+        t = time.perf_counter()
+        collect_hessians(model, args, dctx, lambda msg: None, batches)
+        spent.append(time.perf_counter() - t)
+    spent = torch.tensor([(spent[1] - spent[0]) / probe_batches, spent[0]], dtype=torch.float64, device=dctx.device)
+    per_batch, one = dctx.all_reduce(spent, dist.ReduceOp.MAX).tolist()
+    setup = max(one - per_batch, 0.0)
+    balance = args.sdclip_balance_batches > 0
     passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
-    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * per_batch * passes + (args.sdclip_balance_batches > 0))
+    reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * (per_batch * passes + setup * (1 + balance)) + balance)
     args.train_cap_s = args.max_wallclock_seconds - reserve
-    log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, at most "
-        f"GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
+    log(f"gptq_reserve:{reserve:.1f}s ({1000 * per_batch:.0f} ms per calibration batch, {setup:.2f}s loader set-up, "
+        f"at most GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g}) training_cap:{args.train_cap_s:.1f}s")
 
 
 def clip_sharded(full: list[torch.Tensor], shards: list[torch.Tensor], max_norm: float, dctx: Dist):
@@ -2861,7 +2820,7 @@ class Trainer:
     def graph_variants(self) -> list[tuple[bool, bool]]:
         """Every (qat, looped) forward graph the run can reach; the one it starts with first."""
         a = self.args
-        qats = dict.fromkeys([a.qat_enabled, a.qat_enabled or a.late_qat_threshold > 0])
+        qats = dict.fromkeys([False, a.late_qat_threshold > 0])
         loops = dict.fromkeys([a.num_loops > 0 and a.enable_looping_at == 0, a.num_loops > 0])
         return [(q, lp) for q in qats for lp in loops]
 
@@ -2898,7 +2857,7 @@ class Trainer:
         Returns the number of steps and the training time in ms."""
         args, dctx, log = self.args, self.dctx, self.log
         loader = self.new_loader()
-        qat, looped = args.qat_enabled, args.num_loops > 0 and args.enable_looping_at == 0
+        qat, looped = False, args.num_loops > 0 and args.enable_looping_at == 0
         train_ms, step, stop_after, train_loss, logged = 0.0, 0, None, None, 0
         finite = torch.ones((), dtype=torch.bool, device=dctx.device)  # read every 10 steps: no per-step sync
         PROGRESS["phase"] = "train"
@@ -2906,7 +2865,7 @@ class Trainer:
         t0 = time.perf_counter()
         while True:
             elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            if dctx.enabled:  # every rank must take the same LR/QAT/SWA/stop decisions: share the slowest clock
+            if dctx.enabled:  # every rank must take the same LR/QAT/stop decisions: share the slowest clock
                 elapsed = dctx.all_reduce(torch.tensor(elapsed, dtype=torch.float64, device=dctx.device),
                                           dist.ReduceOp.MAX).item()
             if stop_after is None and args.train_cap_s > 0 and elapsed >= 1000 * args.train_cap_s:
@@ -2950,7 +2909,7 @@ class Trainer:
             if (step % 10 == 0 or step == args.iterations) and not all_finite(finite, dctx):
                 raise SystemExit(f"error: the training loss became non-finite at or before step {step} "
                                  f"(diverged: check the learning rates); stopping, no artifact written")
-            averager.update(step, down)
+            averager.update()
             if step <= 10 or (args.train_log_every > 0 and step % args.train_log_every == 0):
                 self.log_train_step(step, train_loss, train_ms + 1000 * (time.perf_counter() - t0))
                 logged = step
@@ -3193,6 +3152,9 @@ def start_run(args: Hyperparameters, dctx: Dist, log) -> bytes:
         log(f"warning: environment variable {name} looks like a knob but this script does not read it")
     if stray and args.strict_env:
         raise SystemExit(f"error: STRICT_ENV=1 and the environment sets unknown knobs: {', '.join(stray)}")
+    if len(counted) >= args.size_limit and not args.eval_only_path:
+        raise SystemExit(f"error: SIZE_LIMIT={args.size_limit} leaves no bytes for a model: the code alone counts "
+                         f"{len(counted)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -3281,7 +3243,7 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights = averager.load_into_model()
-    hessians, calib = None, 0
+    hessians, calib = None, None
     if args.quant_method == "gptq":
         cap, t = args.max_wallclock_seconds, time.perf_counter()
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
@@ -3294,7 +3256,9 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
     if args.save_checkpoint and dctx.master:
+        t = time.perf_counter()
         save_checkpoint(checkpoint_path(args.artifact_path), model, args, log, calib)
+        results["checkpoint_s"] = time.perf_counter() - t
     return model, hessians
 
 
@@ -3308,7 +3272,8 @@ def load_checkpoint(args: Hyperparameters, dctx: Dist, log, val, luts, results: 
     log(f"export_only_from:{args.export_only_from}")
     hessians = None
     if args.quant_method == "gptq":
-        calib = saved.get("calib_batches") or args.gptq_calib_batches  # 0: that run did not calibrate
+        calib = saved.get("calib_batches")  # None: that run did not use GPTQ
+        calib = args.gptq_calib_batches if calib is None else calib
         hessians, _ = collect_hessians(model, args, dctx, log, calib)
         if saved.get("qat_grid"):  # QAT's role multipliers, no balance or column steps; the fit re-chooses k
             args.sdclip_balance_batches, args.qat_grid_mult, args.role_mult = 0, saved["qat_grid"], saved["role_mult"]
@@ -3329,7 +3294,7 @@ def measure_pre_quant(logits_fn, weights: str, args: Hyperparameters, dctx: Dist
     vl, vb = evaluate(logits_fn, val, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, dctx)
     log(f"DIAGNOSTIC post_{weights} val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     log(f"DIAGNOSTIC post_{weights}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
-    results["pre_quant"] = vb
+    results["pre_quant"], results["diagnostic_s"] = vb, time.perf_counter() - t
 
 
 def export_model(args: Hyperparameters, dctx: Dist, log, model: GPT, hessians, code: bytes, results: dict) -> int:
@@ -3386,8 +3351,9 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     full_tokens, source = fineweb_val_tokens(args, val, luts)
     log(f"eval_projection fineweb_val_tokens:{full_tokens} ({source})")
     budget = EvalBudget(log, val.numel() - 1, dctx.world_size, full_tokens)
-    if "export_s" in results:  # after the training cap: counted against the evaluation's budget too
-        budget.add("export", results["export_s"], results["export_s"])
+    after_train = {p: results[p + "_s"] for p in ("diagnostic", "checkpoint", "export") if p + "_s" in results}
+    for phase, secs in after_train.items():  # after the training cap: counted against the evaluation's budget too
+        budget.add(phase, secs, 0.0 if phase == "diagnostic" else secs)
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len
     t = time.perf_counter()
@@ -3414,7 +3380,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     if args.ttt_enabled:
         t = time.perf_counter()
         if args.ttt_mode == "phased":
-            deadline = ttt_deadline(args, dctx, t_all - results.get("export_s", 0.0))
+            deadline = ttt_deadline(args, dctx, t_all - sum(after_train.values()))
             vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log, deadline)
         else:
             loss_fn = torch.compile(model, dynamic=False) if args.compile else model

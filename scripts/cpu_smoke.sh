@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 data/make_smoke_dataset.py
 if [ "${RECIPE:-frontier}" = r549 ]; then  # tiny versions of each recipe's layer-indexed features
-  RECIPE_KNOBS="BIGRAM_VOCAB_SIZE=256 BIGRAM_DIM=32 VE_DIM=32 VE_LAYERS=2,3 XSA_LAST_N=2 SWA_EVERY=5"
+  RECIPE_KNOBS="BIGRAM_VOCAB_SIZE=256 BIGRAM_DIM=32 VE_DIM=32 VE_LAYERS=2,3 XSA_LAST_N=2"
 else
   RECIPE_KNOBS="LOOP_START=1 LOOP_END=2 PARALLEL_START=3 ENABLE_LOOPING_AT=0.3"
 fi

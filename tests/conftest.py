@@ -76,14 +76,14 @@ RUN_SPECS: dict[str, tuple[dict, int, str | None]] = {
     # a training run whose final evaluation is phased TTT, and an eval-only run of its artifact
     "phased_train": ({k: v for k, v in PHASED.items() if k != "EVAL_ONLY_PATH"}, 1, None),
     "phased_train_eval": (PHASED | {"EVAL_ONLY_PATH": "<phased_train>"}, 1, "phased_train"),
-    # SWA: one snapshot at step 3 only (ITERATIONS=5, warmdown at step 2 = 3/5 < 0.7); exported with lzma
-    "exp_swa": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, SWA_EVERY=3, SWA_THRESHOLD=0.7, VAL_LOSS_EVERY=3,
-                     EXPORT_WEIGHTS="swa", COMPRESSOR="lzma"), 1, None),
-    # EMA_DECAY=1: only the warm-up decay (1+t)/(10+t) moves the EMA; SWA disabled -> falls back to EMA
-    "exp_ema1": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=1, EXPORT_WEIGHTS="swa",
-                      SWA_ENABLED=0), 1, None),
-    # live weights, artifact over a 1000-byte cap (size fitting cannot get there)
-    "exp_over": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EXPORT_WEIGHTS="live", SIZE_LIMIT=1000), 1, None),
+    # the live weights (EMA_DECAY=0) exported with lzma
+    "exp_lzma": (dict(SHORT, ITERATIONS=5, WARMDOWN_ITERS=5, VAL_LOSS_EVERY=5, EMA_DECAY=0, COMPRESSOR="lzma"), 1,
+                 None),
+    # EMA_DECAY=1: only the warm-up decay (1+t)/(10+t) moves the EMA
+    "exp_ema1": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=1), 1, None),
+    # live weights, artifact over a cap 1000 bytes above the code's (size fitting cannot get there)
+    "exp_over": (dict(SHORT, ITERATIONS=4, VAL_LOSS_EVERY=2, EMA_DECAY=0,
+                      SIZE_LIMIT=len(tg.compact_code(H.TRAIN_GPT.read_bytes())) + 1000), 1, None),
     # acc_1p again with a cap 10% below its model size: SIZE_FIT must coarsen the int6 steps until it fits
     # re-export the tiny frontier run's checkpoint: GPTQ recalibrated on as many batches must give the same bytes
     "frontier_export_only": ({**FRONTIER_ACC, "EXPORT_ONLY_FROM": lambda dep: tg.checkpoint_path(str(dep.artifact))},

@@ -27,7 +27,7 @@ FRONTIER = dict(
     LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, PARALLEL_START=8, TRAIN_LOADER="shuffled", MATRIX_LR=0.026,
     SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085,
     BETA2=0.99, MUON_ROW_NORM=True, MUON_NS="polar", WARMDOWN_FRAC=0.85, MIN_LR=0.10, EMA_DECAY=0.9965,
-    SWA_ENABLED=False, LATE_QAT_THRESHOLD=0.0,
+    LATE_QAT_THRESHOLD=0.0,
     DOC_MASK=True,  # the records' varlen attention: within BOS-to-BOS documents
     TTT_LR=0.005, TTT_MODE="phased", EVAL_STRIDE=2048,
     QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=12.0,
@@ -280,7 +280,6 @@ def test_looped_flag_changes_the_forward_only_with_loops(make_args):
     (dict(), [(False, False), (True, False)]),  # r549: late QAT only
     (dict(NUM_LOOPS="1", ENABLE_LOOPING_AT="0.35", LATE_QAT_THRESHOLD="0"), [(False, False), (False, True)]),
     (dict(NUM_LOOPS="1", ENABLE_LOOPING_AT="0"), [(False, True), (True, True)]),
-    (dict(NUM_LOOPS="1", ENABLE_LOOPING_AT="0.3", QAT_ENABLED="1"), [(True, False), (True, True)]),
     # late QAT may fire before or after the recurrence switches on: all four graphs are reachable
     (dict(NUM_LOOPS="1", ENABLE_LOOPING_AT="0.3"), [(False, False), (False, True), (True, False), (True, True)]),
     (dict(LATE_QAT_THRESHOLD="0"), [(False, False)]),
@@ -326,8 +325,7 @@ def test_no_recompile_after_warm_up(make_args, train_shard):
     """Warm-up compiles every graph the run reaches; the timed run then adds none (eager backend, CPU)."""
     from torch._dynamo.utils import counters
     tr, logs = _trainer(make_args, train_shard, ITERATIONS="10", NUM_LOOPS="1", LOOP_START="1", LOOP_END="1",
-                        ENABLE_LOOPING_AT="0.3", LATE_QAT_THRESHOLD="0.3", WARMDOWN_FRAC="0.5", WARMUP_STEPS="3",
-                        SWA_ENABLED="0")
+                        ENABLE_LOOPING_AT="0.3", LATE_QAT_THRESHOLD="0.3", WARMDOWN_FRAC="0.5", WARMUP_STEPS="3")
     variants = [(False, False), (False, True), (True, False), (True, True)]
     assert tr.graph_variants() == variants
     torch._dynamo.reset()
@@ -682,11 +680,8 @@ def test_muon_passes_polar_and_build_optimizers_wires_the_knobs(make_args, ns_in
     # ... whichever ends the run first: ITERATIONS, (120 - 100) / 30; the cap, 5 s left of 30 steps of 550 ms
     (dict(ITERATIONS="120", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 20000.0, 2 / 3, 2 / 3),
     (dict(ITERATIONS="120", WARMDOWN_ITERS="30", MAX_WALLCLOCK_SECONDS="60"), 100, 55000.0, 5 / 16.5, 5 / 16.5),
-    # linear LR warm-up multiplies the LR only; the warmdown factor stays 1
-    (dict(ITERATIONS="100", LR_WARMUP_STEPS="10", WARMDOWN_ITERS="10"), 0, 0.0, 0.1, 1.0),
-    (dict(ITERATIONS="100", LR_WARMUP_STEPS="10", WARMDOWN_ITERS="10"), 4, 0.0, 0.5, 1.0),
-    (dict(ITERATIONS="100", LR_WARMUP_STEPS="10", WARMDOWN_ITERS="10"), 9, 0.0, 1.0, 1.0),
-    (dict(ITERATIONS="10", LR_WARMUP_STEPS="10", WARMDOWN_FRAC="0.5", MIN_LR="0.5"), 8, 0.0, 0.9 * 0.7, 0.4),
+    # MIN_LR floors the LR multiplier only; the warmdown factor goes to 0
+    (dict(ITERATIONS="10", WARMDOWN_FRAC="0.5", MIN_LR="0.5"), 8, 0.0, 0.7, 0.4),
 ])
 def test_lr_scale_values(make_args, knobs, step, elapsed_ms, scale, down):
     a = make_args(**dict(dict(MAX_WALLCLOCK_SECONDS="0"), **knobs))
@@ -696,29 +691,25 @@ def test_lr_scale_values(make_args, knobs, step, elapsed_ms, scale, down):
     assert tg.warmdown_factor(a, step, elapsed_ms) == pytest.approx(down, abs=1e-12)
 
 
-def test_lr_warm_up_never_triggers_late_qat_or_swa(make_args, train_shard):
-    # down(s) = min(1, (6 - s) / 4) = 1, 1, 1, .75, .5, .25; the LR warm-up makes the scale 0.1 at step 0
-    tr, logs = _trainer(make_args, train_shard, ITERATIONS="6", WARMDOWN_ITERS="4", LR_WARMUP_STEPS="10",
-                        LATE_QAT_THRESHOLD="0.3", SWA_ENABLED="1", SWA_THRESHOLD="0.3", SWA_EVERY="1",
-                        EXPORT_WEIGHTS="swa")
+def test_late_qat_and_the_lrs_follow_the_warmdown(make_args, train_shard):
+    # down(s) = min(1, (6 - s) / 4) = 1, 1, 1, .75, .5, .25
+    tr, logs = _trainer(make_args, train_shard, ITERATIONS="6", WARMDOWN_ITERS="4", LATE_QAT_THRESHOLD="0.3")
     seen = _record_steps(tr)
     averager = tg.WeightAverager(tr.params, tr.args, logs.append)
     tr.run(lambda looped: (0.0, 0.0), averager)
     down = [1, 1, 1, 0.75, 0.5, 0.25]
     assert [s[0] for s in seen] == [False] * 5 + [True]
     assert "late_qat:enabled step:5 warmdown:0.2500" in logs
-    assert [line for line in logs if line.startswith("swa:start")] == ["swa:start step:6"]
-    assert averager.swa_count == 1
     a = tr.args
     for s, (_, _, lrs) in enumerate(seen):
-        f = (s + 1) / 10 * down[s]
+        f = down[s]
         assert lrs == pytest.approx([a.tied_embed_lr * f, a.scalar_lr * f, a.matrix_lr * f], rel=1e-12), s
 
 # ----------------------------------------------------------------------------- EMA warm-up
 
 
 def test_weight_averager_warm_up_recursion(make_args):
-    a = make_args(EMA_DECAY="0.6", SWA_ENABLED="0")
+    a = make_args(EMA_DECAY="0.6")
     p = torch.nn.Parameter(torch.tensor([0.0]))
     avg = tg.WeightAverager([p], a, lambda msg: None)
     values = [float(v * v - 3 * v) for v in range(1, 17)]
@@ -731,7 +722,7 @@ def test_weight_averager_warm_up_recursion(make_args):
     for t, v in enumerate(values):
         with torch.no_grad():
             p.fill_(v)
-        avg.update(1000 + 7 * t, 1.0)  # t counts updates, whatever the step number
+        avg.update()
         got.append(avg.ema[0].item())
     assert got[0] == pytest.approx(0.9 * values[0], rel=1e-6)  # decay 0.1 at t = 0
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
@@ -739,28 +730,27 @@ def test_weight_averager_warm_up_recursion(make_args):
 
 
 def test_ema_decay_zero_is_the_live_weights(make_args):
-    a = make_args(EMA_DECAY="0", SWA_ENABLED="0")
+    a = make_args(EMA_DECAY="0")
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     avg = tg.WeightAverager([p], a, lambda msg: None)
     for v in (5.0, -3.0):
         with torch.no_grad():
             p.fill_(v)
-        avg.update(1, 1.0)
+        avg.update()
         assert torch.equal(avg.ema[0], torch.full((2,), v))
 
 
 def test_trained_model_exports_the_hand_computed_warm_up_ema(make_args, train_shard):
     """A short in-process run: the exported EMA is the warm-up average of the weights after each step."""
     # decay_t = (1+t)/(10+t) until it reaches EMA_DECAY=0.6 at t = 13; no warmdown, so the weights keep moving
-    tr, logs = _trainer(make_args, train_shard, ITERATIONS="16", EMA_DECAY="0.6", WARMDOWN_ITERS="0",
-                        SWA_ENABLED="0", EXPORT_WEIGHTS="ema")
+    tr, logs = _trainer(make_args, train_shard, ITERATIONS="16", EMA_DECAY="0.6", WARMDOWN_ITERS="0")
     init = [p.detach().double().clone() for p in tr.params]
     averager = tg.WeightAverager(tr.params, tr.args, logs.append)
     snaps, real = [], averager.update
 
-    def update(step, down):
+    def update():
         snaps.append([p.detach().double().clone() for p in tr.params])
-        real(step, down)
+        real()
 
     averager.update = update
     tr.run(lambda looped: (0.0, 0.0), averager)

@@ -452,6 +452,28 @@ def test_calibration_stops_inside_its_time(make_args, tiny_data):
     assert 1 <= n < 50, "stops before a batch would overrun the seconds left"
 
 
+def test_calibration_does_not_project_the_loaders_set_up_per_batch(make_args, tiny_data, monkeypatch):
+    """A loader that takes 5 s to build (an epoch's plan over 80 shards) and 0.1 s batches: 7.45 s hold 24 batches,
+    not the one batch that 5 s projected per batch would allow."""
+    a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data), TRAIN_BATCH_TOKENS="4096")
+    now, build = [0.0], tg.train_loader
+
+    def slow_loader(*args):
+        loader, now[0] = build(*args), now[0] + 5.0
+        batch = loader.next_batch
+
+        def next_batch():
+            now[0] += 0.1
+            return batch()
+        loader.next_batch = next_batch
+        return loader
+
+    monkeypatch.setattr(tg, "train_loader", slow_loader)
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    _, n = tg.collect_hessians(tg.GPT(a), a, H.DistStub(), lambda msg: None, 50, seconds=7.45)
+    assert n == 24 and now[0] <= 7.45
+
+
 def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
     """Every rank must stop after the same batch: the seconds left are agreed (MIN) before the loop."""
     a = make_args(**TINY_FRONTIER, DATA_PATH=str(tiny_data))
@@ -468,7 +490,8 @@ def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
 def test_a_re_export_calibrates_on_the_checkpoints_batches_or_gptq_calib_batches(make_args, tiny_data, tmp_path,
                                                                                  monkeypatch):
     """EXPORT_ONLY_FROM: a checkpoint stores how many batches its run calibrated on, which the re-export
-    reproduces; none (a QUANT_METHOD=search run) means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
+    reproduces, 0 included (no batch fit in its reserve: rounded to nearest); none (a QUANT_METHOD=search run)
+    means GPTQ_CALIB_BATCHES when the re-export uses GPTQ."""
     a = make_args(DATA_PATH=str(tiny_data))
     path = str(tmp_path / "search.pt")
     asked = []
@@ -478,13 +501,13 @@ def test_a_re_export_calibrates_on_the_checkpoints_batches_or_gptq_calib_batches
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tg, "collect_hessians", collect)
-    for calib in (0, 3):  # a run that did not calibrate (QUANT_METHOD=search, or no batch fit); 3 batches
+    for calib in (None, 0, 3):  # a run without GPTQ; a GPTQ run that fit no batch; 3 batches
         tg.save_checkpoint(path, tg.GPT(a), a, lambda msg: None, calib_batches=calib)
         b = make_args(RECIPE="r549", QUANT_METHOD="gptq", DATA_PATH=str(tiny_data), EXPORT_ONLY_FROM=path,
                       GPTQ_CALIB_BATCHES="5")  # no reserve: an export-only run calibrates outside any cap
         with pytest.raises(KeyboardInterrupt):
             tg.load_checkpoint(b, H.DistStub(), lambda msg: None, None, None, {})
-    assert asked == [5, 3]
+    assert asked == [5, 0, 3]
 
 
 def test_gptq_reserve_shortens_training_only_with_gptq(make_args):
@@ -768,9 +791,8 @@ def test_late_qat_on_the_gptq_grid_is_kept_by_the_export_and_a_re_export(make_ar
 
 def test_role_balance_refuses_qat(make_args):
     """Balancing after QAT would move the grid QAT trained on."""
-    for qat in (dict(LATE_QAT_THRESHOLD="0.15"), dict(QAT_ENABLED="1", LATE_QAT_THRESHOLD="0")):
-        with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES with QAT would move"):
-            make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", **qat)
+    with pytest.raises(SystemExit, match="SDCLIP_BALANCE_BATCHES with QAT would move"):
+        make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", LATE_QAT_THRESHOLD="0.15")
     assert make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", SDCLIP_BALANCE_BATCHES="0",
                      LATE_QAT_THRESHOLD="0.15").late_qat_threshold == 0.15
 
@@ -780,8 +802,8 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
                   GPTQ_CALIB_BATCHES="40", SDCLIP_BALANCE_BATCHES="0")
     now, calls = [0.0], []
 
-    def collect(model, args, dctx, log, batches, seconds=None):  # a 20 s cold start, then `per_batch` a batch
-        now[0] += (0.0 if calls else 20.0) + per_batch * batches
+    def collect(model, args, dctx, log, batches, seconds=None):  # a 20 s cold start, a 0.4 s loader set-up,
+        now[0] += (0.0 if calls else 20.0) + 0.4 + per_batch * batches  # then `per_batch` a batch
         calls.append(batches)
         return {}, batches
 
@@ -790,11 +812,12 @@ def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypa
     logs = []
     per_batch = 0.1
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
-    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * 40)  # the cold start is not projected
-    assert logs[0].startswith("gptq_reserve:7.0s (100 ms per calibration batch")
-    a.sdclip_balance_batches = 2  # and the role balance's 8 passes of 2 batches
+    # neither the cold start nor the loader's set-up is projected per batch; the set-up counts once
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * (0.1 * 40 + 0.4))
+    assert logs[0].startswith("gptq_reserve:7.6s (100 ms per calibration batch, 0.40s loader set-up")
+    a.sdclip_balance_batches = 2  # and the role balance's 8 passes of 2 batches, its own loader, its GPTQ pass
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
-    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * 0.1 * (40 + 16) + 1.0)  # + 1 s for its GPTQ pass
+    assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * (0.1 * (40 + 16) + 2 * 0.4) + 1.0)
     a.sdclip_balance_batches = 0
     per_batch, calls[:] = 1.0, []  # a slow calibration keeps the configured reserve
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
@@ -848,8 +871,7 @@ def test_column_steps_apply_to_their_roles_and_dequantize_exactly(make_args, tmp
     assert make_args(**TINY_FRONTIER).column_roles == ("o", "embed")
     assert make_args(**TINY_FRONTIER, SDCLIP_COLUMN_ROLES="none", SDCLIP_BALANCE_BATCHES="0",
                      LATE_QAT_THRESHOLD="0.5").column_roles == ()
-    for bad in (dict(SDCLIP_COLUMN_ROLES="x"), dict(QUANT_METHOD="search"), dict(LATE_QAT_THRESHOLD="0.5"),
-                dict(QAT_ENABLED="1")):
+    for bad in (dict(SDCLIP_COLUMN_ROLES="x"), dict(QUANT_METHOD="search"), dict(LATE_QAT_THRESHOLD="0.5")):
         with pytest.raises(SystemExit, match="SDCLIP_COLUMN_ROLES"):
             make_args(**{"QUANT_METHOD": "gptq", "LATE_QAT_THRESHOLD": "0", "SDCLIP_COLUMN_ROLES": "o", **bad})
 

@@ -536,6 +536,15 @@ def test_stray_knobs_are_warned_about(make_args, monkeypatch):
                              "(did you mean NUM_LAYERS?)")
 
 
+def test_a_size_limit_the_code_fills_stops_the_run_at_start(make_args, monkeypatch):
+    _no_stray_env(monkeypatch, make_args)
+    code = len(tg.code_info()[1])
+    with pytest.raises(SystemExit, match=f"SIZE_LIMIT={code} leaves no bytes for a model: the code alone counts {code}"):
+        tg.start_run(make_args(SIZE_LIMIT=str(code)), H.DistStub(), lambda msg: None)
+    tg.start_run(make_args(SIZE_LIMIT=str(code), EVAL_ONLY_PATH="x.ptz"), H.DistStub(), lambda msg: None)  # no export
+    tg.start_run(make_args(SIZE_LIMIT=str(code + 1)), H.DistStub(), lambda msg: None)
+
+
 def test_strict_env_stops_the_run_at_start(tmp_path, tiny_data, monkeypatch, make_args):
     _no_stray_env(monkeypatch, make_args)
     run = cli(tmp_path / "run", "strict", tiny_data, STRICT_ENV=1, NUM_LAYER=3, LATE_QAT=1)

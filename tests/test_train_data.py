@@ -136,12 +136,12 @@ def test_malformed_env_var_names_the_variable(make_args, name, value):
 
 def test_env_vars_are_typed_like_their_defaults(make_args):
     a = make_args(NUM_LAYERS="5", VE_ENABLED="0", MLP_MULT="2", VE_LAYERS="3, 4", MAX_WALLCLOCK_SECONDS="12.5",
-                  EXPORT_WEIGHTS="live")
+                  TTT_MODE="sgd")
     assert a.num_layers == 5 and type(a.num_layers) is int
     assert a.ve_enabled is False
     assert a.mlp_mult == 2.0 and type(a.mlp_mult) is float
     assert a.ve_layers == [3, 4]
-    assert a.max_wallclock_seconds == 12.5 and a.export_weights == "live"
+    assert a.max_wallclock_seconds == 12.5 and a.ttt_mode == "sgd"
     assert tg.CONFIG["NUM_LAYERS"] == 5 and tg.CONFIG["VE_ENABLED"] is False
     b = make_args(VE_ENABLED="")  # empty = default
     assert b.ve_enabled is True
@@ -156,12 +156,11 @@ def test_env_vars_are_typed_like_their_defaults(make_args):
     (dict(EVAL_STRIDE="0"), "EVAL_STRIDE"),
     (dict(EVAL_STRIDE="4096", TTT_ENABLED="1", TTT_MODE="sgd"), "EVAL_STRIDE must be <= EVAL_SEQ_LEN"),
     (dict(EVAL_STRIDE="65"), "EVAL_STRIDE"),
-    (dict(EXPORT_WEIGHTS="best"), "EXPORT_WEIGHTS"),
     (dict(COMPRESSOR="gzip"), "COMPRESSOR"),
     (dict(BIGRAM_VOCAB_SIZE="1"), "BIGRAM_VOCAB_SIZE"),
     (dict(GPTQ_CLIP_FRACS="1.0,1.5"), "GPTQ_CLIP_FRACS"),
     (dict(ATTENTION_BACKEND="flash"), "ATTENTION_BACKEND"),
-    (dict(SWA_EVERY="0"), "SWA_EVERY"),
+    (dict(TTT_EPOCHS="0"), "TTT_EPOCHS"),
     (dict(EVAL_BATCH_SEQS="0"), "EVAL_BATCH_SEQS"),
     (dict(NUM_KV_HEADS="0"), "NUM_KV_HEADS"),
     (dict(TTT_BATCH_SEQS="0"), "TTT_BATCH_SEQS"),
