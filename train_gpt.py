@@ -2164,13 +2164,14 @@ def role_knob(mults: dict[str, float]) -> str:
 
 
 def balance_roles(model: GPT, args: Hyperparameters, dctx: Dist, log, hessians: dict, skip_batches: int,
-                  seconds: float | None = None, per_batch: float = 0.0):
+                  seconds: float | None = None, timing: dict | None = None):
     """SDCLIP_BALANCE_BATCHES: with each role's exported matrices (GPTQ at k x1) alone in the model, the loss
     increase on that many training batches (after the `skip_batches` GPTQ was calibrated on); then the multipliers
     of balanced_mults, on top of SDCLIP_ROLE_MULT. Training data, so inside the training wall clock: skipped,
-    before any work, when `seconds` do not cover 1 s + 1.5 x its passes at `per_batch` s each."""
-    n = args.sdclip_balance_batches
-    need = 1.0 + 1.5 * per_batch * (len(ROLES) + 1) * n
+    before any work, when `seconds` do not cover 1 s + 1.5 x (its passes and its loader's set-up, timed as the
+    calibration's in `timing`)."""
+    n, timing = args.sdclip_balance_batches, timing or {}
+    need = 1.0 + 1.5 * (timing.get("per_batch", 0.0) * (len(ROLES) + 1) * n + timing.get("setup", 0.0))
     margin = torch.tensor(need - (math.inf if seconds is None else seconds), dtype=torch.float64, device=dctx.device)
     if dctx.all_reduce(margin, dist.ReduceOp.MAX).item() > 0:  # every rank decides alike
         log(f"sdclip_balance: skipped, its passes need about {need:.1f}s of the {seconds:.1f}s left")
@@ -2703,13 +2704,13 @@ def calibration_tokens(args: Hyperparameters, dctx: Dist) -> int:
 
 @torch.no_grad()
 def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches: int,
-                     seconds: float | None = None) -> tuple[dict, int]:
+                     seconds: float | None = None, timing: dict | None = None) -> tuple[dict, int]:
     """GPTQ calibration: the Gram matrices x^T x of every quantized matrix's inputs (all passes of a looped
     layer; the LM head's from the final-norm output) and each token's count ("tokens"), summed over up to
     `batches` training batches of TRAIN_BATCH_TOKENS/8 tokens, split over the ranks as in training. Training
     data only. With `seconds` (the smallest over ranks, so all stop together), stops before the next batch would
     overrun them (the loader's one-off set-up is not projected per batch): calibration belongs to the training
-    wall clock."""
+    wall clock. `timing` receives this rank's loader set-up and mean batch seconds."""
     PROGRESS["phase"] = "calibrate"
     t0 = time.perf_counter()
     if seconds is not None:
@@ -2736,29 +2737,28 @@ def collect_hessians(model: GPT, args: Hyperparameters, dctx: Dist, log, batches
     for key in sorted(store):
         dctx.all_reduce(store[key])
     sync(dctx.device)
+    if timing is not None:
+        timing.update(setup=t_loop - t0, per_batch=(time.perf_counter() - t_loop) / max(done, 1))
     log(f"gptq_calibration: batches:{done}/{batches} tokens:{done * local * dctx.world_size} "
         f"hessians:{len(store) - 1} time:{time.perf_counter() - t0:.1f}s")
     if done == 0:
-        log("warning: no calibration batch fit inside the wall clock: the export rounds every matrix to nearest")
+        why = "fit inside the wall clock" if batches else "(the checkpoint's run calibrated on none)"
+        log(f"warning: no calibration batch {why}: the export rounds every matrix to nearest")
     return store, done
 
 
 def size_gptq_reserve(model: GPT, args: Hyperparameters, dctx: Dist, log, probe_batches: int = 3):
-    """Before the timed run: time calibrations of 1 and 1 + `probe_batches` batches (Hessians discarded): their
-    difference is the time a batch takes, the rest the loader's set-up (an epoch's plan over every shard with
-    TRAIN_LOADER=shuffled). Shorten the reserve to 1 s + 1.5 x the projected calibration time (and 1 s + 1.5 x the
-    role balance's passes and loader), at most GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still
-    stops at the cap if it runs slower than projected. One untimed batch first: the first eager pass pays one-off
-    start-up costs (once 64 s on two GPUs, where 64 batches then took 2.5 s)."""
+    """Before the timed run: time a few calibration batches (Hessians discarded) apart from their loader's set-up
+    (an epoch's plan over every shard with TRAIN_LOADER=shuffled), and shorten the reserve to 1 s + 1.5 x the
+    projected calibration time (and 1 s + 1.5 x the role balance's passes; each loader's set-up counted once), at
+    most GPTQ_RESERVE_SECONDS; training gets the rest. The calibration still stops at the cap if it runs slower
+    than projected. One untimed batch first: the first eager pass pays one-off start-up costs (once 64 s on two
+    GPUs, where 64 batches then took 2.5 s)."""
     collect_hessians(model, args, dctx, lambda msg: None, 1)
-    spent = []
-    for batches in (1, 1 + probe_batches):
-        t = time.perf_counter()
-        collect_hessians(model, args, dctx, lambda msg: None, batches)
-        spent.append(time.perf_counter() - t)
-    spent = torch.tensor([(spent[1] - spent[0]) / probe_batches, spent[0]], dtype=torch.float64, device=dctx.device)
-    per_batch, one = dctx.all_reduce(spent, dist.ReduceOp.MAX).tolist()
-    setup = max(one - per_batch, 0.0)
+    timing = {}
+    collect_hessians(model, args, dctx, lambda msg: None, probe_batches, timing=timing)
+    spent = torch.tensor([timing["per_batch"], timing["setup"]], dtype=torch.float64, device=dctx.device)
+    per_batch, setup = dctx.all_reduce(spent, dist.ReduceOp.MAX).tolist()
     balance = args.sdclip_balance_batches > 0
     passes = args.gptq_calib_batches + (len(ROLES) + 1) * args.sdclip_balance_batches  # balance_roles' passes
     reserve = min(args.gptq_reserve_seconds, 1.0 + 1.5 * (per_batch * passes + setup * (1 + balance)) + balance)
@@ -3246,12 +3246,12 @@ def train_model(args: Hyperparameters, dctx: Dist, log, val, luts, results: dict
     hessians, calib = None, None
     if args.quant_method == "gptq":
         cap, t = args.max_wallclock_seconds, time.perf_counter()
+        timing = {}
         hessians, calib = collect_hessians(model, args, dctx, log, args.gptq_calib_batches,
-                                           cap - results["train_s"] if cap > 0 else None)
+                                           cap - results["train_s"] if cap > 0 else None, timing)
         if args.sdclip_balance_batches:
-            spent = time.perf_counter() - t
-            left = cap - results["train_s"] - spent if cap > 0 else None
-            balance_roles(model, args, dctx, log, hessians, calib, left, spent / max(calib, 1))
+            left = cap - results["train_s"] - (time.perf_counter() - t) if cap > 0 else None
+            balance_roles(model, args, dctx, log, hessians, calib, left, timing)
         results["train_s"] += time.perf_counter() - t
         log(f"train_time+calibration:{results['train_s']:.1f}s cap:{cap:.0f}s")
     measure_pre_quant(logits_fn, weights, args, dctx, log, val, luts, results)
@@ -3353,6 +3353,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     budget = EvalBudget(log, val.numel() - 1, dctx.world_size, full_tokens)
     after_train = {p: results[p + "_s"] for p in ("diagnostic", "checkpoint", "export") if p + "_s" in results}
     for phase, secs in after_train.items():  # after the training cap: counted against the evaluation's budget too
+        # (rank 0 alone writes the checkpoint; the other ranks wait for it inside their export's seconds)
         budget.add(phase, secs, 0.0 if phase == "diagnostic" else secs)
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len

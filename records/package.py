@@ -84,7 +84,7 @@ _RE = {
         rf"^step:(\d+)/(\d+) train_loss:({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms"),
     "stop": re.compile(r"^stopping_early: (\S+) train_time:(\d+)ms step:(\d+)/(\d+)"),
     "calib": re.compile(rf"^train_time\+calibration:({_NUM})s cap:"),
-    "swa": re.compile(r"^swa:start step:(\d+)"),
+    "swa": re.compile(r"^swa:start step:(\d+)"),  # the records' logs (train_gpt.py does not take SWA snapshots)
     "qat": re.compile(rf"^late_qat:enabled step:(\d+) (?:scale|warmdown):({_NUM})"),
     "peak": re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB"),
     "export_weights": re.compile(r"^export_weights:(\S+)"),

@@ -46,7 +46,8 @@ fi
 # Short multi-GPU step-time run through torchrun/NCCL: NPROC GPUs, full 786,432-token batch.
 if [ "$MODE" = ddp ]; then
   RUN_ID=ddp${NPROC} ITERATIONS=${ITERS:-12} MAX_WALLCLOCK_SECONDS=0 WARMUP_STEPS=2 TRAIN_LOG_EVERY=1 VAL_LOSS_EVERY=0 \
-  VAL_TOKENS=262144 TTT_ENABLED=0 LATE_QAT_THRESHOLD=0 SIZE_LIMIT=1 timeout ${LIMIT:-170} \
+  VAL_TOKENS=262144 TTT_ENABLED=0 LATE_QAT_THRESHOLD=0 SIZE_FIT=0 \
+  SIZE_LIMIT=$(python3 -c 'import train_gpt as t; print(len(t.code_info()[1]) + 1)') timeout ${LIMIT:-170} \
   torchrun --standalone --nproc_per_node=$NPROC train_gpt.py > "$OUT/ddp.log" 2>&1
   cp logs/*.txt "$OUT/" 2>/dev/null; grep -vE '^config|^warmup_step' "$OUT/ddp.log" | grep -vE "^\[rank" | tail -30
 fi

@@ -1,7 +1,7 @@
 """Quantization and artifact export of train_gpt.py (SPEC §6-7, §10.3, §10.8): fake-quant/STE on the export grid,
-the per-row clip search and SDClip, full-Hessian GPTQ and its calibration, LQER, +-1 pruning, the size fit,
+the per-row clip search and SDClip, full-Hessian GPTQ and its calibration, LQER, the size fit,
 byte planes, the banks' rANS coder and the three compressors, artifact round trips and corrupted-artifact errors. The end-to-end export
-checks (EMA/SWA/live choice, size accounting, over-the-cap runs) are in test_runs.py."""
+checks (the EMA export, size accounting, over-the-cap runs) are in test_runs.py."""
 from __future__ import annotations
 
 import hashlib

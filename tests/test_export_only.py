@@ -33,6 +33,7 @@ def test_run_saves_its_export_weights_unquantized(tg_runs):
     path = tg.checkpoint_path(str(run.artifact))
     saved = torch.load(path, map_location="cpu")
     assert saved["arch"]["num_layers"] == 3 and set(saved["arch"]) == set(tg.ARCH_KEYS)
+    assert saved["calib_batches"] is None  # no GPTQ in this run: a GPTQ re-export uses GPTQ_CALIB_BATCHES
     assert any(re.fullmatch(rf"checkpoint:{re.escape(path)} bytes:\d+ .*", ln) for ln in run.log.splitlines())
     # the exported weights are the checkpoint's, quantized: the round-trip stays within int6 error of them
     _, state = tg.load_artifact(str(run.artifact))

@@ -653,7 +653,7 @@ def test_muon_passes_polar_and_build_optimizers_wires_the_knobs(make_args, ns_in
         assert muon.param_groups[0]["weight_decay"] == a.muon_wd
         assert adam.defaults["betas"] == (a.beta1, a.beta2)
 
-# ----------------------------------------------------------------------------- WARMDOWN_FRAC, MIN_LR, LR warm-up
+# ----------------------------------------------------------------------------- WARMDOWN_FRAC, MIN_LR
 
 
 @pytest.mark.parametrize("knobs, step, elapsed_ms, scale, down", [

@@ -364,8 +364,9 @@ def test_balance_roles_reads_training_data_leaves_the_weights_and_respects_the_c
     assert logs[0].startswith("sdclip_balance: batches:2 ") and set(a.role_mult) == set(tg.ROLES), logs
     late = make_args(**knobs)
     with mock.patch.object(tg, "quantize_state", side_effect=AssertionError("no work once skipped")):
-        tg.balance_roles(m, late, H.DistStub(), logs.append, hess, 2, seconds=3.0, per_batch=0.1)  # needs 3.4 s
-    assert late.role_mult == {} and logs[-1].startswith("sdclip_balance: skipped, its passes need about 3.4s"), logs[-1]
+        # needs 1 + 1.5 x (0.1 s x 8 passes x 2 batches + 0.4 s of loader set-up) = 4.0 s
+        tg.balance_roles(m, late, H.DistStub(), logs.append, hess, 2, 3.0, dict(per_batch=0.1, setup=0.4))
+    assert late.role_mult == {} and logs[-1].startswith("sdclip_balance: skipped, its passes need about 4.0s"), logs[-1]
 
 
 def test_gptq_lowers_the_models_output_error_with_calibrated_hessians(make_args, tiny_data):
@@ -470,8 +471,10 @@ def test_calibration_does_not_project_the_loaders_set_up_per_batch(make_args, ti
 
     monkeypatch.setattr(tg, "train_loader", slow_loader)
     monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
-    _, n = tg.collect_hessians(tg.GPT(a), a, H.DistStub(), lambda msg: None, 50, seconds=7.45)
+    timing = {}
+    _, n = tg.collect_hessians(tg.GPT(a), a, H.DistStub(), lambda msg: None, 50, seconds=7.45, timing=timing)
     assert n == 24 and now[0] <= 7.45
+    assert timing == pytest.approx(dict(setup=5.0, per_batch=0.1))
 
 
 def test_calibration_deadline_is_the_smallest_over_ranks(make_args, tiny_data):
@@ -749,6 +752,7 @@ def test_export_only_reproduces_a_gptq_runs_artifact_bytes(tg_runs):
     assert base.rc == 0 and again.rc == 0, again.describe()
     calib = [ln for ln in base.log.splitlines() if ln.startswith("gptq_calibration: ")]
     assert len(calib) == 1 and calib[0].startswith("gptq_calibration: batches:64/64 ")
+    assert torch.load(tg.checkpoint_path(str(base.artifact)), map_location="cpu")["calib_batches"] == 64
     assert "train_time+calibration:" in base.log
     assert [ln for ln in again.log.splitlines() if ln.startswith("gptq_calibration: batches:64/64 ")]
     assert again.artifact.read_bytes() == base.artifact.read_bytes(), "same weights and Hessians, same bytes"
@@ -800,18 +804,20 @@ def test_role_balance_refuses_qat(make_args):
 def test_gptq_reserve_is_sized_from_warm_calibration_batches(make_args, monkeypatch):
     a = make_args(**TINY_FRONTIER, QUANT_METHOD="gptq", MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="12",
                   GPTQ_CALIB_BATCHES="40", SDCLIP_BALANCE_BATCHES="0")
-    now, calls = [0.0], []
+    calls = []
 
-    def collect(model, args, dctx, log, batches, seconds=None):  # a 20 s cold start, a 0.4 s loader set-up,
-        now[0] += (0.0 if calls else 20.0) + 0.4 + per_batch * batches  # then `per_batch` a batch
+    def collect(model, args, dctx, log, batches, seconds=None, timing=None):  # the first call pays a 20 s cold
+        cold = 0.0 if calls else 20.0  # start; each a 0.4 s loader set-up, then `per_batch` a batch
         calls.append(batches)
+        if timing is not None:
+            timing.update(setup=0.4, per_batch=per_batch + cold / batches)
         return {}, batches
 
     monkeypatch.setattr(tg, "collect_hessians", collect)
-    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
     logs = []
     per_batch = 0.1
     tg.size_gptq_reserve(None, a, H.DistStub(), logs.append)
+    assert calls == [1, 3]
     # neither the cold start nor the loader's set-up is projected per batch; the set-up counts once
     assert 100.0 - a.train_cap_s == pytest.approx(1.0 + 1.5 * (0.1 * 40 + 0.4))
     assert logs[0].startswith("gptq_reserve:7.6s (100 ms per calibration batch, 0.40s loader set-up")

@@ -1,6 +1,6 @@
 """End-to-end runs of train_gpt.py as a CLI (subprocesses, CPU, gloo): the smoke run with TTT and its log
 (docs/LOG_FORMAT.md), EVAL_ONLY_PATH, 2-process torchrun vs 1 process with gradient accumulation, seeds,
-EMA/SWA/live export choice, size accounting and the over-the-cap failure. Run configs are in conftest.py."""
+the EMA export (and EMA_DECAY=0's live weights), size accounting and the over-the-cap failure. Run configs are in conftest.py."""
 from __future__ import annotations
 
 import math
@@ -119,14 +119,16 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert run.artifact.read_bytes()[:10] == tg.ARTIFACT_MAGIC + b"brot"
     # the projections (what runs after the training cap: the diagnostic, the checkpoint, the export; then the
     # artifact's load, round-trip, sliding, TTT) add up to the total
-    phases = re.findall(r"^eval_projection phase:(\S+) measured_s:(\S+) .* projected_8gpu_full_val_s:(\S+) warmup_s:\S+$",
-                        log, re.M)
+    phases = re.findall(r"^eval_projection phase:(\S+) measured_s:(\S+) .* "
+                        r"projected_8gpu_full_val_s:(\S+) warmup_s:\S+$", log, re.M)
     assert [p[0] for p in phases] == ["diagnostic", "checkpoint", "export", "load", "roundtrip", "sliding_window",
                                       "legal_ttt"]
     export_s = float(H.line_value(log, r"^export_time:(\d+)ms$")) / 1000
     assert float(phases[2][2]) == pytest.approx(export_s, abs=0.06)
     diagnostic_s = float(H.line_value(log, r"^DIAGNOSTIC post_ema val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms$")) / 1000
     assert float(phases[0][1]) == pytest.approx(diagnostic_s, abs=0.06)
+    assert float(phases[0][2]) >= float(phases[0][1])  # an evaluation: projected like the round-trip's loop
+    assert float(phases[1][2]) == float(phases[1][1])  # the checkpoint write: fixed seconds, like the export
     total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
     assert total == pytest.approx(sum(float(p[2]) for p in phases), abs=0.2)
     for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):

@@ -120,6 +120,28 @@ def test_the_deadline_applies_on_eight_gpus_only(make_args):
         assert tg.ttt_deadline(make_args(**TINY, TTT_DEADLINE_SECONDS=seconds), dctx, 1000.0) == want
 
 
+@pytest.mark.tg_runs("smoke")
+def test_the_deadline_clock_starts_before_the_work_after_the_training_cap(tg_runs, make_args, monkeypatch):
+    """The diagnostic, the checkpoint write and the export run after the training cap, before the evaluation
+    proper: the deadline's clock starts before them."""
+    run = tg_runs("smoke")
+    knobs = {k: v for k, v in run.env.items() if k in H.KNOBS}
+    a = make_args(**dict(knobs, EVAL_ONLY_PATH=str(run.artifact), TTT_MODE="phased", EVAL_STRIDE="64"))
+    val, luts = tg.load_eval_data(a, H.DistStub(), lambda msg: None)
+    seen = {}
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tg, "ttt_deadline", lambda args, dctx, start: seen.setdefault("start", start))
+    monkeypatch.setattr(tg, "phased_ttt_evaluate", stop)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        tg.final_evaluation(a, H.DistStub(), lambda msg: None, val, luts,
+                            {"diagnostic_s": 100.0, "checkpoint_s": 20.0, "export_s": 3.0})
+    assert t0 - 123.0 <= seen["start"] <= time.perf_counter() - 123.0
+
+
 @pytest.mark.parametrize("prefix", ["0", "5"])
 def test_no_score_depends_on_a_later_token_or_a_later_document(make_args, prefix):
     """Change one token: scores of every document processed before its document are unchanged, and so are the
