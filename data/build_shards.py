@@ -39,6 +39,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -456,10 +457,14 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                  txt_docs_per_line: bool = False,
                  text_field: str = "text",
                  overwrite: bool = False,
+                 retrain_tokenizer: bool = False,
                  log: Callable[[str], None] | None = print) -> dict:
     """Build train/val shards from files (`inputs`) or in-memory texts (`documents`).
 
-    Exactly one of `tokenizer` (existing .model) or `vocab_size` (train one) must be given.
+    Exactly one of `tokenizer` (existing .model) or `vocab_size` (train one) must be given. The shards are
+    written to a sibling folder and moved in (replacing the old ones, with `overwrite`) only once both splits
+    are complete, and a trained tokenizer replaces an existing file of its name (`retrain_tokenizer`: other
+    datasets may be encoded with it) only then: a build that fails leaves the old dataset as it was.
     Returns a dict: {"tokenizer": Path, "val": {...}, "train": {...}} where each split has
     "docs", "tokens" (BOS included), "bytes" (UTF-8 of the raw text), "shards" (list of Paths).
     """
@@ -494,27 +499,29 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         if tokenizer is None:
             tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else out_dir.parent.parent / "tokenizers"
             model_path = tok_dir / tokenizer_filename(tokenizer_name, int(vocab_size))
-            if model_path.exists() and not overwrite:
-                raise FileExistsError(f"{model_path} exists; pass overwrite (--overwrite) to retrain it")
+            if model_path.exists() and not retrain_tokenizer:
+                raise FileExistsError(f"{model_path} exists, and datasets encoded with it would not match a "
+                                      f"retrained one: encode with it (--tokenizer {model_path}), choose another "
+                                      f"--tokenizer-name, or pass retrain_tokenizer (--retrain-tokenizer)")
             n_tok_docs = train_idx.size if tokenizer_train_docs is None else min(train_idx.size, int(tokenizer_train_docs))
             log(f"training tokenizer vocab={vocab_size} on {n_tok_docs} train documents -> {model_path}")
-            train_tokenizer((docs[int(i)] for i in train_idx[:n_tok_docs]), int(vocab_size), model_path,
-                            num_threads=max(1, workers))
+            trained = train_tokenizer((docs[int(i)] for i in train_idx[:n_tok_docs]), int(vocab_size),
+                                      model_path.with_name("partial_" + model_path.name), num_threads=max(1, workers))
         else:
-            model_path = Path(tokenizer)
-        sp = check_tokenizer(model_path)
+            model_path, trained = Path(tokenizer), None
+        sp = check_tokenizer(trained or model_path)
         model_proto = sp.serialized_model_proto()
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for p in stale:
-            p.unlink()
+        build_dir = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial")
+        shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir(parents=True)
         result: dict = {"tokenizer": model_path}
         pool = None
         if workers > 1:
             pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(model_proto,))
         try:
             for split, idx in (("val", val_idx), ("train", train_idx)):
-                writer = _ShardWriter(out_dir, split, shard_tokens)
+                writer = _ShardWriter(build_dir, split, shard_tokens)
                 nbytes = ndocs = 0
                 for toks, b, n in _encode_stream(docs, idx, pool, model_proto, 4 * workers):
                     writer.add(toks)
@@ -524,13 +531,22 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                 if not ndocs:
                     raise ValueError(f"the {split} split holds no document with text (every one of its "
                                      f"{idx.size} is empty or only whitespace)")
-                result[split] = {"docs": ndocs, "tokens": writer.tokens, "bytes": nbytes, "shards": paths}
+                result[split] = {"docs": ndocs, "tokens": writer.tokens, "bytes": nbytes,
+                                 "shards": [out_dir / p.name for p in paths]}
                 log(f"wrote {len(paths)} {split} shard(s), {writer.tokens} tokens")
-        except BaseException:  # the shards written so far would pass for a whole dataset: remove them
-            for p in _existing_shards(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for p in stale:
                 p.unlink()
-            raise
-        finally:
+            for p in _existing_shards(build_dir):
+                os.replace(p, out_dir / p.name)
+            if trained is not None:
+                for suffix in (".model", ".vocab"):
+                    os.replace(trained.with_suffix(suffix), model_path.with_suffix(suffix))
+        finally:  # a failed build's shards would pass for a whole dataset: none of them stays
+            shutil.rmtree(build_dir, ignore_errors=True)
+            if trained is not None:
+                for suffix in (".model", ".vocab"):
+                    trained.with_suffix(suffix).unlink(missing_ok=True)
             if pool is not None:
                 pool.close()
                 pool.join()
@@ -582,7 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=".txt inputs hold one document per non-blank line")
     ap.add_argument("--text-field", default="text",
                     help="JSON field holding the text in .jsonl inputs (default: %(default)s)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing shards / tokenizer in the outputs")
+    ap.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    ap.add_argument("--retrain-tokenizer", action="store_true",
+                    help="replace an existing <name>_<vocab>_bpe.model (rebuild every dataset encoded with it)")
     args = ap.parse_args(argv)
     try:
         build_shards(
@@ -591,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer_dir=args.tokenizer_dir, tokenizer_train_docs=args.tokenizer_train_docs or None,
             val_docs=args.val_docs, val_fraction=args.val_fraction, seed=args.seed, shuffle=not args.no_shuffle,
             shard_tokens=args.shard_tokens, workers=args.workers, txt_docs_per_line=args.txt_docs_per_line,
-            text_field=args.text_field, overwrite=args.overwrite,
+            text_field=args.text_field, overwrite=args.overwrite, retrain_tokenizer=args.retrain_tokenizer,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

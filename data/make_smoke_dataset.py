@@ -100,11 +100,25 @@ def _existing_ok(paths: dict) -> bool:
         return False
 
 
+def foreign_shards(paths: dict) -> list[Path]:
+    """Shards in the smoke dataset's folder that this tool did not write (a build replaces every shard there):
+    any beyond its two, or any at all without the smoke tokenizer beside them."""
+    found = sorted(paths["data_path"].glob("fineweb_*_*.bin"))
+    own = set(paths["val_shards"] + paths["train_shards"]) if paths["tokenizer_path"].is_file() else set()
+    return [p for p in found if p not in own]
+
+
 def build_smoke_dataset(out_dir: str | Path = _HERE / "smoke", *, force: bool = False, workers: int = 1,
                         log=print) -> dict:
-    """Build (or reuse) the smoke dataset under out_dir; return its paths and token counts."""
+    """Build (or reuse) the smoke dataset under out_dir; return its paths and token counts. Refuses a folder
+    that holds other shards (downloaded FineWeb shards under --out data, say): it would delete them."""
     log = log or (lambda s: None)
     paths = smoke_paths(out_dir)
+    foreign = foreign_shards(paths)
+    if foreign:
+        raise RuntimeError(f"{paths['data_path']} holds {len(foreign)} shards this tool did not build (e.g. "
+                           f"{foreign[0].name}); building the smoke dataset there would delete them: choose another "
+                           f"--out (default: data/smoke)")
     if not force and _existing_ok(paths):
         log(f"smoke dataset already present under {paths['out_dir']} (use --force to rebuild)")
         paths["built"] = False
@@ -121,7 +135,7 @@ def build_smoke_dataset(out_dir: str | Path = _HERE / "smoke", *, force: bool = 
         res = build_shards(
             paths["data_path"], documents=documents, vocab_size=SMOKE_VOCAB, tokenizer_name=TOKENIZER_NAME,
             tokenizer_dir=paths["tokenizer_path"].parent, tokenizer_train_docs=None,
-            val_docs=n_val, shuffle=False, workers=workers, overwrite=True, log=log,
+            val_docs=n_val, shuffle=False, workers=workers, overwrite=True, retrain_tokenizer=True, log=log,
         )
         assert res["tokenizer"] == paths["tokenizer_path"]
         assert res["val"]["shards"] == paths["val_shards"] and res["train"]["shards"] == paths["train_shards"]
@@ -139,7 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(_HERE / "smoke"), help="output root (default: data/smoke next to this script)")
     ap.add_argument("--force", action="store_true", help="rebuild even if valid outputs exist")
     args = ap.parse_args(argv)
-    p = build_smoke_dataset(args.out, force=args.force)
+    try:
+        p = build_smoke_dataset(args.out, force=args.force)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"val_tokens={p['val_tokens']} train_tokens={p['train_tokens']}")
     print(f"DATA_PATH={p['data_path']} TOKENIZER_PATH={p['tokenizer_path']} VOCAB_SIZE={SMOKE_VOCAB}")
     return 0

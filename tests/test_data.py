@@ -120,6 +120,20 @@ def test_shard_format_roundtrip_and_rejections(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_smoke_dataset_refuses_a_folder_with_other_shards(tmp_path, smoke_build, capsys):
+    """--out data would put the smoke shards beside downloaded FineWeb shards, and a build deletes every shard in
+    its folder: refused before anything is touched. Its own folder is reused as before."""
+    data = tmp_path / "datasets" / smoke.DATASET_NAME
+    data.mkdir(parents=True)
+    for name in ("fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"):
+        (data / name).write_bytes((smoke_build["train_shards"][0]).read_bytes())
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert smoke.main(["--out", str(tmp_path)]) == 1
+    assert "holds 3 shards this tool did not build" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert smoke.foreign_shards(smoke.smoke_paths(smoke_build["out_dir"])) == []
+
+
 def test_build_roundtrip_multi_shard(tmp_path, smoke_build, sp):
     tok = smoke_build["tokenizer_path"]
     # A document with newlines / repeated spaces is normalized by nmt_nfkc: compare to encode->decode.
@@ -206,6 +220,30 @@ def test_a_failed_build_leaves_no_shards_and_names_the_bad_text(tmp_path, smoke_
     assert list((tmp_path / "ds").glob("*.bin")) == []
     with pytest.raises(ValueError, match=r"vocab_size must be in \[260, 65536\]"):
         bs.build_shards(tmp_path / "ds2", [src], vocab_size=70000, log=None)
+
+
+def test_a_failed_rebuild_keeps_the_old_dataset_and_its_tokenizer(tmp_path):
+    """--overwrite (and --retrain-tokenizer) replace the old shards and tokenizer only once the new build is
+    complete: bad text found while encoding leaves both as they were, and no partial folder behind."""
+    texts = smoke.topic_documents()[:60]
+    out, tok = tmp_path / "datasets" / "mine", tmp_path / "tokenizers" / "custom_512_bpe.model"
+    bs.build_shards(out, documents=texts, vocab_size=512, val_docs=5, shard_tokens=5000, log=None)
+    before = {p: p.read_bytes() for p in [tok, *sorted(out.iterdir())]}
+    src = tmp_path / "new.jsonl"
+    lines = [json.dumps({"text": t}) for t in smoke.topic_documents()[60:120]]
+    lines[3] = '{"text": "bad \\ud83d"}'  # a validation document (no shuffle): met after the tokenizer is trained
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        bs.build_shards(out, [src], vocab_size=512, val_docs=5, shuffle=False, tokenizer_train_docs=None,
+                        overwrite=True, retrain_tokenizer=True, log=None)
+    assert {p: p.read_bytes() for p in [tok, *sorted(out.iterdir())]} == before
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["mine"]
+    assert sorted(p.name for p in tok.parent.iterdir()) == ["custom_512_bpe.model", "custom_512_bpe.vocab"]
+    # another dataset would retrain the shared tokenizer under the first one's shards: only when asked by name
+    with pytest.raises(FileExistsError, match="--retrain-tokenizer"):
+        bs.build_shards(tmp_path / "datasets" / "other", documents=texts[::-1], vocab_size=512, val_docs=5,
+                        overwrite=True, log=None)
+    assert tok.read_bytes() == before[tok]
 
 
 def test_split_disjoint_and_seeded(tmp_path, smoke_build, sp):

@@ -129,6 +129,9 @@ def test_cli_smoke_run(tg_runs, make_args):
     assert float(phases[0][1]) == pytest.approx(diagnostic_s, abs=0.06)
     assert float(phases[0][2]) >= float(phases[0][1])  # an evaluation: projected like the round-trip's loop
     assert float(phases[1][2]) == float(phases[1][1])  # the checkpoint write: fixed seconds, like the export
+    # the measured evaluation time the packager checks covers the same work as the table's rows
+    measured = float(H.line_value(log, r"^eval_budget total +(\S+) "))
+    assert float(H.line_value(log, r"^eval_time_total:(\d+)ms$")) / 1000 == pytest.approx(measured, abs=0.3)
     total = float(H.line_value(log, r"^eval_projection total_8gpu_full_val_s:(\S+) "))
     assert total == pytest.approx(sum(float(p[2]) for p in phases), abs=0.2)
     for key in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
