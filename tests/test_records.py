@@ -214,6 +214,11 @@ def test_rule_training_overtime():
     assert status(_checks(texts), "training") == "fail"
     texts = [make_log(s, train_ms=599_000, stop_early=False) for s in (1, 2, 3)]
     assert status(_checks(texts), "training") == "pass"
+    # the overshoot of a stop at the run's own cap is tolerated only when that cap is within the limit
+    texts = [make_log(s, extra_config={"MAX_WALLCLOCK_SECONDS": cap}) for s, cap in ((1, "600"), (2, "600"), (3, "600"))]
+    assert status(_checks(texts), "training") == "pass"
+    texts[2] = make_log(3, extra_config={"MAX_WALLCLOCK_SECONDS": "600.1"})
+    assert status(_checks(texts), "training") == "fail"
 
 
 def test_rule_training_counts_gptq_calibration():
@@ -475,7 +480,9 @@ RULE_BREAKERS = {
     "world size": (lambda s, h: make_log(s, sha=h).replace("world_size:8 ", "world_size:4 "), "world_size 4",
                    ["8xH100"]),
     "cpu": (lambda s, h: make_log(s, sha=h).replace("device:NVIDIA H100 80GB HBM3", "device:cpu"),
-            "device 'cpu' is not an H100", ["8xH100"]),
+            "device 'cpu' is not an H100 SXM", ["8xH100"]),
+    "pcie": (lambda s, h: make_log(s, sha=h).replace("device:NVIDIA H100 80GB HBM3", "device:NVIDIA H100 PCIe"),
+             "device 'NVIDIA H100 PCIe' is not an H100 SXM", ["8xH100"]),
     "capped val": (lambda s, h: make_log(s, sha=h).replace("tokens:62021632", "tokens:1048576"),
                    "1,048,576 validation tokens", ["full validation split"]),
     "tokenizer": (lambda s, h: make_log(s, sha=h, extra_config={"TOKENIZER_PATH": "/t/smoke_1024_bpe.model"}),
