@@ -26,8 +26,8 @@ Pipeline:
      bytes per token.
 
 Example:
-  python3 data/build_shards.py corpus.jsonl --out data/datasets/fineweb10B_sp1024 \
-      --vocab-size 1024 --tokenizer-name fineweb --val-docs 50000 --workers 8
+  python3 data/build_shards.py corpus.jsonl --out data/datasets/mycorpus_sp1024 \
+      --vocab-size 1024 --tokenizer-name mycorpus --val-docs 50000 --workers 8
 
 Importable: `build_shards(...)`, `train_tokenizer(...)`, `split_documents(...)`, `read_shard(path)`.
 """
@@ -436,6 +436,27 @@ def _existing_shards(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("fineweb_train_*.bin")) + sorted(out_dir.glob("fineweb_val_*.bin"))
 
 
+def _swap_in(out_dir: Path, build_dir: Path) -> None:
+    """Replace the shards of `out_dir` with those of `build_dir` (a folder inside it): the old ones wait in
+    `out_dir/.replaced` until every new one is in place, and go back if that fails."""
+    old_dir = out_dir / ".replaced"
+    shutil.rmtree(old_dir, ignore_errors=True)
+    old_dir.mkdir()
+    for p in _existing_shards(out_dir):
+        os.replace(p, old_dir / p.name)
+    try:
+        for p in _existing_shards(build_dir):
+            os.replace(p, out_dir / p.name)
+    except BaseException:
+        for p in _existing_shards(out_dir):
+            p.unlink()
+        for p in _existing_shards(old_dir):
+            os.replace(p, out_dir / p.name)
+        old_dir.rmdir()
+        raise
+    shutil.rmtree(old_dir)
+
+
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
@@ -462,9 +483,9 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     """Build train/val shards from files (`inputs`) or in-memory texts (`documents`).
 
     Exactly one of `tokenizer` (existing .model) or `vocab_size` (train one) must be given. The shards are
-    written to a sibling folder and moved in (replacing the old ones, with `overwrite`) only once both splits
-    are complete, and a trained tokenizer replaces an existing file of its name (`retrain_tokenizer`: other
-    datasets may be encoded with it) only then: a build that fails leaves the old dataset as it was.
+    written to a folder `.partial` inside `out_dir` and moved in (replacing the old ones, with `overwrite`) only
+    once both splits are complete, and a trained tokenizer replaces an existing file of its name only then
+    (`retrain_tokenizer`: other datasets may be encoded with it): a failed build leaves the old dataset as it was.
     Returns a dict: {"tokenizer": Path, "val": {...}, "train": {...}} where each split has
     "docs", "tokens" (BOS included), "bytes" (UTF-8 of the raw text), "shards" (list of Paths).
     """
@@ -489,6 +510,7 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     else:
         docs = FileDocuments(inputs, txt_docs_per_line=txt_docs_per_line, text_field=text_field)
         log(f"indexed {len(docs)} documents from {len(docs.files)} file(s)")
+    build_dir, trained = out_dir / ".partial", None  # inside out_dir: on its filesystem, outside the shard glob
     try:
         try:
             val_idx, train_idx = split_documents(len(docs), val_docs=val_docs, val_fraction=val_fraction,
@@ -505,14 +527,14 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                                       f"--tokenizer-name, or pass retrain_tokenizer (--retrain-tokenizer)")
             n_tok_docs = train_idx.size if tokenizer_train_docs is None else min(train_idx.size, int(tokenizer_train_docs))
             log(f"training tokenizer vocab={vocab_size} on {n_tok_docs} train documents -> {model_path}")
-            trained = train_tokenizer((docs[int(i)] for i in train_idx[:n_tok_docs]), int(vocab_size),
-                                      model_path.with_name("partial_" + model_path.name), num_threads=max(1, workers))
+            trained = model_path.with_name("partial_" + model_path.name)
+            train_tokenizer((docs[int(i)] for i in train_idx[:n_tok_docs]), int(vocab_size), trained,
+                            num_threads=max(1, workers))
         else:
-            model_path, trained = Path(tokenizer), None
+            model_path = Path(tokenizer)
         sp = check_tokenizer(trained or model_path)
         model_proto = sp.serialized_model_proto()
 
-        build_dir = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial")
         shutil.rmtree(build_dir, ignore_errors=True)
         build_dir.mkdir(parents=True)
         result: dict = {"tokenizer": model_path}
@@ -534,23 +556,23 @@ def build_shards(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                 result[split] = {"docs": ndocs, "tokens": writer.tokens, "bytes": nbytes,
                                  "shards": [out_dir / p.name for p in paths]}
                 log(f"wrote {len(paths)} {split} shard(s), {writer.tokens} tokens")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for p in stale:
-                p.unlink()
-            for p in _existing_shards(build_dir):
-                os.replace(p, out_dir / p.name)
-            if trained is not None:
-                for suffix in (".model", ".vocab"):
-                    os.replace(trained.with_suffix(suffix), model_path.with_suffix(suffix))
-        finally:  # a failed build's shards would pass for a whole dataset: none of them stays
-            shutil.rmtree(build_dir, ignore_errors=True)
-            if trained is not None:
-                for suffix in (".model", ".vocab"):
-                    trained.with_suffix(suffix).unlink(missing_ok=True)
+        except BaseException:
+            if pool is not None:
+                pool.terminate()  # close() + join() would wait for the tasks of interrupted workers
+            raise
+        finally:
             if pool is not None:
                 pool.close()
                 pool.join()
-    finally:
+        _swap_in(out_dir, build_dir)
+        if trained is not None:
+            for suffix in (".model", ".vocab"):
+                os.replace(trained.with_suffix(suffix), model_path.with_suffix(suffix))
+    finally:  # a failed build's shards would pass for a whole dataset: none of them stays
+        shutil.rmtree(build_dir, ignore_errors=True)
+        if trained is not None:
+            for suffix in (".model", ".vocab"):
+                trained.with_suffix(suffix).unlink(missing_ok=True)
         if isinstance(docs, FileDocuments):
             docs.close()
 
@@ -572,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("inputs", nargs="+",
                     help=".txt / .jsonl files or directories (searched recursively); .jsonl = one document per "
                          "line, .txt = one document per file (see --txt-docs-per-line)")
-    ap.add_argument("--out", required=True, help="output dataset directory, e.g. data/datasets/fineweb10B_sp1024")
+    ap.add_argument("--out", required=True, help="output dataset directory, e.g. data/datasets/mycorpus_sp1024")
     tok = ap.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="existing SentencePiece .model to encode with")
     tok.add_argument("--vocab-size", type=int, help="train a BPE tokenizer of this vocab size (challenge settings)")

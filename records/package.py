@@ -46,8 +46,8 @@ DEFAULT_ALPHA = 0.01
 HEADLINE_KEYS = ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
 TRACKS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
 RECORD_WORLD_SIZE = 8
-# The record track runs on 8xH100 SXM ("NVIDIA H100 80GB HBM3"); PCIe and NVL boards are other machines.
-RECORD_DEVICE = re.compile(r"H100(?!.*\b(?:PCIe|NVL)\b)")
+# The record track runs on 8xH100 SXM ("NVIDIA H100 80GB HBM3"); PCIe and NVL boards and MIG slices are other machines.
+RECORD_DEVICE = re.compile(r"H100(?!.*\b(?:PCIe|NVL|MIG)\b)", re.I)
 # The published datasets: tokenizer file, and the token count the script logs for the full validation split
 # (train_gpt.py's table of the published runs' logs; None: not known, so the log must show VAL_TOKENS=0).
 PUBLISHED_DATA = {
@@ -568,7 +568,8 @@ def _train_time_check(runs, limit_s) -> Check:
     def problem(r):
         if r.train_time_ms is None:
             return "no training time logged"
-        capped = r.stopped_early and float(r.config.get("MAX_WALLCLOCK_SECONDS", limit_s)) <= limit_s
+        cap = r.config.get("MAX_WALLCLOCK_SECONDS", "")
+        capped = r.stopped_early and re.fullmatch(r"\d+(\.\d*)?", cap) is not None and 0 < float(cap) <= limit_s
         tol_ms = 2.0 * (r.step_avg_ms or 0.0) if capped else 0.0
         return f"{r.train_time_s:.3f} s > {limit_s:g} s" if r.train_time_ms > limit_s * 1000 + tol_ms else None
     worst = max((r.train_time_s for r in runs if r.train_time_ms is not None), default=0.0)
@@ -673,7 +674,8 @@ def check_rules(runs: list[RunLog], *, script_path=None, code_bytes_override: in
     checks += _code_checks(runs, script_path)
     checks += [
         _each("run ended without an error", runs, lambda r: r.run_stopped, "no run_stopped line"),
-        _each("8xH100 (world_size 8, H100 device)", runs, _hardware_problem, f"{runs[0].world_size}x {runs[0].device}"),
+        _each("8xH100 (world_size 8, H100 SXM device)", runs, _hardware_problem,
+              f"{runs[0].world_size}x {runs[0].device}"),
         _each("full validation split", runs, _full_val_problem, f"{runs[0].val_tokens:,} tokens"
               if runs[0].val_tokens is not None else "n/a"),
         _each("published dataset and tokenizer", runs, _published_data_problem,

@@ -246,6 +246,28 @@ def test_a_failed_rebuild_keeps_the_old_dataset_and_its_tokenizer(tmp_path):
     assert tok.read_bytes() == before[tok]
 
 
+def test_a_swap_that_fails_half_way_puts_the_old_shards_back(tmp_path, smoke_build, monkeypatch):
+    texts = smoke.topic_documents()[:60]
+    out, tok = tmp_path / "ds", smoke_build["tokenizer_path"]
+    bs.build_shards(out, documents=texts, tokenizer=tok, val_docs=5, shard_tokens=5000, log=None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, moved = os.replace, []
+
+    def failing_replace(src, dst):  # the swap's second move of a new shard into the dataset fails
+        if Path(src).parent.name == ".partial" and Path(dst).parent == out:
+            moved.append(src)
+            if len(moved) == 2:
+                raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(bs.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        bs.build_shards(out, documents=texts[::-1], tokenizer=tok, val_docs=5, shard_tokens=5000, overwrite=True,
+                        log=None)
+    assert len(moved) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_split_disjoint_and_seeded(tmp_path, smoke_build, sp):
     v1, t1 = bs.split_documents(1000, val_docs=100, seed=1)
     v1b, t1b = bs.split_documents(1000, val_docs=100, seed=1)

@@ -55,7 +55,8 @@ def make_log(seed=1337, *, sha="ab" * 32, code_bytes=90000, model_bytes=15_887_9
         train_ms = 600_050 if stop_early else round(steps * step_avg)
     total = model_bytes + code_bytes
     cfg = {"DATA_PATH": "/data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "/data/tokenizers/fineweb_1024_bpe.model",
-           "VAL_TOKENS": "0", "NUM_LAYERS": "11", "MODEL_DIM": "512", "SEED": str(seed), "RUN_ID": f"seed{seed}",
+           "VAL_TOKENS": "0", "MAX_WALLCLOCK_SECONDS": "600", "NUM_LAYERS": "11", "MODEL_DIM": "512",
+           "SEED": str(seed), "RUN_ID": f"seed{seed}",
            "ARTIFACT_PATH": f"final_model_seed{seed}.int6.ptz", "TTT_ENABLED": "1" if ttt else "0"}
     cfg.update(extra_config or {})
     L = [f"logs/seed{seed}.txt", f"code_sha256:{sha} code_bytes:{code_bytes}",
@@ -217,8 +218,9 @@ def test_rule_training_overtime():
     # the overshoot of a stop at the run's own cap is tolerated only when that cap is within the limit
     texts = [make_log(s, extra_config={"MAX_WALLCLOCK_SECONDS": cap}) for s, cap in ((1, "600"), (2, "600"), (3, "600"))]
     assert status(_checks(texts), "training") == "pass"
-    texts[2] = make_log(3, extra_config={"MAX_WALLCLOCK_SECONDS": "600.1"})
-    assert status(_checks(texts), "training") == "fail"
+    for cap in ("600.1", "0", "x"):  # over the limit; no cap at all; not a number
+        texts[2] = make_log(3, extra_config={"MAX_WALLCLOCK_SECONDS": cap})
+        assert status(_checks(texts), "training") == "fail", cap
 
 
 def test_rule_training_counts_gptq_calibration():
@@ -481,8 +483,10 @@ RULE_BREAKERS = {
                    ["8xH100"]),
     "cpu": (lambda s, h: make_log(s, sha=h).replace("device:NVIDIA H100 80GB HBM3", "device:cpu"),
             "device 'cpu' is not an H100 SXM", ["8xH100"]),
-    "pcie": (lambda s, h: make_log(s, sha=h).replace("device:NVIDIA H100 80GB HBM3", "device:NVIDIA H100 PCIe"),
-             "device 'NVIDIA H100 PCIe' is not an H100 SXM", ["8xH100"]),
+    "pcie": (lambda s, h: make_log(s, sha=h).replace("device:NVIDIA H100 80GB HBM3", "device:NVIDIA H100 PCIE"),
+             "device 'NVIDIA H100 PCIE' is not an H100 SXM", ["8xH100"]),
+    "mig": (lambda s, h: make_log(s, sha=h).replace("HBM3", "HBM3 MIG 1g.10gb"), "is not an H100 SXM",
+            ["8xH100"]),
     "capped val": (lambda s, h: make_log(s, sha=h).replace("tokens:62021632", "tokens:1048576"),
                    "1,048,576 validation tokens", ["full validation split"]),
     "tokenizer": (lambda s, h: make_log(s, sha=h, extra_config={"TOKENIZER_PATH": "/t/smoke_1024_bpe.model"}),
@@ -823,7 +827,8 @@ def test_real_logs_parse(real_runs):
     assert status(checks, "same config") == "pass"  # ARTIFACT_PATH differs per seed, which is allowed
 
 
-CPU_FAILS = sorted(["8xH100 (world_size 8, H100 device)", "full validation split", "published dataset and tokenizer"])
+CPU_FAILS = sorted(["8xH100 (world_size 8, H100 SXM device)", "full validation split",
+                    "published dataset and tokenizer"])
 
 
 def _edit(src: Path, dst: Path, pattern, repl):
