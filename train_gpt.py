@@ -3355,6 +3355,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     for phase, secs in after_train.items():  # after the training cap: counted against the evaluation's budget too
         # (rank 0 alone writes the checkpoint; the other ranks wait for it inside their export's seconds)
         budget.add(phase, secs, 0.0 if phase == "diagnostic" else secs)
+    eval_start = t_all - sum(after_train.values())
     budget.add("load", time.perf_counter() - t_all, time.perf_counter() - t_all)
     L = args.eval_seq_len
     t = time.perf_counter()
@@ -3381,7 +3382,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
     if args.ttt_enabled:
         t = time.perf_counter()
         if args.ttt_mode == "phased":
-            deadline = ttt_deadline(args, dctx, t_all - sum(after_train.values()))
+            deadline = ttt_deadline(args, dctx, eval_start)
             vl, vb, timing = phased_ttt_evaluate(model, val, luts, args, dctx, log, deadline)
         else:
             loss_fn = torch.compile(model, dynamic=False) if args.compile else model
@@ -3392,7 +3393,7 @@ def final_evaluation(args: Hyperparameters, dctx: Dist, log, val, luts, results:
         log(f"legal_ttt_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
         budget.add("legal_ttt", secs, timing["warm_s"], ttt_apart(model, val, timing, args, dctx, full_tokens, log))
     projected = budget.close(cache=results.get("compile_cache", "unchecked"))
-    results["eval_s"], results["projected_s"] = time.perf_counter() - t_all + sum(after_train.values()), projected
+    results["eval_s"], results["projected_s"] = time.perf_counter() - eval_start, projected
     log(f"eval_time_total:{1000 * results['eval_s']:.0f}ms")
     log_summary(log, results, args)
     return 0
